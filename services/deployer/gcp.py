@@ -1,0 +1,10 @@
+"""Google Cloud entry point of the deployer: functions-framework, target `deployer`, signature cloudevent."""
+import functions_framework
+
+from services.deployer.handler import handle
+from skyfuse.runtime.clouds.gcp import deliver_cloud_event
+
+
+@functions_framework.cloud_event
+def deployer(cloud_event):
+    deliver_cloud_event("deployer", handle, cloud_event)

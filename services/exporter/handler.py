@@ -1,0 +1,11 @@
+"""The exporter's core: cloud-neutral, called by every cloud's entry point with a CloudEvent.
+
+It exports a trained model to ONNX, checks parity, and emits onnx.ready (model.ready). The logic arrives with its issue; today the core accepts and records its events.
+"""
+from cloudevents.http import CloudEvent
+
+from skyfuse.runtime.function import Runtime
+
+
+def handle(event: CloudEvent, runtime: Runtime) -> None:
+    runtime.received(event)

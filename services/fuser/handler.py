@@ -1,0 +1,11 @@
+"""The fuser's core: cloud-neutral, called by every cloud's entry point with a CloudEvent.
+
+It collects a round's ONNX members and fuses them into one graph, emitting fused.ready (onnx.ready). The logic arrives with its issue; today the core accepts and records its events.
+"""
+from cloudevents.http import CloudEvent
+
+from skyfuse.runtime.function import Runtime
+
+
+def handle(event: CloudEvent, runtime: Runtime) -> None:
+    runtime.received(event)

@@ -1,0 +1,10 @@
+"""Google Cloud entry point of the trainer: functions-framework, target `trainer`, signature cloudevent."""
+import functions_framework
+
+from services.trainer.handler import handle
+from skyfuse.runtime.clouds.gcp import deliver_cloud_event
+
+
+@functions_framework.cloud_event
+def trainer(cloud_event):
+    deliver_cloud_event("trainer", handle, cloud_event)

@@ -1,0 +1,209 @@
+"""The embedded bus: a durable log in one SQLite file, no server needed.
+
+SQLite in WAL mode gives what a log needs: appends that survive a crash (synchronous=FULL), readers
+that never block the writer, and several processes on one file (`skyfuse up` in one terminal,
+`skyfuse publish` in another). Offsets are dense per partition, as on Kafka.
+
+A consumer group has one active member at a time: it holds an exclusive `flock` on the group's lock
+file. The OS drops that lock the moment the holder dies, so a restarted host takes over at once,
+while a second live member waits as a standby. Scale out with the Kafka backend.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+import orjson
+
+from skyfuse.bus.base import Bus, Consumer, Headers, Record, RevokeListener, TopicPartition, partition_for
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL, key BLOB, value BLOB, headers BLOB NOT NULL,
+    PRIMARY KEY (topic, partition, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS offsets (
+    grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+    PRIMARY KEY (grp, topic, partition)
+) WITHOUT ROWID;
+"""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def _pack_headers(headers: Headers) -> bytes:
+    return orjson.dumps([[k, base64.b64encode(v).decode()] for k, v in headers])
+
+
+def _unpack_headers(raw: bytes) -> Headers:
+    return [(k, base64.b64decode(v)) for k, v in orjson.loads(raw)]
+
+
+class EmbeddedBus(Bus):
+    backend = "embedded"
+
+    def __init__(self, path: str | os.PathLike, default_partitions: int = 3):
+        self.dir = Path(path)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "groups").mkdir(exist_ok=True)
+        self.db_path = self.dir / "log.sqlite"
+        self.default_partitions = default_partitions
+        self._lock = threading.Lock()
+        self._conn = _connect(self.db_path)
+        self._conn.executescript(SCHEMA)
+
+    def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
+        with self._lock:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO topics VALUES (?, ?)",
+                [(t, partitions or self.default_partitions) for t in topics],
+            )
+
+    def _partitions(self, topic: str) -> int:
+        row = self._conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
+        if row:
+            return row[0]
+        self._conn.execute("INSERT OR IGNORE INTO topics VALUES (?, ?)", (topic, self.default_partitions))
+        return self.default_partitions
+
+    def publish(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> Record:
+        headers = list(headers or [])
+        now = int(time.time() * 1000)
+        with self._lock:
+            partition = partition_for(key, self._partitions(topic))
+            self._conn.execute("BEGIN IMMEDIATE")  # serialises appenders across processes
+            try:
+                (offset,) = self._conn.execute(
+                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM records WHERE topic = ? AND partition = ?",
+                    (topic, partition),
+                ).fetchone()
+                self._conn.execute(
+                    "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (topic, partition, offset, now, key, value, _pack_headers(headers)),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return Record(topic, partition, offset, key, value, headers, now)
+
+    def consumer(self, group: str, topics: list[str], on_revoke: RevokeListener | None = None) -> Consumer:
+        self.ensure_topics(topics)
+        return EmbeddedConsumer(self, group, topics)
+
+    def topics(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT name, partitions FROM topics ORDER BY name").fetchall())
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        with self._lock:
+            partitions = self._partitions(topic)
+            rows = dict(self._conn.execute(
+                "SELECT partition, MAX(offset) + 1 FROM records WHERE topic = ? GROUP BY partition", (topic,)
+            ).fetchall())
+        return {p: rows.get(p, 0) for p in range(partitions)}
+
+    def committed(self, group: str, topic: str) -> dict[int, int]:
+        with self._lock:
+            return dict(self._conn.execute(
+                "SELECT partition, offset FROM offsets WHERE grp = ? AND topic = ?", (group, topic)
+            ).fetchall())
+
+    def read(self, topic: str, limit: int = 1000) -> list[Record]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT topic, partition, offset, key, value, headers, timestamp_ms FROM records "
+                "WHERE topic = ? ORDER BY timestamp_ms, partition, offset LIMIT ?", (topic, limit)
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _record(row) -> Record:
+    topic, partition, offset, key, value, headers, ts = row
+    return Record(topic, partition, offset, key, value, _unpack_headers(headers), ts)
+
+
+class EmbeddedConsumer(Consumer):
+    def __init__(self, bus: EmbeddedBus, group: str, topics: list[str]):
+        self.bus, self.group, self.topics = bus, group, list(topics)
+        self._conn = _connect(bus.db_path)
+        self._lock_file = open(bus.dir / "groups" / f"{group}.lock", "a+")
+        self._active = False
+        self._positions: dict[TopicPartition, int] = {}
+
+    def _claim(self) -> bool:
+        """Become the group's active member if no live process is."""
+        if not self._active:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            self._active = True
+            self._positions = {}
+            rows = self._conn.execute(
+                f"SELECT topic, partition, offset FROM offsets WHERE grp = ? AND topic IN ({','.join('?' * len(self.topics))})",
+                (self.group, *self.topics),
+            ).fetchall()
+            self._positions = {TopicPartition(t, p): o for t, p, o in rows}
+        return True
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = self._fetch(max_records) if self._claim() else []
+            if records or time.monotonic() >= deadline:
+                return records
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def _fetch(self, max_records: int) -> list[Record]:
+        out: list[Record] = []
+        for topic in self.topics:
+            partitions = self._conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
+            for partition in range(partitions[0] if partitions else 0):
+                tp = TopicPartition(topic, partition)
+                if len(out) >= max_records:
+                    return out
+                rows = self._conn.execute(
+                    "SELECT topic, partition, offset, key, value, headers, timestamp_ms FROM records "
+                    "WHERE topic = ? AND partition = ? AND offset >= ? ORDER BY offset LIMIT ?",
+                    (topic, partition, self._positions.get(tp, 0), max_records - len(out)),
+                ).fetchall()
+                if rows:
+                    out.extend(_record(r) for r in rows)
+                    self._positions[tp] = rows[-1][2] + 1
+        return out
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        if not self._active:
+            raise RuntimeError(f"consumer of group {self.group!r} is not the active member and cannot commit")
+        with self._conn:  # one transaction: all partitions or none
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.executemany(
+                "INSERT INTO offsets VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (grp, topic, partition) DO UPDATE SET offset = excluded.offset",
+                [(self.group, tp.topic, tp.partition, offset) for tp, offset in offsets.items()],
+            )
+
+    def close(self) -> None:
+        self._conn.close()
+        self._lock_file.close()  # releases the flock: a standby may take over
+        self._active = False

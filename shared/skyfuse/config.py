@@ -1,0 +1,205 @@
+"""The fleet config: one TOML file for clouds, bus and delivery, with a default for every key.
+
+Where it comes from, later wins: built-in defaults, the file (`--config`, else `$SKYFUSE_CONFIG`,
+else `./skyfuse.toml` when present), then environment variables `SKYFUSE_<SECTION>__<KEY>`
+(double underscore between levels, e.g. `SKYFUSE_BUS__BACKEND=kafka`,
+`SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:9092`). Every key is documented below, once.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor")
+PROVIDERS = ("aws", "gcp", "azure")
+ENV_PREFIX = "SKYFUSE_"
+ENV_NOT_KEYS = {"SKYFUSE_CONFIG", "SKYFUSE_EVENTS_DIR", "SKYFUSE_CLOUD", "SKYFUSE_FUNCTION"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Cloud(Section):
+    provider: Literal["aws", "gcp", "azure"] = Field(description="Which cloud's function runtime and event shapes.")
+    region: str = Field("local", description="Region name, reported in events and placements.")
+    price_per_hour: float = Field(0.05, ge=0, description="USD per serving replica-hour.")
+    price_per_million_requests: float = Field(0.2, ge=0, description="USD per million inference requests.")
+    capacity_rps: float = Field(500.0, gt=0, description="Requests/s one replica sustains within the SLO.")
+    store: str = Field("", description="Object store URI for this cloud's shards and models; default a local folder.")
+
+
+def _default_clouds() -> dict[str, Cloud]:
+    return {
+        "aws": Cloud(provider="aws", region="us-east-1", price_per_hour=0.0416, price_per_million_requests=0.20),
+        "gcp": Cloud(provider="gcp", region="us-central1", price_per_hour=0.0400, price_per_million_requests=0.40),
+        "azure": Cloud(provider="azure", region="eastus", price_per_hour=0.0450, price_per_million_requests=0.20),
+    }
+
+
+class EmbeddedBus(Section):
+    path: str = Field(".skyfuse/bus", description="Folder of the embedded log (a SQLite file).")
+
+
+class KafkaBus(Section):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers.")
+    client_id: str = Field("skyfuse", description="Prefix of client ids seen by the broker.")
+    session_timeout_ms: int = Field(10_000, ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")
+    request_timeout_ms: int = Field(30_000, ge=1000, description="How long a produce or admin request may take.")
+
+
+class Bus(Section):
+    backend: Literal["embedded", "kafka"] = Field("embedded", description="`embedded` needs no server; `kafka` is Apache Kafka.")
+    partitions: int = Field(3, ge=1, le=256, description="Partitions of each topic skyfuse creates.")
+    embedded: EmbeddedBus = EmbeddedBus()
+    kafka: KafkaBus = KafkaBus()
+
+
+class Delivery(Section):
+    max_attempts: int = Field(5, ge=1, description="Tries of one record before it is dead-lettered.")
+    max_record_age_s: float = Field(300.0, gt=0, description="A failing record older than this is dead-lettered.")
+    backoff_initial_s: float = Field(0.2, ge=0, description="First retry delay; doubles each try, with full jitter.")
+    backoff_max_s: float = Field(10.0, ge=0, description="Largest retry delay.")
+    poll_timeout_s: float = Field(0.2, gt=0, description="How long an idle host waits for records per poll.")
+
+
+class Function(Section):
+    ordering: Literal["partition", "key", "unordered"] = Field(
+        "partition", description="In order per partition, per key, or not at all (bounded by `concurrency`).")
+    concurrency: int = Field(1, ge=1, le=64, description="Batches in flight at once (of distinct partitions/keys).")
+    clouds: list[str] | None = Field(None, description="Clouds hosting this function; default every cloud.")
+
+
+class Fleet(Section):
+    clouds: dict[str, Cloud] = Field(default_factory=_default_clouds)
+    bus: Bus = Bus()
+    delivery: Delivery = Delivery()
+    functions: dict[str, Function] = Field(default_factory=dict)
+    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_from_name(cls, data):
+        """`[clouds.aws]` needs no `provider = "aws"`."""
+        for name, cloud in (data.get("clouds") or {}).items() if isinstance(data, dict) else ():
+            if isinstance(cloud, dict) and "provider" not in cloud and name in PROVIDERS:
+                cloud["provider"] = name
+        return data
+
+    @field_validator("clouds")
+    @classmethod
+    def _cloud_names(cls, clouds: dict[str, Cloud]) -> dict[str, Cloud]:
+        if not clouds:
+            raise ValueError("at least one cloud is needed, e.g. [clouds.aws] provider = \"aws\"")
+        for name in clouds:
+            if not name.replace("-", "").isalnum() or not name[0].isalpha() or name.lower() != name:
+                raise ValueError(f"cloud name {name!r} must be lowercase letters, digits and '-', starting with a letter")
+        return clouds
+
+    @field_validator("functions")
+    @classmethod
+    def _function_names(cls, functions: dict[str, Function]) -> dict[str, Function]:
+        for name in functions:
+            if name not in FUNCTIONS:
+                hint = difflib.get_close_matches(name, FUNCTIONS, 1)
+                raise ValueError(f"unknown function {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                                 + f" Known: {', '.join(FUNCTIONS)}")
+        return functions
+
+    @model_validator(mode="after")
+    def _fill(self) -> "Fleet":
+        for name, cloud in self.clouds.items():
+            if not cloud.store:
+                cloud.store = f"file://.skyfuse/stores/{name}"
+        for name, fn in self.functions.items():
+            for cloud in fn.clouds or ():
+                if cloud not in self.clouds:
+                    raise ValueError(f"functions.{name}.clouds names {cloud!r}, which is not under [clouds]; "
+                                     f"configured clouds: {', '.join(self.clouds)}")
+        return self
+
+    def function(self, name: str) -> Function:
+        return self.functions.get(name) or Function()
+
+    def clouds_for(self, function: str) -> list[str]:
+        return self.function(function).clouds or list(self.clouds)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    """`SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=x` → {"bus": {"kafka": {"bootstrap_servers": "x"}}}."""
+    tree: dict = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:  # TOML syntax gives numbers, booleans and lists; anything else stays a string
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node[path[-1]] = value
+    return tree
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _describe(error: dict, origin: str) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after",))
+    if error["type"] == "extra_forbidden":
+        parent_path, key = error["loc"][:-1], error["loc"][-1]
+        model = Fleet
+        for part in parent_path:
+            field = model.model_fields.get(str(part)) or model.model_fields.get(f"{part}_")
+            annotation = field.annotation if field else None
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                model = annotation
+            elif annotation is not None and getattr(annotation, "__args__", None):
+                model = annotation.__args__[-1]  # dict[str, Cloud] and friends
+        known = [f.alias or n for n, f in model.model_fields.items()]
+        hint = difflib.get_close_matches(str(key), known, 1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "remove it"
+        return f"{origin}: unknown key {loc!r}; {fix} (keys allowed here: {', '.join(known)})"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{origin}: {loc or '(top level)'}: {error['msg']}{shown}"
+
+
+def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Fleet:
+    """The fleet config; raises `ConfigError` naming every bad key and how to fix it."""
+    environ = dict(os.environ if environ is None else environ)
+    chosen = path or environ.get("SKYFUSE_CONFIG") or ("skyfuse.toml" if Path("skyfuse.toml").exists() else None)
+    data: dict = {}
+    origin = "defaults"
+    if chosen:
+        origin = str(chosen)
+        try:
+            data = tomllib.loads(Path(chosen).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{chosen}: no such config file; pass --config PATH or unset SKYFUSE_CONFIG") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    overrides = _env_overrides(environ)
+    if overrides:
+        origin += " + SKYFUSE_* environment"
+    try:
+        defaults = {} if "clouds" in data else {"clouds": {n: c.model_dump() for n, c in _default_clouds().items()}}
+        return Fleet.model_validate(_merge(_merge(defaults, data), overrides))
+    except ValidationError as exc:
+        lines = [_describe(e, origin) for e in exc.errors()]
+        raise ConfigError("bad fleet config:\n  " + "\n  ".join(lines)) from None

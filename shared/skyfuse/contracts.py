@@ -1,0 +1,99 @@
+"""The event contracts in `events/`: which event types exist, their topics, keys, consumers and
+the JSON Schema of each one's `data`. The folder is data; this module only reads it."""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+
+TYPE_PREFIX = "skyfuse."  # CloudEvent `type` attribute = prefix + event type name
+
+
+def events_dir() -> Path:
+    """`SKYFUSE_EVENTS_DIR`, else the `events/` folder of this checkout."""
+    override = os.environ.get("SKYFUSE_EVENTS_DIR")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "events"
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str  # e.g. "shard.ready"
+    topic: str
+    key: str  # the data field that becomes the Kafka key (same key: same partition, in order)
+    consumers: tuple[str, ...]
+    description: str
+
+    @property
+    def ce_type(self) -> str:
+        return TYPE_PREFIX + self.name
+
+
+class ContractError(ValueError):
+    """Data that breaks its event type's contract; `errors` holds one line per violation."""
+
+    def __init__(self, event_type: str, errors: list[str]):
+        self.event_type = event_type
+        self.errors = errors
+        super().__init__(f"{event_type}: " + "; ".join(errors))
+
+
+@cache
+def catalog() -> dict[str, EventType]:
+    path = events_dir() / "catalog.toml"
+    raw = tomllib.loads(path.read_text())
+    return {
+        name: EventType(
+            name=name,
+            topic=entry["topic"],
+            key=entry["key"],
+            consumers=tuple(entry.get("consumers", ())),
+            description=entry.get("description", ""),
+        )
+        for name, entry in raw.items()
+    }
+
+
+def event_type(name: str) -> EventType:
+    """Look up an event type by name (`shard.ready`) or CloudEvent type (`skyfuse.shard.ready`)."""
+    name = name.removeprefix(TYPE_PREFIX)
+    types = catalog()
+    if name not in types:
+        raise ContractError(name, [f"unknown event type; expected one of: {', '.join(sorted(types))}"])
+    return types[name]
+
+
+def topics_for(function: str) -> list[str]:
+    """The topics that trigger `function`, in catalog order."""
+    return [t.topic for t in catalog().values() if function in t.consumers]
+
+
+def dlq_topic(function: str) -> str:
+    return f"{function}.dlq"
+
+
+@cache
+def _validator(name: str) -> Draft202012Validator:
+    schema = json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def validation_errors(name: str, data: object) -> list[str]:
+    """Every way `data` breaks the schema, as `field: rule` lines ("(root)" for the object)."""
+    errors = sorted(_validator(event_type(name).name).iter_errors(data), key=lambda e: list(e.absolute_path))
+    return [f"{e.json_path.removeprefix('$.') if e.absolute_path else '(root)'}: {e.message}" for e in errors]
+
+
+def validate(name: str, data: object) -> None:
+    errors = validation_errors(name, data)
+    if errors:
+        raise ContractError(event_type(name).name, errors)
+
+
+def sample(name: str) -> dict:
+    """The valid example of `name`'s data shipped in `events/samples/`."""
+    return json.loads((events_dir() / "samples" / f"{event_type(name).name}.json").read_text())

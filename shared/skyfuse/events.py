@@ -1,0 +1,127 @@
+"""CloudEvents 1.0 for skyfuse: build a validated event, and carry it on Kafka.
+
+On the bus an event is written in binary content mode (`ce_*` headers, JSON `data` as the value,
+the contract's key field as the record key); structured mode (one JSON document with
+`specversion`) is accepted on input. Validation happens on both sides: `new_event` refuses data
+that breaks the schema, and `decode` reports it so the host can dead-letter it.
+"""
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+from cloudevents.http import CloudEvent
+from cloudevents.kafka import KafkaMessage, from_binary, from_structured, to_binary
+
+from skyfuse import contracts
+
+Headers = list[tuple[str, bytes]]
+
+
+class MalformedEvent(ValueError):
+    """A record that is not a valid skyfuse CloudEvent; the message says why."""
+
+
+def new_traceparent() -> str:
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+
+
+def new_event(
+    type_name: str,
+    data: dict,
+    *,
+    source: str,
+    subject: str | None = None,
+    caused_by: CloudEvent | None = None,
+) -> CloudEvent:
+    """A CloudEvent of `type_name` (`shard.ready` or `skyfuse.shard.ready`) carrying `data`.
+
+    Raises `contracts.ContractError` naming each failing field and rule. `caused_by` passes its
+    trace on, so every event of one run shares a trace id.
+    """
+    kind = contracts.event_type(type_name)
+    contracts.validate(kind.name, data)
+    attributes = {
+        "id": str(uuid.uuid4()),
+        "source": source,
+        "type": kind.ce_type,
+        "specversion": "1.0",
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "traceparent": (caused_by.get("traceparent") if caused_by else None) or new_traceparent(),
+    }
+    if subject:
+        attributes["subject"] = subject
+    return CloudEvent(attributes, data)
+
+
+def topic_of(event: CloudEvent) -> str:
+    return contracts.event_type(event["type"]).topic
+
+
+def key_of(event: CloudEvent) -> bytes | None:
+    value = (event.get_data() or {}).get(contracts.event_type(event["type"]).key)
+    return None if value is None else str(value).encode()
+
+
+def encode(event: CloudEvent) -> tuple[bytes | None, bytes, Headers]:
+    """(key, value, headers) of the Kafka record for `event`, in binary content mode."""
+    message = to_binary(event, data_marshaller=orjson.dumps, key_mapper=lambda _: None)
+    return key_of(event), message.value, list(message.headers.items())
+
+
+def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent:
+    """The CloudEvent in a Kafka record, validated against its contract.
+
+    Raises `MalformedEvent` with a reason a person can act on.
+    """
+    header_map = {name.lower(): val for name, val in headers}
+    try:
+        if "ce_specversion" in header_map:
+            event = from_binary(KafkaMessage(header_map, key, value or b""), data_unmarshaller=_json)
+        elif value and value.lstrip().startswith(b"{") and b"specversion" in value:
+            event = from_structured(KafkaMessage(header_map, key, value), envelope_unmarshaller=_json)
+        else:
+            raise MalformedEvent(
+                "not a CloudEvent: no ce_specversion header (binary mode) and the value is not a "
+                "structured-mode JSON CloudEvent"
+            )
+    except MalformedEvent:
+        raise
+    except Exception as exc:  # the SDK raises several types for broken envelopes
+        raise MalformedEvent(f"not a valid CloudEvent: {exc}") from exc
+    if event.get("specversion") != "1.0":
+        raise MalformedEvent(f"unsupported CloudEvents specversion {event.get('specversion')!r}; expected '1.0'")
+    try:
+        kind = contracts.event_type(event["type"])
+        contracts.validate(kind.name, event.get_data())
+    except contracts.ContractError as exc:
+        raise MalformedEvent(f"data breaks the {exc.event_type} schema: {'; '.join(exc.errors)}") from exc
+    return event
+
+
+def _json(raw: bytes | str | None):
+    if raw in (None, b"", ""):
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedEvent(f"value is not JSON: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """What logs and the CLI show of an event."""
+
+    id: str
+    type: str
+    trace_id: str | None
+
+    @classmethod
+    def of(cls, event: CloudEvent) -> "EventInfo":
+        parent = event.get("traceparent") or ""
+        parts = parent.split("-")
+        return cls(event["id"], event["type"].removeprefix(contracts.TYPE_PREFIX), parts[1] if len(parts) == 4 else None)

@@ -1,0 +1,76 @@
+"""Every function host of the fleet, in threads of one process: what `skyfuse up` runs."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import services
+from skyfuse import contracts
+from skyfuse.bus.base import Bus
+from skyfuse.config import Fleet
+from skyfuse.runtime.clouds.base import Invoker
+from skyfuse.runtime.host import FunctionHost, Listener
+
+log = logging.getLogger("skyfuse.fleet")
+SERVICES = Path(services.__file__).resolve().parent
+
+
+def event_functions() -> list[str]:
+    """Functions triggered by events, in the order they appear in the catalog."""
+    seen: list[str] = []
+    for event_type in contracts.catalog().values():
+        seen.extend(f for f in event_type.consumers if f not in seen)
+    return seen
+
+
+def invoker_for(fleet: Fleet, cloud: str, function: str) -> Invoker:
+    """The real entry point of `function` for `cloud`'s provider, behind its native trigger."""
+    settings = fleet.clouds[cloud]
+    if settings.provider == "aws":
+        from skyfuse.runtime.clouds.aws import LambdaInvoker
+
+        bootstrap = fleet.bus.kafka.bootstrap_servers if fleet.bus.backend == "kafka" else "embedded"
+        return LambdaInvoker(f"services.{function}.aws:lambda_handler", f"skyfuse-{function}", settings.region, bootstrap)
+    if settings.provider == "gcp":
+        from skyfuse.runtime.clouds.gcp import CloudEventInvoker
+
+        return CloudEventInvoker(str(SERVICES / function / "gcp.py"), function)
+    from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
+
+    return KafkaTriggerInvoker(f"services.{function}.azure:app")
+
+
+def build_hosts(fleet: Fleet, bus: Bus, listener: Listener | None = None,
+                functions: list[str] | None = None, clouds: list[str] | None = None) -> list[FunctionHost]:
+    hosts = []
+    for function in functions or event_functions():
+        for cloud in fleet.clouds_for(function):
+            if clouds is None or cloud in clouds:
+                hosts.append(FunctionHost(bus, fleet, cloud, function, invoker_for(fleet, cloud, function), listener))
+    return hosts
+
+
+class Fabric:
+    """Runs hosts in threads until `stop()`; each host commits what it finished before it exits."""
+
+    def __init__(self, hosts: list[FunctionHost]):
+        self.hosts = hosts
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=h.run, args=(self.stopping,), name=h.group, daemon=True) for h in hosts]
+
+    def start(self) -> "Fabric":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout_s)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

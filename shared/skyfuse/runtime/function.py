@@ -1,0 +1,102 @@
+"""What a running function instance has: its cloud, the fleet config, a way to emit events, a logger.
+
+In a real cloud it is built from the environment (`SKYFUSE_CLOUD`, the bus settings as
+`SKYFUSE_BUS__*`); under the local function host, the host provides it for the duration of each
+invocation, so one process can host the same entry point for several clouds.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Iterator
+
+import orjson
+from cloudevents.http import CloudEvent
+
+from skyfuse import config as fleet_config
+from skyfuse import events
+from skyfuse.bus import Bus, open_bus
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, with whatever `extra=` fields the call site gave."""
+
+    skip = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        doc.update({k: v for k, v in vars(record).items() if k not in self.skip})
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+@dataclass
+class Runtime:
+    cloud: str
+    function: str
+    fleet: fleet_config.Fleet
+    bus_factory: Callable[[], Bus] | None = None
+    emitted: list[CloudEvent] = field(default_factory=list)
+
+    @cached_property
+    def bus(self) -> Bus:
+        return self.bus_factory() if self.bus_factory else open_bus(self.fleet)
+
+    @cached_property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"skyfuse.{self.cloud}.{self.function}")
+
+    @property
+    def source(self) -> str:
+        return f"skyfuse://{self.cloud}/{self.function}"
+
+    def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None) -> CloudEvent:
+        """Validate, then publish an event; returns it."""
+        event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by)
+        key, value, headers = events.encode(event)
+        self.bus.publish(events.topic_of(event), value, key, headers)
+        self.emitted.append(event)
+        return event
+
+    def received(self, event: CloudEvent, note: str = "handled") -> None:
+        info = events.EventInfo.of(event)
+        self.log.info(note, extra={"event_id": info.id, "event_type": info.type, "trace_id": info.trace_id,
+                                   "cloud": self.cloud, "function": self.function})
+
+
+_current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("skyfuse_runtime", default=None)
+
+
+@contextlib.contextmanager
+def hosted(runtime: Runtime) -> Iterator[Runtime]:
+    """Make `runtime` the one `current()` returns, in this thread, for the block."""
+    token = _current.set(runtime)
+    try:
+        yield runtime
+    finally:
+        _current.reset(token)
+
+
+_from_env: dict[str, Runtime] = {}
+
+
+def current(function: str) -> Runtime:
+    """The runtime of this invocation: the host's, else one built once from the environment."""
+    runtime = _current.get()
+    if runtime is not None:
+        return runtime
+    if function not in _from_env:
+        cloud = os.environ.get("SKYFUSE_CLOUD")
+        if not cloud:
+            raise RuntimeError(f"{function}: set SKYFUSE_CLOUD to the name of the cloud this function runs in "
+                               "(one of the [clouds] of the fleet config)")
+        _from_env[function] = Runtime(cloud=cloud, function=function, fleet=fleet_config.load())
+    return _from_env[function]
+
+
+Handler = Callable[[CloudEvent, Runtime], None]

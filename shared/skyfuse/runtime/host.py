@@ -1,0 +1,236 @@
+"""The local function host: plays a cloud's Kafka trigger for one function.
+
+It consumes the function's topics in the group `<cloud>.<function>`, gathers batches within the
+cloud's limits, calls the real entry point with the cloud's native event, and commits, per
+partition, only the contiguous prefix of records that succeeded or were dead-lettered. Failures
+are retried with exponential backoff and jitter up to `max_attempts` or `max_record_age_s`, then
+written to `<function>.dlq` with the original record and the reason; malformed records go there at
+once. At-least-once delivery; handlers are idempotent.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from skyfuse import contracts, events
+from skyfuse.bus.base import Bus, Record, TopicPartition
+from skyfuse.config import Fleet
+from skyfuse.runtime.clouds.base import Invoker, Outcome
+from skyfuse.runtime.function import Runtime, hosted
+from skyfuse.runtime.tracker import Backoff, Pending, Tracker
+
+log = logging.getLogger("skyfuse.host")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One record's fate in one invocation, for logs and the CLI."""
+
+    cloud: str
+    function: str
+    shape: str
+    record: Record
+    event_type: str
+    event_id: str
+    result: str  # "ok", "retry" or "dead-lettered"
+    attempts: int
+    reason: str = ""
+
+
+Listener = Callable[[Delivery], None]
+
+
+class FunctionHost:
+    def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, invoker: Invoker,
+                 listener: Listener | None = None, topics: list[str] | None = None):
+        self.bus, self.fleet, self.cloud, self.function, self.invoker = bus, fleet, cloud, function, invoker
+        self.group = f"{cloud}.{function}"
+        self.topics = topics or contracts.topics_for(function)
+        self.dlq = contracts.dlq_topic(function)
+        settings = fleet.function(function)
+        self.delivery = fleet.delivery
+        self.concurrency = settings.concurrency
+        self.tracker = Tracker(settings.ordering)
+        self.backoff = Backoff(self.delivery.backoff_initial_s, self.delivery.backoff_max_s)
+        self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus)
+        self.listener = listener or (lambda delivery: None)
+        self.max_buffer = max(100, 4 * invoker.limits.max_records * self.concurrency)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None
+        self.consumer = None
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        self.bus.ensure_topics([*self.topics, self.dlq])
+        with self.bus.consumer(self.group, self.topics, on_revoke=self._revoked) as self.consumer:
+            while not stop.is_set():
+                try:
+                    self.step()
+                except Exception:  # the bus hiccuped: keep every record pending and try again
+                    log.exception("host step failed; retrying in 1 s", extra={"group": self.group})
+                    stop.wait(1.0)
+            self._commit()
+
+    def step(self) -> None:
+        room = self.max_buffer - len(self.tracker)
+        timeout = self._idle_timeout()
+        if room > 0:
+            for record in self.consumer.poll(timeout, room):
+                self._accept(record)
+        elif timeout:
+            time.sleep(timeout)
+        for pending in self.tracker.invalid():
+            self._dead_letter(pending, pending.invalid)
+        batches = self._batches(time.monotonic())
+        if batches:
+            runs = self._pool.map(self._invoke, batches) if self._pool else map(self._invoke, batches)
+            for batch, outcome in zip(batches, list(runs)):
+                self._settle(batch, outcome)
+        self._commit()
+
+    def _idle_timeout(self) -> float:
+        """Wait for new records no longer than until the next retry or batch window is due."""
+        timeout = self.delivery.poll_timeout_s
+        due = self.tracker.next_due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.monotonic()))
+        if len(self.tracker):
+            timeout = min(timeout, self.invoker.limits.max_wait_s / 4 or 0.01)
+        return timeout
+
+    # -- records in ---------------------------------------------------------------------------
+    def _accept(self, record: Record) -> None:
+        pending = Pending(record, arrived=time.monotonic())
+        try:
+            pending.event = events.decode(record.key, record.value, record.headers)
+        except events.MalformedEvent as exc:
+            pending.invalid = str(exc)
+        size, limit = self.invoker.cost(record), self.invoker.limits.max_bytes
+        if pending.invalid is None and size > limit:
+            pending.invalid = (f"record of {size} bytes exceeds the {limit // (1024 * 1024)} MB payload limit of a "
+                               f"{self.invoker.shape}; store large data in the cloud's store and send its URI")
+        self.tracker.add(pending)
+
+    def _batches(self, now: float) -> list[list[Pending]]:
+        lanes = self.tracker.ready(now)
+        if not lanes:
+            return []
+        limits = self.invoker.limits
+        waiting = sum(len(queue) for queue in lanes)
+        retrying = any(queue[0].attempts for queue in lanes)
+        oldest = min(queue[0].arrived for queue in lanes)
+        if not retrying and waiting < limits.max_records * self.concurrency and now - oldest < limits.max_wait_s:
+            return []  # the batching window is still open
+        batches: list[list[Pending]] = [[] for _ in range(self.concurrency)]
+        sizes = [0] * self.concurrency
+        for i, queue in enumerate(lanes):
+            slot = i % self.concurrency
+            for pending in queue:
+                cost = self.invoker.cost(pending.record)
+                if len(batches[slot]) >= limits.max_records or sizes[slot] + cost > limits.max_bytes:
+                    break
+                if pending.invalid is not None:
+                    break  # a malformed record is dead-lettered in turn, not delivered
+                batches[slot].append(pending)
+                sizes[slot] += cost
+                pending.in_flight = True
+        return [batch for batch in batches if batch]
+
+    # -- invoking ---------------------------------------------------------------------------
+    def _invoke(self, batch: list[Pending]) -> Outcome:
+        with hosted(self.runtime):
+            try:
+                outcome = self.invoker.invoke([(p.record, p.event) for p in batch])
+            except Exception as exc:  # the adapter itself broke: treat as a failed invocation
+                outcome = Outcome.all_failed(len(batch), f"{type(exc).__name__}: {exc}")
+            if outcome.whole and len(batch) > 1:
+                return self._isolate(batch)
+            return outcome
+
+    def _isolate(self, batch: list[Pending]) -> Outcome:
+        """After a whole-batch failure, try lane by lane, one record at a time, to find the culprit."""
+        outcome, stopped = Outcome(), set()
+        for i, pending in enumerate(batch):
+            lane = self.tracker.lane(pending)
+            if lane in stopped:
+                outcome.failed[i] = "not tried: an earlier record of its lane failed"
+                continue
+            single = self.invoker.invoke([(pending.record, pending.event)])
+            if single.failed:
+                outcome.failed[i] = single.failed[0]
+                stopped.add(lane)
+        return outcome
+
+    def _settle(self, batch: list[Pending], outcome: Outcome) -> None:
+        """Apply an outcome lane by lane: finish up to the first failure, retry or dead-letter it,
+        and leave the rest of its lane to go again after it."""
+        now, blocked = time.monotonic(), set()
+        for i, pending in enumerate(batch):
+            pending.in_flight = False
+            lane = self.tracker.lane(pending)
+            if lane in blocked:
+                continue
+            if i not in outcome.failed:
+                self.tracker.finish(pending)
+                self._tell(pending, "ok")
+                continue
+            blocked.add(lane)
+            self._fail(pending, outcome.failed[i], now)
+
+    def _fail(self, pending: Pending, reason: str, now: float) -> None:
+        pending.attempts += 1
+        pending.last_error = reason
+        age = time.time() - pending.record.timestamp_ms / 1000
+        if pending.attempts >= self.delivery.max_attempts:
+            self._dead_letter(pending, f"{reason} (gave up after {pending.attempts} attempts)")
+        elif age >= self.delivery.max_record_age_s:
+            self._dead_letter(pending, f"{reason} (record is {age:.0f} s old, over max_record_age_s="
+                                       f"{self.delivery.max_record_age_s:g})")
+        else:
+            pending.not_before = now + self.backoff.delay(pending.attempts)
+            self._tell(pending, "retry", reason)
+
+    def _dead_letter(self, pending: Pending, reason: str) -> None:
+        record = pending.record
+        context = {
+            "skyfuse_dlq_reason": reason,
+            "skyfuse_dlq_function": self.function,
+            "skyfuse_dlq_cloud": self.cloud,
+            "skyfuse_dlq_topic": record.topic,
+            "skyfuse_dlq_partition": str(record.partition),
+            "skyfuse_dlq_offset": str(record.offset),
+            "skyfuse_dlq_attempts": str(pending.attempts),
+        }
+        headers = [*record.headers, *((k, v.encode()) for k, v in context.items())]
+        self.bus.publish(self.dlq, record.value or b"", record.key, headers)
+        self.tracker.finish(pending)
+        self._tell(pending, "dead-lettered", reason)
+
+    def _tell(self, pending: Pending, result: str, reason: str = "") -> None:
+        event = pending.event
+        delivery = Delivery(
+            self.cloud, self.function, self.invoker.shape, pending.record,
+            event["type"].removeprefix(contracts.TYPE_PREFIX) if event is not None else "?",
+            event["id"] if event is not None else "?", result, pending.attempts, reason,
+        )
+        level = logging.INFO if result == "ok" else logging.WARNING
+        log.log(level, f"{result}: {delivery.event_type} to {self.group}", extra={
+            "cloud": self.cloud, "function": self.function, "event_id": delivery.event_id,
+            "event_type": delivery.event_type, "record": f"{pending.record.tp}@{pending.record.offset}",
+            "attempts": pending.attempts, "reason": reason,
+            "trace_id": events.EventInfo.of(event).trace_id if event is not None else None,
+        })
+        self.listener(delivery)
+
+    # -- commits ------------------------------------------------------------------------------
+    def _commit(self) -> None:
+        moved = self.tracker.commit_positions()
+        if moved and self.consumer is not None:
+            self.consumer.commit(moved)
+
+    def _revoked(self, partitions: list[TopicPartition]) -> None:
+        self._commit()
+        self.tracker.drop(partitions)

@@ -1,0 +1,115 @@
+"""Which records a host may deliver next, and how far it may commit. Pure logic, no I/O.
+
+Records wait in *lanes*: a partition (ordering "partition"), a key within a partition ("key"), or
+each record alone ("unordered"). Only the head of a lane may be tried; when it fails, the records
+behind it wait. The commit position of a partition is its first record not yet finished
+(succeeded or dead-lettered), so a later success never commits past an earlier failure.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from skyfuse.bus.base import Record, TopicPartition
+
+Ordering = Literal["partition", "key", "unordered"]
+
+
+@dataclass
+class Pending:
+    record: Record
+    event: object = None  # the decoded CloudEvent
+    invalid: str | None = None  # set when the record cannot be delivered at all (malformed)
+    arrived: float = 0.0  # monotonic time the host received it
+    attempts: int = 0
+    not_before: float = 0.0
+    last_error: str = ""
+    done: bool = False
+    in_flight: bool = False
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter (the AWS architecture blog's recommendation)."""
+
+    initial_s: float = 0.2
+    max_s: float = 10.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, attempts: int) -> float:
+        return self.rng.uniform(0, min(self.max_s, self.initial_s * 2 ** (attempts - 1)))
+
+
+class Tracker:
+    def __init__(self, ordering: Ordering = "partition"):
+        self.ordering = ordering
+        self.partitions: dict[TopicPartition, dict[int, Pending]] = {}  # offset order
+        self.committed: dict[TopicPartition, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.partitions.values())
+
+    def add(self, pending: Pending) -> None:
+        record = pending.record
+        self.partitions.setdefault(record.tp, {})[record.offset] = pending
+
+    def lane(self, pending: Pending):
+        r = pending.record
+        if self.ordering == "partition":
+            return r.tp
+        if self.ordering == "key":
+            return (r.tp, r.key)
+        return (r.tp, r.offset)
+
+    def lanes(self) -> dict[object, list[Pending]]:
+        """Unfinished records per lane, in offset order."""
+        out: dict[object, list[Pending]] = {}
+        for records in self.partitions.values():
+            for pending in records.values():
+                if not pending.done:
+                    out.setdefault(self.lane(pending), []).append(pending)
+        return out
+
+    def ready(self, now: float) -> list[list[Pending]]:
+        """For each lane whose head may go now: the head and every record behind it."""
+        out = []
+        for queue in self.lanes().values():
+            head = queue[0]
+            if not head.in_flight and head.invalid is None and head.not_before <= now:
+                out.append(queue)
+        return out
+
+    def invalid(self) -> list[Pending]:
+        """Malformed records at the head of their lane: dead-letter them now, in order."""
+        return [queue[0] for queue in self.lanes().values() if queue[0].invalid is not None]
+
+    def next_due(self) -> float | None:
+        """When the earliest waiting retry becomes due."""
+        heads = [q[0].not_before for q in self.lanes().values() if q[0].attempts and not q[0].in_flight]
+        return min(heads, default=None)
+
+    def finish(self, pending: Pending) -> None:
+        pending.done, pending.in_flight = True, False
+
+    def commit_positions(self) -> dict[TopicPartition, int]:
+        """Partitions whose contiguous finished prefix grew, with the new position; forgets that prefix."""
+        moved = {}
+        for tp, records in self.partitions.items():
+            position = None
+            while records:
+                offset = next(iter(records))
+                if not records[offset].done:
+                    break
+                del records[offset]
+                position = offset + 1
+            if position is not None and position > self.committed.get(tp, -1):
+                self.committed[tp] = position
+                moved[tp] = position
+        return moved
+
+    def drop(self, partitions: list[TopicPartition]) -> None:
+        """Forget partitions this host no longer owns (after a rebalance)."""
+        for tp in partitions:
+            self.partitions.pop(tp, None)
+            self.committed.pop(tp, None)
