@@ -75,8 +75,11 @@ install_jars() {
   say "installing broker jars from Maven Central into infra/kafka/lib ..."
   local t0=$SECONDS
   rm -rf "$LIB"
-  if ! "$MVN" -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
-        -DoutputDirectory="$LIB" -DincludeScope=runtime; then
+  # Output is captured: Debian's Maven 3.8 prints stray ANSI resets even with -q.
+  local out
+  if ! out="$("$MVN" -B -q -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+        -DoutputDirectory="$LIB" -DincludeScope=runtime 2>&1)"; then
+    echo "$out" >&2
     rm -rf "$LIB"
     die "maven could not fetch the jars (see the output above)"
   fi

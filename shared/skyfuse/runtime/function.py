@@ -42,6 +42,12 @@ class Runtime:
     fleet: fleet_config.Fleet
     bus_factory: Callable[[], Bus] | None = None
     emitted: list[CloudEvent] = field(default_factory=list)
+    handled: list[str] = field(default_factory=list)  # ids of events this instance received
+    settings: fleet_config.Function | None = None  # default: the fleet config's [functions.<name>]
+
+    @property
+    def function_settings(self) -> fleet_config.Function:
+        return self.settings or self.fleet.function(self.function)
 
     @cached_property
     def bus(self) -> Bus:
@@ -65,6 +71,7 @@ class Runtime:
 
     def received(self, event: CloudEvent, note: str = "handled") -> None:
         info = events.EventInfo.of(event)
+        self.handled.append(info.id)
         self.log.info(note, extra={"event_id": info.id, "event_type": info.type, "trace_id": info.trace_id,
                                    "cloud": self.cloud, "function": self.function})
 

@@ -19,6 +19,7 @@ from typing import Callable
 from skyfuse import contracts, events
 from skyfuse.bus.base import Bus, Record, TopicPartition
 from skyfuse.config import Fleet
+from skyfuse.config import Function as FunctionSettings
 from skyfuse.runtime.clouds.base import Invoker, Outcome
 from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.runtime.tracker import Backoff, Pending, Tracker
@@ -46,17 +47,18 @@ Listener = Callable[[Delivery], None]
 
 class FunctionHost:
     def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, invoker: Invoker,
-                 listener: Listener | None = None, topics: list[str] | None = None):
+                 listener: Listener | None = None, topics: list[str] | None = None,
+                 settings: FunctionSettings | None = None):
         self.bus, self.fleet, self.cloud, self.function, self.invoker = bus, fleet, cloud, function, invoker
         self.group = f"{cloud}.{function}"
         self.topics = topics or contracts.topics_for(function)
         self.dlq = contracts.dlq_topic(function)
-        settings = fleet.function(function)
+        settings = settings or fleet.function(function)
         self.delivery = fleet.delivery
         self.concurrency = settings.concurrency
         self.tracker = Tracker(settings.ordering)
         self.backoff = Backoff(self.delivery.backoff_initial_s, self.delivery.backoff_max_s)
-        self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus)
+        self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus, settings=settings)
         self.listener = listener or (lambda delivery: None)
         self.max_buffer = max(100, 4 * invoker.limits.max_records * self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None

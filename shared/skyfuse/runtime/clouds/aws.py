@@ -127,7 +127,7 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
     so they are retried after it, in order.
     """
     runtime = current(function)
-    ordering = runtime.fleet.function(function).ordering
+    ordering = runtime.function_settings.ordering
     failed_lanes: set = set()
 
     def lane(record: KafkaEventRecord):

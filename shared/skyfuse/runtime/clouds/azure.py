@@ -91,8 +91,9 @@ class KafkaTriggerInvoker(Invoker):
     shape = "Azure Functions Kafka trigger (cardinality many)"
     limits = KAFKA_TRIGGER
 
-    def __init__(self, app_path: str):
-        self.functions = kafka_trigger_functions(load_handler(app_path))
+    def __init__(self, app: str | func.FunctionApp):
+        """`app`: the FunctionApp, or its import path `package.module:app`."""
+        self.functions = kafka_trigger_functions(load_handler(app) if isinstance(app, str) else app)
 
     def invoke(self, batch: list[tuple[Record, CloudEvent]]) -> Outcome:
         outcome = Outcome()

@@ -1,0 +1,63 @@
+"""Shared fixtures. Tests marked `kafka` need the broker `make kafka-up` starts; without it they
+fail with the command to run, never skip."""
+import os
+import socket
+import uuid
+
+import pytest
+
+from skyfuse import config
+
+KAFKA = os.environ.get("SKYFUSE_TEST_KAFKA", "127.0.0.1:9092")
+BACKENDS = [pytest.param("embedded"), pytest.param("kafka", marks=pytest.mark.kafka)]
+
+
+def kafka_reachable() -> bool:
+    host, port = KAFKA.split(",")[0].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    if not kafka_reachable():
+        pytest.fail(f"no Kafka broker at {KAFKA}: start it with `make kafka-up` (`make test` does), "
+                    "or point SKYFUSE_TEST_KAFKA at one", pytrace=False)
+    return KAFKA
+
+
+@pytest.fixture
+def uid() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def fleet_env(backend: str, tmp_path, **extra) -> dict:
+    env = {"SKYFUSE_BUS__BACKEND": backend, "SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
+           "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": KAFKA, "SKYFUSE_BUS__KAFKA__SESSION_TIMEOUT_MS": "6000",
+           "SKYFUSE_DELIVERY__BACKOFF_INITIAL_S": "0.01", "SKYFUSE_DELIVERY__BACKOFF_MAX_S": "0.05"}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    if request.param == "kafka":
+        request.getfixturevalue("kafka_bootstrap")
+    return request.param
+
+
+@pytest.fixture
+def fleet(backend, tmp_path):
+    return config.load(environ=fleet_env(backend, tmp_path))
+
+
+@pytest.fixture
+def bus(fleet):
+    from skyfuse.bus import open_bus
+
+    bus = open_bus(fleet)
+    yield bus
+    bus.close()

@@ -1,0 +1,61 @@
+"""The fleet config: defaults, file, environment, and errors that name the key and the fix."""
+import pytest
+
+from skyfuse import config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "skyfuse.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file():
+    fleet = config.load(environ={})
+    assert list(fleet.clouds) == ["aws", "gcp", "azure"]
+    assert fleet.bus.backend == "embedded" and fleet.bus.kafka.session_timeout_ms >= 6000
+    assert fleet.clouds["gcp"].store == "file://.skyfuse/stores/gcp"
+
+
+def test_file_then_environment(tmp_path):
+    path = write(tmp_path, '[bus]\nbackend = "kafka"\n[clouds.aws]\nregion = "eu-west-1"\n')
+    fleet = config.load(path, environ={"SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:19092",
+                                       "SKYFUSE_DELIVERY__MAX_ATTEMPTS": "9"})
+    assert fleet.bus.backend == "kafka" and fleet.bus.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert fleet.delivery.max_attempts == 9
+    assert list(fleet.clouds) == ["aws"] and fleet.clouds["aws"].provider == "aws"
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, '[bus]\nbakend = "kafka"\n')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, environ={})
+    message = str(caught.value)
+    assert "bus.bakend" in message and "did you mean 'backend'" in message and str(path) in message
+
+
+def test_bad_value_names_the_key_the_rule_and_the_value(tmp_path):
+    path = write(tmp_path, '[bus.kafka]\nsession_timeout_ms = 3000\n')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, environ={})
+    assert "bus.kafka.session_timeout_ms" in str(caught.value) and "6000" in str(caught.value)
+    assert "got 3000" in str(caught.value)
+
+
+def test_bad_environment_value_says_it_came_from_the_environment():
+    with pytest.raises(config.ConfigError, match=r"environment.*bus\.backend.*'embedded' or 'kafka'"):
+        config.load(environ={"SKYFUSE_BUS__BACKEND": "rabbit"})
+
+
+def test_function_names_and_clouds_are_checked(tmp_path):
+    with pytest.raises(config.ConfigError, match="unknown function 'traner'; did you mean 'trainer'"):
+        config.load(write(tmp_path, "[functions.traner]\nconcurrency = 2\n"), environ={})
+    with pytest.raises(config.ConfigError, match="functions.trainer.clouds names 'oci'"):
+        config.load(write(tmp_path, '[functions.trainer]\nclouds = ["oci"]\n'), environ={})
+
+
+def test_broken_toml_and_missing_file_say_so(tmp_path):
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[bus\n"), environ={})
+    with pytest.raises(config.ConfigError, match="no such config file"):
+        config.load(tmp_path / "nope.toml", environ={})
