@@ -73,8 +73,8 @@ class KafkaBus(Bus):
         return KafkaGroupConsumer(self, group, topics, on_revoke)
 
     def topics(self) -> dict[str, int]:
-        described = self.admin.describe_topics()
-        return {t["topic"]: len(t["partitions"]) for t in sorted(described, key=lambda t: t["topic"])}
+        described = {t["name"]: len(t["partitions"]) for t in self.admin.describe_topics()}
+        return {name: described[name] for name in sorted(described) if not name.startswith("__")}
 
     def _reader(self) -> KafkaConsumer:
         return KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-reader",
@@ -90,7 +90,7 @@ class KafkaBus(Bus):
             reader.close()
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
-        offsets = self.admin.list_consumer_group_offsets(group)
+        offsets = self.admin.list_group_offsets(group).get(group, {})
         return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
 
     def read(self, topic: str, limit: int = 1000) -> list[Record]:

@@ -12,6 +12,7 @@ Function side: `register_kafka_triggers` adds one trigger function per topic of 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 from datetime import datetime, timezone
@@ -70,6 +71,7 @@ class _DropAuthLevelWarning(logging.Filter):
         return not record.getMessage().startswith("Auth level is not applied")
 
 
+@functools.cache  # get_functions() may run once per app: a second call fails its name check
 def kafka_trigger_functions(app: func.FunctionApp) -> dict[str, object]:
     """topic → the user function of the app's Kafka trigger on it."""
     out = {}

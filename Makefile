@@ -1,0 +1,43 @@
+# skyfuse: `make run` runs the main job, `make test` runs every test. Both set up what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install run test test-unit kafka-up kafka-down status clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "skyfuse needs Python >= 3.11; set PYTHON=python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install skyfuse with its test tools
+
+run: install  ## the main job: every function host up, one sample of each event, deliveries shown per cloud
+	$(BIN)/skyfuse demo
+
+test: install  ## every test, against a real Kafka broker started (and stopped) here
+	bash infra/kafka/kafka.sh up
+	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; bash infra/kafka/kafka.sh down; exit $$rc
+
+test-unit: install  ## the tests that need no server
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+kafka-up:  ## install (first time) and start the single-node Apache Kafka broker on 127.0.0.1:9092
+	bash infra/kafka/kafka.sh up
+
+kafka-down:  ## stop the broker (its data stays in .skyfuse/kafka)
+	bash infra/kafka/kafka.sh down
+
+status: install  ## topics, lag per function and cloud, dead letters
+	$(BIN)/skyfuse status
+
+clean:  ## remove the venv, the local bus and stores, the broker's data
+	-bash infra/kafka/kafka.sh down --purge
+	rm -rf $(VENV) .skyfuse .pytest_cache
