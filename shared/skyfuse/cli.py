@@ -67,10 +67,13 @@ def all_topics(fleet: fleet_config.Fleet) -> list[str]:
     return [t.topic for t in contracts.catalog().values()] + [contracts.dlq_topic(f) for f in event_functions()]
 
 
-def publish_event(bus: Bus, type_name: str, data: dict, source: str = "skyfuse://cli") -> tuple:
-    event = events.new_event(type_name, data, source=source, subject=data.get("cloud"))
+def publish_event(bus: Bus, event) -> object:
     key, value, headers = events.encode(event)
-    return event, bus.publish(events.topic_of(event), value, key, headers)
+    return bus.publish(events.topic_of(event), value, key, headers)
+
+
+def cli_event(type_name: str, data: dict):
+    return events.new_event(type_name, data, source="skyfuse://cli", subject=data.get("cloud"))
 
 
 @app.command()
@@ -103,7 +106,8 @@ def publish(
     fleet = load_fleet()
     with connect(fleet) as bus:
         bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
-        event, record = publish_event(bus, kind.name, payload)
+        event = cli_event(kind.name, payload)
+        record = publish_event(bus, event)
     out.print(f"published [bold]{kind.name}[/] id={event['id']} → {record.topic}[{record.partition}]@{record.offset}",
               highlight=False)
 
@@ -240,9 +244,10 @@ def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for every 
     started = time.monotonic()
     with Fabric(hosts):
         for name in contracts.catalog():
-            event, _ = publish_event(bus, name, contracts.sample(name))
-            with lock:
+            event = cli_event(name, contracts.sample(name))
+            with lock:  # before publishing: a host may deliver it before publish() returns
                 published[event["id"]] = name
+            publish_event(bus, event)
         while time.monotonic() - started < timeout:
             with lock:
                 got = {(published[eid], cloud) for eid, cloud in seen}
@@ -265,7 +270,7 @@ def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for every 
     if missing:
         fail(f"{len(missing)} deliveries did not arrive within {timeout:g} s: {sorted(missing)}", 1)
     out.print(f"[green]every event reached its function in every cloud[/] "
-              f"({len(expected)} deliveries in each cloud's native event shape)")
+              f"({len(expected)} deliveries, each in its cloud's native event shape)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class KafkaBus(Bus):
         self._producer: KafkaProducer | None = None
         self._admin: KafkaAdminClient | None = None
         self._lock = threading.Lock()
+        self._admin_lock = threading.RLock()  # KafkaAdminClient is not safe to share between threads
 
     @property
     def producer(self) -> KafkaProducer:
@@ -52,6 +53,10 @@ class KafkaBus(Bus):
             return self._admin
 
     def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
+        with self._admin_lock:
+            self._create_missing(list(topics), partitions)
+
+    def _create_missing(self, topics: list[str], partitions: int | None) -> None:
         missing = set(topics) - set(self.admin.list_topics())
         if not missing:
             return
@@ -73,7 +78,8 @@ class KafkaBus(Bus):
         return KafkaGroupConsumer(self, group, topics, on_revoke)
 
     def topics(self) -> dict[str, int]:
-        described = {t["name"]: len(t["partitions"]) for t in self.admin.describe_topics()}
+        with self._admin_lock:
+            described = {t["name"]: len(t["partitions"]) for t in self.admin.describe_topics()}
         return {name: described[name] for name in sorted(described) if not name.startswith("__")}
 
     def _reader(self) -> KafkaConsumer:
@@ -90,7 +96,8 @@ class KafkaBus(Bus):
             reader.close()
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
-        offsets = self.admin.list_group_offsets(group).get(group, {})
+        with self._admin_lock:
+            offsets = self.admin.list_group_offsets(group).get(group, {})
         return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset >= 0}
 
     def read(self, topic: str, limit: int = 1000) -> list[Record]:

@@ -66,8 +66,17 @@ class FunctionHost:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        self.bus.ensure_topics([*self.topics, self.dlq])
-        with self.bus.consumer(self.group, self.topics, on_revoke=self._revoked) as self.consumer:
+        while not stop.is_set():
+            try:
+                self.bus.ensure_topics([*self.topics, self.dlq])
+                self.consumer = self.bus.consumer(self.group, self.topics, on_revoke=self._revoked)
+                break
+            except Exception:
+                log.exception("cannot join the bus yet; retrying in 1 s", extra={"group": self.group})
+                stop.wait(1.0)
+        if self.consumer is None:
+            return
+        with self.consumer:
             while not stop.is_set():
                 try:
                     self.step()
@@ -173,7 +182,7 @@ class FunctionHost:
         for i, pending in enumerate(batch):
             pending.in_flight = False
             lane = self.tracker.lane(pending)
-            if lane in blocked:
+            if lane in blocked or i in outcome.untried:
                 continue
             if i not in outcome.failed:
                 self.tracker.finish(pending)

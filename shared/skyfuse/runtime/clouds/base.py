@@ -25,12 +25,13 @@ class Limits:
 class Outcome:
     """Which records of a batch failed (by index), and why.
 
-    `whole` marks an invocation that failed as a whole (the entry point raised): the failure
+    `untried` marks records the invoker stopped short of. `whole` marks an invocation that failed as a whole (the entry point raised): the failure
     cannot be pinned on one record, so the host retries the records one at a time to find it.
     """
 
     failed: dict[int, str] = field(default_factory=dict)
     whole: bool = False
+    untried: set[int] = field(default_factory=set)  # not delivered at all: they go again, no attempt counted
 
     @classmethod
     def all_failed(cls, size: int, reason: str) -> "Outcome":

@@ -2,7 +2,8 @@
 
 Host side: the function's module is loaded by functions-framework's own `create_app`, and each
 event is POSTed to that app in binary content mode (`ce-*` headers), as Eventarc's Kafka source
-delivers records that already are CloudEvents. One event per request; a non-2xx answer fails it.
+delivers records that already are CloudEvents. One event per request, in order; a non-2xx answer
+fails it, and the rest of the batch goes again later.
 
 Function side: `deliver_cloud_event`, called from the decorated function with what the framework
 parsed.
@@ -20,7 +21,8 @@ from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
 from skyfuse.runtime.function import Handler, current
 
-CLOUD_RUN_EVENT = Limits(max_records=1, max_wait_s=0.0, max_bytes=32 * 1024 * 1024)
+# One HTTP request per event; a host step sends up to 100 of them, one after another.
+CLOUD_RUN_EVENT = Limits(max_records=100, max_wait_s=0.0, max_bytes=32 * 1024 * 1024)
 
 
 class CloudEventInvoker(Invoker):
@@ -45,6 +47,8 @@ class CloudEventInvoker(Invoker):
             response = self.client.post("/", headers=headers, data=body)
             if response.status_code >= 300:
                 outcome.failed[i] = f"HTTP {response.status_code}: {response.get_data(as_text=True)[:300]}"
+                outcome.untried = set(range(i + 1, len(batch)))  # keep every lane's order: stop here
+                break
         return outcome
 
 

@@ -1,0 +1,89 @@
+"""The `skyfuse` command as a user runs it, on both buses."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fleet_env
+
+REPO = Path(__file__).resolve().parents[2]
+SKYFUSE = [sys.executable, "-m", "skyfuse.cli"]
+
+
+def cli(env, *args, timeout=120):
+    return subprocess.run([*SKYFUSE, *args], cwd=REPO, env={**os.environ, **env, "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def env(backend, tmp_path):
+    return fleet_env(backend, tmp_path)
+
+
+def test_publish_refuses_invalid_data_naming_each_field(env):
+    run = cli(env, "publish", "shard.ready", "--data", '{"run_id": "r1", "rows": 0}')
+    assert run.returncode == 2
+    assert "rows: 0 is less than the minimum of 1" in run.stderr and "'shard_id' is a required property" in run.stderr
+
+
+def test_publish_refuses_unknown_types_and_bad_json(env):
+    run = cli(env, "publish", "shard.redy", "--sample")
+    assert run.returncode == 2 and "expected one of" in run.stderr
+    run = cli(env, "publish", "shard.ready", "--data", "{oops")
+    assert run.returncode == 2 and "not valid JSON" in run.stderr
+
+
+def test_bad_config_names_the_key(env, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[delivery]\nmax_atempts = 3\n')
+    run = cli(env, "--config", str(bad), "status")
+    assert run.returncode == 2 and "delivery.max_atempts" in run.stderr and "did you mean 'max_attempts'" in run.stderr
+
+
+def test_demo_shows_every_event_reaching_every_cloud(env):
+    run = cli(env, "demo")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "every event reached its function in every cloud" in run.stdout
+    assert run.stdout.count("✓") == 8 * 3
+
+
+def test_up_then_publish_each_sample_then_status(env, tmp_path):
+    up = subprocess.Popen([*SKYFUSE, "up", "--for", "60"], cwd=REPO, env={**os.environ, **env, "COLUMNS": "200"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)  # hosts join their groups
+        dead_before = json.loads(cli(env, "status", "--json").stdout)["dead_letters"]  # the broker is shared
+        types = ["shard.ready", "round.started", "model.ready", "onnx.ready", "fused.ready", "metrics.sampled",
+                 "placement.changed", "deployment.status"]
+        for name in types:
+            run = cli(env, "publish", name, "--sample")
+            assert run.returncode == 0 and f"published {name}" in run.stdout, run.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = json.loads(cli(env, "status", "--json").stdout)
+            if all(f["lag"] == 0 for f in status["functions"]):
+                break
+            time.sleep(0.5)
+    finally:
+        up.terminate()
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output
+    assert all(f["lag"] == 0 for f in status["functions"]), status
+    assert status["dead_letters"] == dead_before
+    for cloud in ("aws", "gcp", "azure"):  # every event type delivered in every cloud
+        for name in types:
+            assert any(cloud in line and name in line and " ok " in line for line in output.splitlines()), (cloud, name)
+    assert "stopping" in output
+
+
+def test_dlq_lists_what_was_given_up_and_why(env, bus):
+    bus.ensure_topics(["skyfuse.shard.ready"], 3)
+    bus.publish("skyfuse.shard.ready", b"garbage", b"x")
+    run = cli(env, "up", "--function", "trainer", "--cloud", "aws", "--for", "8")
+    assert run.returncode == 0, run.stderr
+    listed = json.loads(cli(env, "dlq", "trainer", "--json").stdout)
+    assert any(row["cloud"] == "aws" and "not a CloudEvent" in row["reason"] for row in listed)
