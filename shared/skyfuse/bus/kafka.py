@@ -150,9 +150,16 @@ class KafkaGroupConsumer(Consumer):
             heartbeat_interval_ms=max(6000, bus.session_timeout_ms) // 3,
             request_timeout_ms=bus.request_timeout_ms,
         )
+        self._join_timeout_s = max(6000, bus.session_timeout_ms) / 1000
         self._consumer.subscribe(topics, listener=_Revoke(on_revoke))
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        # While a (re)join is under way, give poll() time to finish it. kafka-python 3.0 drops a
+        # JoinGroup/SyncGroup that completes between two short polls and sends a new one; seen
+        # here, the member then stopped heartbeating and was expelled without noticing.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None and coordinator.need_rejoin():
+            timeout_s = max(timeout_s, self._join_timeout_s)
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [_record(r) for batch in batches.values() for r in batch]
 
