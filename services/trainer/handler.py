@@ -1,18 +1,94 @@
-"""The trainer's core: cloud-neutral, called by every cloud's entry point with a CloudEvent.
+"""The trainer's core: trains a Keras model on a shard that lives in its own cloud.
 
-Each cloud runs its own trainer; it acts only on shards that live in its cloud. Training itself
-(a Keras model on the shard, then model.ready) arrives with the training issue; today the core
-accepts and records its events.
+shard.ready (round 0): remember the shard, train from a seeded (or warm-start) initialisation, emit
+model.ready. round.started (FedAvg round r ≥ 1): fine-tune every shard of the run this cloud holds
+from the global model, emit model.ready for round r. Outputs have fixed keys per (run, round,
+shard), and a `.done` marker makes a duplicated event a no-op.
 """
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse.runtime.function import Runtime
+from skyfuse.runtime.function import Rejected, Runtime
+from skyfuse.storage import fetch
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
     data = event.get_data()
-    clouds = data.get("clouds") or [data.get("cloud")]
-    if runtime.cloud not in clouds:
-        runtime.received(event, "skipped: the shard lives in another cloud")
+    store = runtime.store()
+    if event["type"] == "skyfuse.shard.ready":
+        if data["cloud"] != runtime.cloud:
+            runtime.received(event, "skipped: the shard lives in another cloud")
+            return
+        store.put(f"runs/{data['run_id']}/trainer/shard-{data['shard_id']}.json", orjson.dumps(data))
+        init = (data.get("model") or {}).get("init_uri")
+        train_round(runtime, event, data, 0, init, (data.get("model") or {}).get("init_sha256"))
         return
-    runtime.received(event)
+    if runtime.cloud not in data["clouds"]:
+        runtime.received(event, "skipped: this cloud is not in the round")
+        return
+    shards = [orjson.loads(store.get(key)) for key in store.list(f"runs/{data['run_id']}/trainer/")]
+    for shard in shards:
+        train_round(runtime, event, shard, data["round"], data["global_model_uri"], data["sha256"], data["epochs"])
+
+
+def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,
+                init_sha256: str | None, epochs: int | None = None) -> None:
+    from skyfuse.ml import data as mldata
+    from skyfuse.ml import model as mlmodel
+
+    store = runtime.store()
+    base = f"runs/{shard['run_id']}/round-{round_}/models/{runtime.cloud}-{shard['shard_id']}"
+    if store.exists(f"{base}.done"):
+        runtime.received(event, "skipped: already trained (duplicate event)")
+        return
+    try:
+        rows = mldata.load_csv(fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
+    except mldata.DataError as exc:
+        raise Rejected(f"shard {shard['shard_id']} at {shard['uri']} cannot be read: {exc}") from exc
+    settings = runtime.fleet.training
+    given = shard.get("model") or {}
+    spec = mlmodel.ModelSpec(
+        hidden=tuple(given.get("hidden", settings.hidden)), epochs=given.get("epochs", settings.epochs),
+        batch_size=given.get("batch_size", settings.batch_size),
+        learning_rate=given.get("learning_rate", settings.learning_rate), seed=given.get("seed", 0))
+    standardization = given.get("standardization")
+    stats = (standardization["mean"], standardization["variance"]) if standardization else None
+    initial = _load_keras(fetch(init_uri, init_sha256)) if init_uri else None
+    try:
+        result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs)
+    except mlmodel.TrainingError as exc:
+        raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
+    saved = store.put(f"{base}.keras", _keras_bytes(result.model))
+    validation = store.put(f"{base}.validation.csv", mldata.to_csv_bytes(result.validation_rows))
+    runtime.emit("model.ready", {
+        "run_id": shard["run_id"], "round": round_, "shard_id": shard["shard_id"], "cloud": runtime.cloud,
+        "model_uri": saved.uri, "sha256": saved.sha256, "samples": result.samples,
+        "validation": result.validation, "features": shard["features"], "classes": shard["classes"],
+        "task": shard["task"], "manifest": shard["manifest"], "train_seconds": round(result.seconds, 3),
+        "validation_uri": validation.uri, "validation_sha256": validation.sha256,
+    }, caused_by=event)
+    store.put(f"{base}.done", b"")
+    runtime.received(event, f"trained round {round_} on {len(rows)} rows")
+
+
+def _keras_bytes(model) -> bytes:
+    from skyfuse.ml import model as mlmodel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        mlmodel.save(model, path)
+        return path.read_bytes()
+
+
+def _load_keras(raw: bytes):
+    from skyfuse.ml import model as mlmodel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        path.write_bytes(raw)
+        return mlmodel.load(path)

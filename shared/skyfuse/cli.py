@@ -18,6 +18,7 @@ from rich.table import Table
 from skyfuse import config as fleet_config
 from skyfuse import contracts, events
 from skyfuse.bus import Bus, open_bus
+from skyfuse.runtime import deadletter
 from skyfuse.runtime.fleet import Fabric, build_hosts, event_functions
 from skyfuse.runtime.function import JsonFormatter
 from skyfuse.runtime.host import Delivery
@@ -209,10 +210,9 @@ def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letter
         records = bus.read(contracts.dlq_topic(function), limit) if contracts.dlq_topic(function) in bus.topics() else []
     rows = []
     for r in records:
-        h = {k: v.decode(errors="replace") for k, v in r.headers}
-        rows.append({"cloud": h.get("skyfuse_dlq_cloud"), "from": f"{h.get('skyfuse_dlq_topic')}[{h.get('skyfuse_dlq_partition')}]@{h.get('skyfuse_dlq_offset')}",
-                     "event_id": h.get("ce_id"), "attempts": int(h.get("skyfuse_dlq_attempts", 0)),
-                     "reason": h.get("skyfuse_dlq_reason")})
+        d = deadletter.describe(r.headers)
+        rows.append({"cloud": d.get("cloud"), "from": f"{d.get('topic')}[{d.get('partition')}]@{d.get('offset')}",
+                     "event_id": d["event_id"], "attempts": int(d.get("attempts") or 0), "reason": d.get("reason")})
     if as_json:
         print(json.dumps(rows))
         return
@@ -223,7 +223,7 @@ def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letter
 
 
 @app.command()
-def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0):
+def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0):
     """Publish the sample of every event type and show it reaching its function in every cloud."""
     fleet = load_fleet()
     bus = connect(fleet)
@@ -239,7 +239,7 @@ def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for every 
 
     hosts = build_hosts(fleet, bus, record)
     expected = {(t.name, cloud) for t in contracts.catalog().values() for f in t.consumers for cloud in fleet.clouds_for(f)}
-    out.print(f"[bold]skyfuse demo[/]: {len(hosts)} function hosts in {len(fleet.clouds)} clouds on the "
+    out.print(f"[bold]skyfuse selftest[/]: {len(hosts)} function hosts in {len(fleet.clouds)} clouds on the "
               f"{fleet.bus.backend} bus; publishing one sample of each of {len(contracts.catalog())} event types…")
     started = time.monotonic()
     with Fabric(hosts):
@@ -271,6 +271,182 @@ def demo(timeout: Annotated[float, typer.Option(help="Seconds to wait for every 
         fail(f"{len(missing)} deliveries did not arrive within {timeout:g} s: {sorted(missing)}", 1)
     out.print(f"[green]every event reached its function in every cloud[/] "
               f"({len(expected)} deliveries, each in its cloud's native event shape)")
+
+
+PARTITIONS = ("iid", "stratified", "kmeans", "label-skew")
+FUSIONS = ("auto", "wavg", "vote", "confidence", "fedavg")
+
+
+def parse_partition(text: str) -> tuple[str, float]:
+    method, _, alpha = text.partition(":")
+    if method not in PARTITIONS:
+        fail(f"--partition {text!r}: expected one of iid, stratified, kmeans, label-skew:ALPHA (e.g. label-skew:0.5)")
+    try:
+        value = float(alpha) if alpha else 0.5
+    except ValueError:
+        fail(f"--partition {text!r}: ALPHA must be a number, e.g. label-skew:0.5")
+    if value <= 0:
+        fail(f"--partition {text!r}: ALPHA must be > 0 (smaller is more skewed)")
+    return method, value
+
+
+def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeout: float) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from skyfuse import training
+    from skyfuse.runtime.fleet import build_timers
+
+    prepared = training.prepare(fleet, dataset, plan)
+    err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
+              f"{len(prepared.validation)} / test {len(prepared.test)}; {len(plan.clouds)} shards ({plan.partition}) "
+              f"placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)", highlight=False)
+    bus = connect(fleet)
+    bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
+    functions = ["trainer", "exporter", "fuser"]
+    hosts = build_hosts(fleet, bus, functions=functions)
+    timers = build_timers(fleet, bus, functions=functions)
+    shards = len(prepared.shard_events)
+    bars = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=False)
+    train_bar = bars.add_task("models trained", total=shards * plan.rounds)
+    export_bar = bars.add_task("models exported", total=shards * plan.rounds)
+    fuse_bar = bars.add_task("rounds fused", total=plan.rounds)
+
+    def show(p: "training.Progress") -> None:
+        bars.update(train_bar, completed=sum(p.trained.values()))
+        bars.update(export_bar, completed=sum(p.exported.values()))
+        bars.update(fuse_bar, completed=sum(1 for k in p.times if k.startswith("round.")) + (p.fused is not None))
+
+    with bars, Fabric(hosts, timers):
+        progress = training.follow(bus, prepared, show, timeout)
+    bus.close()
+    for failure in progress.failures:
+        err.print(f"[yellow]dead-lettered[/] by {failure['function']} in {failure['cloud']}: {failure['reason']}",
+                  highlight=False)
+    if progress.fused is None:
+        fail(f"{plan.run_id}: no fused model after {timeout:g} s "
+             f"({len(progress.failures)} event(s) dead-lettered; see `skyfuse dlq trainer`)", 1)
+    err.print("training the centralized baseline on all training rows…")
+    accuracy, central_s = training.centralized(fleet, prepared)
+    t = progress.times
+    last_round = plan.rounds - 1
+    timings = {"prepare_s": prepared.seconds, "train_s": t.get("trained.0.last"),
+               "export_s": t.get("exported.0.last"), "fusion_s": t.get("fused"),
+               "fedavg_rounds_s": (t["fused"] - t["round.1"]) if "round.1" in t else 0.0,
+               "centralized_train_s": central_s}
+    summary = training.score(prepared, progress, accuracy, timings)
+    path = training.save(summary)
+    if as_json:
+        print(orjson.dumps(summary).decode())
+    else:
+        print_summary(summary)
+        out.print(f"[dim]saved {path}; `skyfuse report` draws it[/]", highlight=False)
+    return summary
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def print_summary(summary: dict) -> None:
+    shards = Table("cloud", "shard", "rows", "test accuracy", title="shard models (each trained where its data lives)")
+    for s in summary["shards"]:
+        shards.add_row(s["cloud"], s["shard_id"], str(s["rows"]), _pct(s["accuracy"]))
+    shards.add_row("", "mean", "", _pct(summary["shard_mean_accuracy"]), style="bold")
+    fused = summary["fused"]
+    strategies = Table("model", "validation (chooses)", "test (reports)", title="fusion vs. centralized")
+    for name, accuracy in summary["strategies"].items():
+        mark = " ← chosen" if name == fused["strategy"] else ""
+        strategies.add_row(f"{name}{mark}", _pct(summary["validation"].get(name)), _pct(accuracy),
+                           style="bold green" if mark else None)
+    strategies.add_row("centralized (all rows in one place)", "", _pct(summary["centralized_accuracy"]), style="dim")
+    timings = Table("stage", "seconds", title="time per stage (from the start of the run)")
+    labels = {"prepare_s": "split + upload shards", "train_s": "shards trained (round 0)",
+              "export_s": "exported to ONNX (round 0)", "fedavg_rounds_s": "FedAvg rounds after the first",
+              "fusion_s": "fused.ready", "centralized_train_s": "centralized baseline training"}
+    for key, label in labels.items():
+        value = summary["timings"].get(key)
+        timings.add_row(label, "—" if value is None else f"{value:.1f}")
+    out.print(shards, strategies, timings)
+    out.print(f"fused model [bold]{fused['version']}[/] ({fused['strategy']}, round {fused['round']}): test accuracy "
+              f"{_pct(fused['accuracy'])} vs. centralized {_pct(summary['centralized_accuracy'])} and shard mean "
+              f"{_pct(summary['shard_mean_accuracy'])}", highlight=False)
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a numeric feature.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="The label column.")],
+    clouds: Annotated[Optional[str], typer.Option(help="Comma-separated clouds, one shard each (default: every configured cloud).")] = None,
+    partition: Annotated[str, typer.Option(help="iid | stratified | kmeans | label-skew:ALPHA")] = "iid",
+    fusion: Annotated[str, typer.Option(help="auto | wavg | vote | confidence | fedavg")] = "auto",
+    rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
+    init: Annotated[str, typer.Option(help="random, or a .keras model to warm-start every trainer from.")] = "random",
+    seed: Annotated[int, typer.Option(help="Seed of the split, the partition and the initial weights.")] = 0,
+    quorum_timeout: Annotated[Optional[float], typer.Option(help="Seconds the fuser waits for missing members.")] = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead of tables.")] = False,
+):
+    """Train on DATA split across clouds, fuse the shard models, and compare with centralized training."""
+    from skyfuse.ml import data as mldata
+
+    try:
+        dataset = mldata.load_csv(data.read_bytes() if data.exists() else fail(f"no such file: {data}"), target)
+    except mldata.DataError as exc:
+        fail(f"{data}: {exc}")
+    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json)
+
+
+def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json):
+    from skyfuse import training
+
+    fleet = load_fleet()
+    method, alpha = parse_partition(partition)
+    if fusion not in FUSIONS:
+        fail(f"--fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+    if init != "random" and not Path(init).is_file():
+        fail(f"--init {init!r}: expected 'random' or the path of a .keras model file")
+    chosen = [c.strip() for c in clouds.split(",")] if clouds else list(fleet.clouds)
+    rounds = rounds or (fleet.training.rounds if fusion in ("auto", "fedavg") else 1)
+    plan = training.Plan(target=dataset.target, clouds=chosen, partition=method, alpha=alpha, fusion=fusion,
+                         rounds=rounds, seed=seed, init=None if init == "random" else init, timeout_s=quorum_timeout)
+    try:
+        return run_training(fleet, dataset, plan, as_json, timeout)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def demo(
+    dataset: Annotated[str, typer.Option(help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
+    partition: Annotated[str, typer.Option(help="iid | stratified | kmeans | label-skew:ALPHA")] = "iid",
+    fusion: Annotated[str, typer.Option(help="auto | wavg | vote | confidence | fedavg")] = "auto",
+    rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """The whole training half on a real dataset over three clouds: what `make run` runs."""
+    from skyfuse.ml import data as mldata
+
+    if dataset not in ("breast_cancer", "digits"):
+        fail(f"--dataset {dataset!r}: expected breast_cancer or digits")
+    run_csv_or_sample(mldata.sample_dataset(dataset), None, partition, fusion, rounds, "random", seed, None, 900.0,
+                      as_json)
+
+
+@app.command()
+def report(run: Annotated[Optional[str], typer.Option(help="Run id (default: the last run).")] = None,
+           out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.png and report.html.")] = None):
+    """Draw the last run's accuracies (per shard, per strategy, centralized) as a PNG inside an HTML page."""
+    from skyfuse import report as reporting
+    from skyfuse import training
+
+    try:
+        summary = training.load(run)
+    except FileNotFoundError:
+        fail("no training run recorded yet: run `skyfuse demo` or `skyfuse train` first")
+    png, html = reporting.write(summary, out_dir or training.RUNS_DIR / summary["run_id"])
+    out.print(f"wrote {png} and {html}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -75,12 +75,25 @@ class Function(Section):
     clouds: list[str] | None = Field(None, description="Clouds hosting this function; default every cloud.")
 
 
+class Training(Section):
+    hidden: list[int] = Field([32, 16], min_length=1, description="Units of each hidden layer of the MLP.")
+    epochs: int = Field(100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
+    finetune_epochs: int = Field(5, ge=1, description="Epochs of each FedAvg round's fine-tuning.")
+    batch_size: int = Field(16, ge=1, description="Mini-batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    rounds: int = Field(5, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
+    quorum_timeout_s: float = Field(120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
+    timer_s: float = Field(2.0, gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")
+
+
 class Fleet(Section):
     clouds: dict[str, Cloud] = Field(default_factory=_default_clouds)
     bus: Bus = Bus()
     delivery: Delivery = Delivery()
     functions: dict[str, Function] = Field(default_factory=dict)
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
+    control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
+    training: "Training" = Field(default_factory=lambda: Training())
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +129,8 @@ class Fleet(Section):
         for name, cloud in self.clouds.items():
             if not cloud.store:
                 cloud.store = f"file://.skyfuse/stores/{name}"
+        if self.control_cloud and self.control_cloud not in self.clouds:
+            raise ValueError(f"control_cloud {self.control_cloud!r} is not under [clouds]; configured: {', '.join(self.clouds)}")
         for name, fn in self.functions.items():
             for cloud in fn.clouds or ():
                 if cloud not in self.clouds:

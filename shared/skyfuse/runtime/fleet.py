@@ -1,6 +1,7 @@
 """Every function host of the fleet, in threads of one process: what `skyfuse up` runs."""
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from skyfuse import contracts
 from skyfuse.bus.base import Bus
 from skyfuse.config import Fleet
 from skyfuse.runtime.clouds.base import Invoker
+from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.runtime.host import FunctionHost, Listener
 
 log = logging.getLogger("skyfuse.fleet")
@@ -51,13 +53,43 @@ def build_hosts(fleet: Fleet, bus: Bus, listener: Listener | None = None,
     return hosts
 
 
-class Fabric:
-    """Runs hosts in threads until `stop()`; each host commits what it finished before it exits."""
+class TimerHost:
+    """Plays a cloud's scheduler (EventBridge Scheduler, Cloud Scheduler, an Azure timer trigger):
+    calls a core's `on_timer(runtime)` every `period_s`."""
 
-    def __init__(self, hosts: list[FunctionHost]):
+    def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, on_timer, period_s: float):
+        self.group = f"{cloud}.{function}.timer"
+        self.on_timer, self.period_s = on_timer, period_s
+        self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.period_s):
+            with hosted(self.runtime):
+                try:
+                    self.on_timer(self.runtime)
+                except Exception:
+                    log.exception("timer failed", extra={"group": self.group})
+
+
+def build_timers(fleet: Fleet, bus: Bus, functions: list[str] | None = None,
+                 clouds: list[str] | None = None) -> list[TimerHost]:
+    timers = []
+    for function in functions or event_functions():
+        on_timer = getattr(importlib.import_module(f"services.{function}.handler"), "on_timer", None)
+        for cloud in fleet.clouds_for(function) if on_timer else ():
+            if clouds is None or cloud in clouds:
+                timers.append(TimerHost(bus, fleet, cloud, function, on_timer, fleet.training.timer_s))
+    return timers
+
+
+class Fabric:
+    """Runs hosts and timers in threads until `stop()`; each host commits what it finished before it exits."""
+
+    def __init__(self, hosts: list, timers: list[TimerHost] = ()):
         self.hosts = hosts
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=h.run, args=(self.stopping,), name=h.group, daemon=True) for h in hosts]
+        self.threads = [threading.Thread(target=h.run, args=(self.stopping,), name=h.group, daemon=True)
+                        for h in [*hosts, *timers]]
 
     def start(self) -> "Fabric":
         for thread in self.threads:

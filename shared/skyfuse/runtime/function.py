@@ -20,6 +20,8 @@ from cloudevents.http import CloudEvent
 from skyfuse import config as fleet_config
 from skyfuse import events
 from skyfuse.bus import Bus, open_bus
+from skyfuse.runtime import deadletter
+from skyfuse.storage import Store, open_store
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,6 +71,23 @@ class Runtime:
         self.emitted.append(event)
         return event
 
+    def store(self, cloud: str | None = None) -> Store:
+        """The object store of `cloud` (default: the cloud this function runs in)."""
+        return open_store(self.fleet.clouds[cloud or self.cloud].store)
+
+    @property
+    def control_cloud(self) -> str:
+        """Where the run-wide functions (fuser, scheduler) act and keep their state."""
+        return self.fleet.control_cloud or next(iter(self.fleet.clouds))
+
+    def reject(self, event: CloudEvent, reason: str) -> None:
+        """Dead-letter an event this function can never handle, with the reason; the delivery
+        then counts as done, so the trigger does not retry it."""
+        key, value, headers = events.encode(event)
+        deadletter.write(self.bus, self.function, self.cloud, key, value, headers, reason)
+        self.log.warning("rejected", extra={"event_id": event["id"], "reason": reason, "cloud": self.cloud,
+                                            "function": self.function})
+
     def received(self, event: CloudEvent, note: str = "handled") -> None:
         info = events.EventInfo.of(event)
         self.handled.append(info.id)
@@ -107,3 +126,16 @@ def current(function: str) -> Runtime:
 
 
 Handler = Callable[[CloudEvent, Runtime], None]
+
+
+class Rejected(Exception):
+    """Raised by a handler core for an event that will never succeed (bad shard, failed parity):
+    the entry point dead-letters it with this reason instead of letting the trigger retry it."""
+
+
+def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
+    """What every entry point does with one event: run the core; dead-letter what it rejects."""
+    try:
+        handle(event, runtime)
+    except Rejected as exc:
+        runtime.reject(event, str(exc))

@@ -20,6 +20,7 @@ from skyfuse import contracts, events
 from skyfuse.bus.base import Bus, Record, TopicPartition
 from skyfuse.config import Fleet
 from skyfuse.config import Function as FunctionSettings
+from skyfuse.runtime import deadletter
 from skyfuse.runtime.clouds.base import Invoker, Outcome
 from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.runtime.tracker import Backoff, Pending, Tracker
@@ -205,18 +206,9 @@ class FunctionHost:
             self._tell(pending, "retry", reason)
 
     def _dead_letter(self, pending: Pending, reason: str) -> None:
-        record = pending.record
-        context = {
-            "skyfuse_dlq_reason": reason,
-            "skyfuse_dlq_function": self.function,
-            "skyfuse_dlq_cloud": self.cloud,
-            "skyfuse_dlq_topic": record.topic,
-            "skyfuse_dlq_partition": str(record.partition),
-            "skyfuse_dlq_offset": str(record.offset),
-            "skyfuse_dlq_attempts": str(pending.attempts),
-        }
-        headers = [*record.headers, *((k, v.encode()) for k, v in context.items())]
-        self.bus.publish(self.dlq, record.value or b"", record.key, headers)
+        r = pending.record
+        deadletter.write(self.bus, self.function, self.cloud, r.key, r.value, r.headers, reason,
+                         topic=r.topic, partition=r.partition, offset=r.offset, attempts=pending.attempts)
         self.tracker.finish(pending)
         self._tell(pending, "dead-lettered", reason)
 

@@ -23,7 +23,7 @@ from cloudevents.http import CloudEvent
 from skyfuse import events
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
-from skyfuse.runtime.function import Handler, current
+from skyfuse.runtime.function import Handler, current, run_handler
 
 LAMBDA_KAFKA = Limits(max_records=100, max_wait_s=0.5, max_bytes=6 * 1024 * 1024)
 
@@ -142,7 +142,7 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
             raise SkippedBehindFailure(f"{record.topic}-{record.partition}@{record.offset}")
         try:
             headers = [(name, bytes(value)) for header in record.headers for name, value in header.items()]
-            handle(events.decode(record.decoded_key, record.decoded_value, headers), runtime)
+            run_handler(handle, events.decode(record.decoded_key, record.decoded_value, headers), runtime)
         except Exception:
             failed_lanes.add(lane(record))
             raise

@@ -28,7 +28,7 @@ from skyfuse import contracts, events
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.aws import load_handler
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
-from skyfuse.runtime.function import Handler, current
+from skyfuse.runtime.function import Handler, current, run_handler
 
 KAFKA_TRIGGER = Limits(max_records=64, max_wait_s=0.2, max_bytes=100 * 1024 * 1024)
 
@@ -120,7 +120,7 @@ def deliver_kafka_events(function: str, handle: Handler, kafka_events: List[func
     for kafka_event in kafka_events:
         headers = [(h["Key"], base64.b64decode(h["Value"])) for h in kafka_event.headers or []]
         key = kafka_event.key.encode() if kafka_event.key is not None else None
-        handle(events.decode(key, kafka_event.get_body(), headers), runtime)
+        run_handler(handle, events.decode(key, kafka_event.get_body(), headers), runtime)
 
 
 def register_kafka_triggers(app: func.FunctionApp, function: str, handle: Handler) -> None:

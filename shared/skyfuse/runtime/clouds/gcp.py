@@ -19,7 +19,7 @@ from cloudevents.http import CloudEvent
 from skyfuse import contracts
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
-from skyfuse.runtime.function import Handler, current
+from skyfuse.runtime.function import Handler, current, run_handler
 
 # One HTTP request per event; a host step sends up to 100 of them, one after another.
 CLOUD_RUN_EVENT = Limits(max_records=100, max_wait_s=0.0, max_bytes=32 * 1024 * 1024)
@@ -55,4 +55,4 @@ class CloudEventInvoker(Invoker):
 def deliver_cloud_event(function: str, handle: Handler, cloud_event: CloudEvent) -> None:
     """Validate what functions-framework parsed, then run the handler core."""
     contracts.validate(cloud_event["type"], cloud_event.get_data())
-    handle(cloud_event, current(function))
+    run_handler(handle, cloud_event, current(function))

@@ -1,0 +1,235 @@
+"""The per-cloud sub-model: a small Keras MLP that takes raw features and outputs class
+probabilities, with its standardization built in (so the exported ONNX model takes raw features).
+
+    features (None, d) -> standardize (fixed mean/variance) -> dense_0 .. dense_{h-1} (relu)
+                       -> out (softmax, k units; 2 for binary) -> (None, k)
+
+Every layer has a fixed name, and initial weights come from seeded initializers, so two models of
+the same spec have the same weight names (and ONNX initializer names) and, with the same seed,
+the same initial weights: what FedAvg needs.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import keras  # noqa: E402  (after the environment settings above)
+
+from .data import Dataset, pooled_stats  # noqa: E402,F401  (pooled_stats is part of this module's API)
+
+MODEL_NAME = "skyfuse_mlp"
+STANDARDIZE = "standardize"
+MIN_ROWS = 5
+PATIENCE = 10
+
+
+class TrainingError(ValueError):
+    """A shard that cannot be trained on; the message says why."""
+
+
+@dataclass
+class ModelSpec:
+    hidden: tuple[int, ...] = (32, 16)
+    epochs: int = 60
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden layer sizes must be positive, got {self.hidden}")
+        self.epochs, self.batch_size, self.seed = int(self.epochs), int(self.batch_size), int(self.seed)
+        self.learning_rate = float(self.learning_rate)
+        if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ValueError("epochs and batch_size must be >= 1 and learning_rate > 0")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModelSpec":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {"hidden": list(self.hidden), "epochs": self.epochs, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate, "seed": self.seed}
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    samples: int  # rows of the shard (training + validation): the member's FedAvg / wavg weight
+    validation: dict = field(default_factory=dict)  # rows, accuracy, loss (None when no rows)
+    seconds: float = 0.0
+    epochs: int = 0  # epochs run (early stopping may end before spec.epochs)
+
+
+@keras.saving.register_keras_serializable(package="skyfuse")
+class Standardize(keras.layers.Layer):
+    """(x - mean) / sqrt(variance) with fixed (non-trainable) mean and variance weights.
+
+    Weights rather than constants, so they are frozen into ONNX initializers, travel with
+    get_weights/set_weights (fine-tuning keeps them) and are saved in the .keras file."""
+
+    def __init__(self, mean=None, variance=None, **kwargs):
+        super().__init__(**kwargs)
+        self._init_mean = None if mean is None else np.asarray(mean, dtype=np.float32)
+        self._init_variance = None if variance is None else np.asarray(variance, dtype=np.float32)
+
+    def build(self, input_shape):
+        d = int(input_shape[-1])
+        mean = self._init_mean if self._init_mean is not None else np.zeros(d, np.float32)
+        variance = self._init_variance if self._init_variance is not None else np.ones(d, np.float32)
+        self.mean = self.add_weight(name="mean", shape=(d,), trainable=False,
+                                    initializer=keras.initializers.Constant(mean))
+        self.variance = self.add_weight(name="variance", shape=(d,), trainable=False,
+                                        initializer=keras.initializers.Constant(variance))
+
+    def call(self, inputs):
+        return (inputs - self.mean) / keras.ops.sqrt(self.variance)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def _safe_variance(variance) -> np.ndarray:
+    v = np.asarray(variance, dtype=np.float64)
+    return np.where(np.isfinite(v) & (v > 1e-12), v, 1.0)
+
+
+def build(spec: ModelSpec, n_features: int, n_classes: int, mean, variance) -> keras.Model:
+    """The model for `spec`, with a fixed standardization (x - mean) / sqrt(variance); zero (or
+    non-finite) variance is taken as 1 so constant features pass through centred."""
+    if n_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    if mean.shape != (n_features,) or np.asarray(variance).reshape(-1).shape != (n_features,):
+        raise ValueError(f"mean and variance must have {n_features} values each")
+    variance = _safe_variance(np.asarray(variance).reshape(-1))
+    inputs = keras.Input(shape=(n_features,), dtype="float32", name="features")
+    x = Standardize(mean, variance, name=STANDARDIZE)(inputs)
+    for i, units in enumerate(spec.hidden):
+        x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}",
+                               kernel_initializer=keras.initializers.GlorotUniform(seed=spec.seed * 1009 + i),
+                               bias_initializer="zeros")(x)
+    out = keras.layers.Dense(n_classes, activation="softmax", name="out",
+                             kernel_initializer=keras.initializers.GlorotUniform(seed=spec.seed * 1009 + 1000),
+                             bias_initializer="zeros")(x)
+    return keras.Model(inputs, out, name=MODEL_NAME)
+
+
+def standardization(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+    """The (mean, variance) built into a model from `build`."""
+    layer = model.get_layer(STANDARDIZE)
+    return (np.asarray(layer.mean.numpy(), dtype=np.float64),
+            np.asarray(layer.variance.numpy(), dtype=np.float64))
+
+
+def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices: stratified when every class has 2+ rows, random otherwise;
+    no validation when the shard is too small to spare rows."""
+    n = len(y)
+    n_val = int(round(fraction * n))
+    if fraction <= 0 or n_val < 1 or n - n_val < 2:
+        return np.arange(n), np.arange(0)
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    present = int((counts > 0).sum())
+    strat = y if counts[counts > 0].min() >= 2 and n_val >= present and n - n_val >= present else None
+    tr, va = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=strat)
+    return np.sort(tr), np.sort(va)
+
+
+def check_shard(shard: Dataset, n_classes: int) -> None:
+    """Raise TrainingError when the shard cannot train a classifier."""
+    if len(shard) < MIN_ROWS:
+        raise TrainingError(f"the shard has {len(shard)} rows; training needs at least {MIN_ROWS}")
+    present = np.unique(shard.y)
+    if len(present) < 2:
+        label = shard.classes[int(present[0])] if len(present) and shard.classes else "?"
+        raise TrainingError(f"the shard's rows all have the same class ({label!r}); "
+                            "training needs rows of at least 2 classes")
+    if n_classes < 2 or int(shard.y.max()) >= n_classes:
+        raise TrainingError(f"n_classes={n_classes} does not cover the shard's labels (0..{int(shard.y.max())})")
+    if not np.isfinite(shard.X).all():
+        raise TrainingError("the shard has non-finite feature values")
+
+
+def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fraction: float = 0.2,
+          initial: keras.Model | None = None, stats: tuple | None = None, epochs: int | None = None,
+          verbose: int = 0) -> TrainResult:
+    """Train a model on one shard.
+
+    Keeps `validation_fraction` of the shard out (stratified when possible) for early stopping on
+    validation loss (best weights restored) and for the reported validation accuracy/loss.
+    `initial`: fine-tune from this (global) model: its weights and standardization are copied.
+    `stats`: (mean, variance) to standardize with instead of the shard's own (FedAvg members share
+    the pooled statistics). `epochs` overrides `spec.epochs` (e.g. a few for a FedAvg round).
+    """
+    check_shard(shard, n_classes)
+    started = time.perf_counter()
+    keras.utils.set_random_seed(spec.seed)
+    if initial is not None:
+        mean, variance = standardization(initial)
+    elif stats is not None:
+        mean, variance = stats[0], stats[1]
+    else:
+        mean, variance = shard.X.astype(np.float64).mean(axis=0), shard.X.astype(np.float64).var(axis=0)
+    model = build(spec, shard.n_features, n_classes, mean, variance)
+    if initial is not None:
+        theirs = initial.get_weights()
+        mine = model.get_weights()
+        if [w.shape for w in theirs] != [w.shape for w in mine]:
+            raise TrainingError(f"the initial model's weights {[w.shape for w in theirs]} do not fit the spec "
+                                f"{spec.to_dict()} with {shard.n_features} features and {n_classes} classes "
+                                f"({[w.shape for w in mine]})")
+        model.set_weights(theirs)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=spec.learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
+    X_tr, y_tr = shard.X[tr], shard.y[tr]
+    callbacks, val_data = [], None
+    if len(va):
+        val_data = (shard.X[va], shard.y[va])
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE,
+                                                       restore_best_weights=True))
+    n_epochs = int(epochs if epochs is not None else spec.epochs)
+    history = model.fit(X_tr, y_tr, batch_size=spec.batch_size, epochs=n_epochs, validation_data=val_data,
+                        callbacks=callbacks, shuffle=True, verbose=verbose)
+    validation = {"rows": int(len(va)), "accuracy": None, "loss": None}
+    if len(va):
+        loss, acc = model.evaluate(shard.X[va], shard.y[va], batch_size=256, verbose=0)
+        validation.update(accuracy=float(acc), loss=float(loss))
+    return TrainResult(model, len(shard), validation, time.perf_counter() - started,
+                       len(history.history.get("loss", [])))
+
+
+def predict_proba(model: keras.Model, X: np.ndarray) -> np.ndarray:
+    """Class probabilities (n x k) from the Keras model, in inference mode."""
+    return np.asarray(model(np.asarray(X, dtype=np.float32), training=False))
+
+
+def save(model: keras.Model, path: str | Path) -> Path:
+    """Save in the native .keras format (the suffix is added when missing)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        path = path.with_name(path.name + ".keras")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def load(path: str | Path) -> keras.Model:
+    return keras.models.load_model(Path(path), compile=False)

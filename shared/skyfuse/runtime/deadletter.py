@@ -1,0 +1,26 @@
+"""Dead letters: the original record (key, value, headers) plus `skyfuse_dlq_*` headers saying
+where it came from and why it was given up; written by the host or by a function that rejects an
+event it can never handle."""
+from __future__ import annotations
+
+from skyfuse import contracts
+from skyfuse.bus.base import Bus, Headers
+
+PREFIX = "skyfuse_dlq_"
+
+
+def write(bus: Bus, function: str, cloud: str, key: bytes | None, value: bytes | None, headers: Headers,
+          reason: str, *, topic: str = "", partition: int | None = None, offset: int | None = None,
+          attempts: int = 0) -> None:
+    context = {"reason": reason, "function": function, "cloud": cloud, "topic": topic,
+               "partition": "" if partition is None else str(partition),
+               "offset": "" if offset is None else str(offset), "attempts": str(attempts)}
+    extra = [(PREFIX + name, text.encode()) for name, text in context.items()]
+    bus.publish(contracts.dlq_topic(function), value or b"", key, [*headers, *extra])
+
+
+def describe(headers: Headers) -> dict[str, str]:
+    """The `skyfuse_dlq_*` context of a dead letter, without the prefix, plus its event id."""
+    out = {k.removeprefix(PREFIX): v.decode(errors="replace") for k, v in headers if k.startswith(PREFIX)}
+    out["event_id"] = next((v.decode() for k, v in headers if k == "ce_id"), "")
+    return out

@@ -1,0 +1,71 @@
+"""A store in a local folder: the embedded stand-in for a cloud bucket."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from skyfuse.storage.base import NotFound, ObjectInfo, Store, StoreError, sha256_of
+
+
+class FileStore(Store):
+    def __init__(self, uri: str):
+        path = uri.removeprefix("file://")
+        self.root = Path(path).resolve()  # relative paths are relative to the working directory
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.uri = self.root.as_uri()
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        """A file URI names a file; its store is the folder holding `runs/` (or the parent folder)."""
+        path = uri.removeprefix("file://")
+        head, sep, tail = path.partition("/runs/")
+        if sep:
+            return f"file://{head}", f"runs/{tail}"
+        parent, name = os.path.split(path)
+        return f"file://{parent}", name
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents:
+            raise StoreError(f"key {key!r} leaves the store {self.uri}")
+        return path
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+        return ObjectInfo(self.uri_for(key), sha256_of(data), len(data))
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no object {self.uri_for(key)}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.exists():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -1,0 +1,180 @@
+"""The training half end to end: shards in each cloud's store, trainers, exporters, the fuser,
+on both buses, through the real entry points of every cloud."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from skyfuse import config, contracts, events, training
+from skyfuse.bus import open_bus
+from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
+from skyfuse.runtime.function import Runtime, hosted
+from skyfuse.storage import fetch, open_store
+from tests.conftest import fleet_env
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"SKYFUSE_TRAINING__EPOCHS": 30, "SKYFUSE_TRAINING__FINETUNE_EPOCHS": 3, "SKYFUSE_TRAINING__HIDDEN": "[16]",
+        "SKYFUSE_TRAINING__TIMER_S": 0.3}
+
+
+def env_for(backend, tmp_path, **extra):
+    stores = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in ("aws", "gcp", "azure")}
+    return {**fleet_env(backend, tmp_path), **stores, **{k: str(v) for k, v in {**FAST, **extra}.items()}}
+
+
+@pytest.fixture(scope="module")
+def breast_cancer_csv(tmp_path_factory):
+    from skyfuse.ml import data as mldata
+
+    path = tmp_path_factory.mktemp("data") / "breast_cancer.csv"
+    path.write_bytes(mldata.to_csv_bytes(mldata.sample_dataset("breast_cancer")))
+    return path
+
+
+def run_cli(env, *args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "skyfuse.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env, "PYTHONPATH": str(REPO)}, timeout=timeout)
+
+
+def test_train_end_to_end_from_the_command_line(backend, tmp_path, breast_cancer_csv):
+    env = env_for(backend, tmp_path)
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "target", "--rounds", "2", "--json", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [s["cloud"] for s in summary["shards"]] == ["aws", "gcp", "azure"]
+    assert sum(s["rows"] for s in summary["shards"]) == summary["rows"]["train"]
+    assert all(0.8 <= s["accuracy"] <= 1 for s in summary["shards"])
+    assert set(summary["strategies"]) == {"wavg", "vote", "confidence", "fedavg"}
+    assert summary["fused"]["strategy"] in summary["strategies"]
+    assert summary["fused"]["accuracy"] == summary["strategies"][summary["fused"]["strategy"]]
+    assert summary["fused"]["accuracy"] >= 0.88 and summary["centralized_accuracy"] >= 0.88
+    assert {"train_s", "export_s", "fusion_s", "centralized_train_s"} <= set(summary["timings"])
+    run_id = summary["run_id"]
+    for i, cloud in enumerate(["aws", "gcp", "azure"]):  # each shard and its models stayed in its own cloud
+        store = tmp_path / "stores" / cloud / "runs" / run_id
+        assert (store / "shards" / f"{i}.csv").is_file()
+        assert (store / "round-0" / "models" / f"{cloud}-{i}.keras").is_file()
+        assert (store / "round-1" / "onnx" / f"{cloud}-{i}.onnx").is_file()
+        others = {"aws", "gcp", "azure"} - {cloud}
+        assert not any((tmp_path / "stores" / o / "runs" / run_id / "shards" / f"{i}.csv").exists() for o in others)
+    fused = fetch(summary["fused"]["model_uri"])
+    from skyfuse.ml import fusion
+
+    lineage = fusion.lineage(fused)
+    assert {m["cloud"] for m in lineage["members"]} == {"aws", "gcp", "azure"}
+    assert lineage["strategy"] == summary["fused"]["strategy"]
+    report = run_cli(env, "report", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    png = tmp_path / ".skyfuse" / "runs" / run_id / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (png.parent / "report.html").read_text()
+
+
+def test_train_refuses_bad_input_with_a_clear_message(tmp_path, breast_cancer_csv):
+    env = env_for("embedded", tmp_path)
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "label", cwd=tmp_path)
+    assert run.returncode == 2 and "target" in run.stderr and "label" in run.stderr
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "target", "--partition", "skewed", cwd=tmp_path)
+    assert run.returncode == 2 and "label-skew:ALPHA" in run.stderr
+    run = run_cli(env, "train", str(tmp_path / "nope.csv"), "--target", "target", cwd=tmp_path)
+    assert run.returncode == 2 and "no such file" in run.stderr
+
+
+class Pipeline:
+    """The training functions of all three clouds running in this process."""
+
+    def __init__(self, fleet, bus):
+        functions = ["trainer", "exporter", "fuser"]
+        self.fabric = Fabric(build_hosts(fleet, bus, functions=functions),
+                             build_timers(fleet, bus, functions=functions))
+
+    def __enter__(self):
+        self.fabric.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.fabric.stop()
+
+
+def run_events(bus, run_id, type_name):
+    topic = contracts.event_type(type_name).topic
+    found = []
+    for record in bus.read(topic, 10_000):
+        event = events.decode(record.key, record.value, record.headers)
+        if event.get_data().get("run_id") == run_id:
+            found.append(event)
+    return found
+
+
+def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quorum(tmp_path):
+    from skyfuse.ml import data as mldata
+
+    fleet = config.load(environ=env_for("embedded", tmp_path))
+    bus = open_bus(fleet)
+    dataset = mldata.sample_dataset("breast_cancer")
+    plan = training.Plan(target="target", clouds=["aws", "gcp", "azure"], fusion="wavg", rounds=1, timeout_s=2)
+    prepared = training.prepare(fleet, dataset, plan)
+    # azure's shard holds a single class: nothing can be learned from it
+    azure = prepared.shard_events[2]
+    data = azure.get_data()
+    shard = prepared.shards[2][1]
+    one_class = shard.subset([i for i in range(len(shard)) if shard.y[i] == shard.y[0]])
+    saved = open_store(fleet.clouds["azure"].store).put(f"runs/{plan.run_id}/shards/2.csv", mldata.to_csv_bytes(one_class))
+    prepared.shard_events[2] = events.new_event("shard.ready", {**data, "sha256": saved.sha256, "rows": len(one_class),
+                                                                "bytes": saved.size}, source="skyfuse://test")
+    with Pipeline(fleet, bus):
+        progress = training.follow(bus, prepared, lambda p: None, timeout_s=300)
+    assert progress.fused is not None, progress.failures
+    assert progress.fused["missing_clouds"] == ["azure"]
+    assert {m["cloud"] for m in progress.fused["members"]} == {"aws", "gcp"}
+    (failure,) = [f for f in progress.failures if f["function"] == "trainer"]
+    assert failure["cloud"] == "azure" and "class" in failure["reason"]
+
+
+def test_an_empty_shard_file_is_dead_lettered_with_the_reason(tmp_path):
+    from services.trainer.handler import handle
+
+    fleet = config.load(environ=env_for("embedded", tmp_path))
+    bus = open_bus(fleet)
+    store = open_store(fleet.clouds["aws"].store)
+    empty = store.put("runs/r-empty/shards/0.csv", b"")
+    data = {**contracts.sample("shard.ready"), "run_id": "r-empty", "cloud": "aws", "uri": empty.uri,
+            "sha256": empty.sha256}
+    data.pop("model")
+    event = events.new_event("shard.ready", data, source="skyfuse://test")
+    runtime = Runtime("aws", "trainer", fleet, bus_factory=lambda: bus)
+    from skyfuse.runtime.function import run_handler
+
+    with hosted(runtime):
+        run_handler(handle, event, runtime)
+    (dead,) = bus.read("trainer.dlq")
+    reason = dict(dead.headers)["skyfuse_dlq_reason"].decode()
+    assert "empty" in reason and empty.uri in reason
+    assert events.decode(dead.key, dead.value, dead.headers)["id"] == event["id"]
+
+
+def test_duplicated_model_ready_and_onnx_ready_export_and_fuse_once(tmp_path):
+    from skyfuse.ml import data as mldata
+
+    fleet = config.load(environ=env_for("embedded", tmp_path))
+    bus = open_bus(fleet)
+    plan = training.Plan(target="target", clouds=["aws", "gcp", "azure"], fusion="vote", rounds=1)
+    prepared = training.prepare(fleet, mldata.sample_dataset("breast_cancer"), plan)
+    with Pipeline(fleet, bus):
+        progress = training.follow(bus, prepared, lambda p: None, timeout_s=300)
+        assert progress.fused is not None
+        for type_name in ("model.ready", "onnx.ready"):  # deliver each of them again
+            for event in run_events(bus, plan.run_id, type_name):
+                key, value, headers = events.encode(event)
+                bus.publish(events.topic_of(event), value, key, headers)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(bus.lag(f"{c}.{f}", t) for c in fleet.clouds
+                                                  for f in ("exporter", "fuser") for t in contracts.topics_for(f)):
+            time.sleep(0.2)
+        time.sleep(1.0)
+    assert len(run_events(bus, plan.run_id, "onnx.ready")) == 3  # one export per model
+    assert len(run_events(bus, plan.run_id, "fused.ready")) == 1  # one fusion per round
