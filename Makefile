@@ -14,12 +14,12 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "skyfuse needs Python >= 3.11; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[train,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install skyfuse with its test tools
 
-run: install  ## the main job: every function host up, one sample of each event, deliveries shown per cloud
+run: install  ## the main job: train on breast cancer split over three clouds, fuse, compare with centralized
 	$(BIN)/skyfuse demo
 
 test: install  ## every test, against a real Kafka broker started (and stopped) here

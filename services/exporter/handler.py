@@ -9,7 +9,7 @@ from cloudevents.http import CloudEvent
 
 from services.trainer.handler import _load_keras
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import fetch
+from skyfuse.storage import StoreError, fetch
 
 PARITY_LIMIT = 1e-5
 
@@ -27,8 +27,11 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
     if store.exists(f"{base}.done"):
         runtime.received(event, "skipped: already exported (duplicate event)")
         return
-    model = _load_keras(fetch(data["model_uri"], data["sha256"]))
-    raw = fetch(data["validation_uri"], data.get("validation_sha256"))
+    try:
+        model = _load_keras(fetch(data["model_uri"], data["sha256"]))
+        raw = fetch(data["validation_uri"], data.get("validation_sha256"))
+    except StoreError as exc:
+        raise Rejected(f"model {data['model_uri']} cannot be read: {exc}") from exc
     rows = mldata.load_csv(raw, label_column(raw, data["features"]), classes=data["classes"])
     onnx_bytes = export.to_onnx(model)
     diff = export.parity(model, onnx_bytes, rows.X)

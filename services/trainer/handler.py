@@ -14,7 +14,7 @@ import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import fetch
+from skyfuse.storage import StoreError, fetch
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -48,7 +48,7 @@ def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, i
         return
     try:
         rows = mldata.load_csv(fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
-    except mldata.DataError as exc:
+    except (mldata.DataError, StoreError) as exc:
         raise Rejected(f"shard {shard['shard_id']} at {shard['uri']} cannot be read: {exc}") from exc
     settings = runtime.fleet.training
     given = shard.get("model") or {}

@@ -42,7 +42,7 @@ def run_cli(env, *args, cwd, timeout=600):
 
 def test_train_end_to_end_from_the_command_line(backend, tmp_path, breast_cancer_csv):
     env = env_for(backend, tmp_path)
-    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "target", "--rounds", "2", "--json", cwd=tmp_path)
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--rounds", "2", "--json", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert [s["cloud"] for s in summary["shards"]] == ["aws", "gcp", "azure"]
@@ -78,9 +78,9 @@ def test_train_refuses_bad_input_with_a_clear_message(tmp_path, breast_cancer_cs
     env = env_for("embedded", tmp_path)
     run = run_cli(env, "train", str(breast_cancer_csv), "--target", "label", cwd=tmp_path)
     assert run.returncode == 2 and "target" in run.stderr and "label" in run.stderr
-    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "target", "--partition", "skewed", cwd=tmp_path)
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--partition", "skewed", cwd=tmp_path)
     assert run.returncode == 2 and "label-skew:ALPHA" in run.stderr
-    run = run_cli(env, "train", str(tmp_path / "nope.csv"), "--target", "target", cwd=tmp_path)
+    run = run_cli(env, "train", str(tmp_path / "nope.csv"), "--target", "diagnosis", cwd=tmp_path)
     assert run.returncode == 2 and "no such file" in run.stderr
 
 
@@ -116,7 +116,7 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     fleet = config.load(environ=env_for("embedded", tmp_path))
     bus = open_bus(fleet)
     dataset = mldata.sample_dataset("breast_cancer")
-    plan = training.Plan(target="target", clouds=["aws", "gcp", "azure"], fusion="wavg", rounds=1, timeout_s=2)
+    plan = training.Plan(target="diagnosis", clouds=["aws", "gcp", "azure"], fusion="wavg", rounds=1, timeout_s=2)
     prepared = training.prepare(fleet, dataset, plan)
     # azure's shard holds a single class: nothing can be learned from it
     azure = prepared.shard_events[2]
@@ -162,7 +162,7 @@ def test_duplicated_model_ready_and_onnx_ready_export_and_fuse_once(tmp_path):
 
     fleet = config.load(environ=env_for("embedded", tmp_path))
     bus = open_bus(fleet)
-    plan = training.Plan(target="target", clouds=["aws", "gcp", "azure"], fusion="vote", rounds=1)
+    plan = training.Plan(target="diagnosis", clouds=["aws", "gcp", "azure"], fusion="vote", rounds=1)
     prepared = training.prepare(fleet, mldata.sample_dataset("breast_cancer"), plan)
     with Pipeline(fleet, bus):
         progress = training.follow(bus, prepared, lambda p: None, timeout_s=300)
@@ -176,5 +176,6 @@ def test_duplicated_model_ready_and_onnx_ready_export_and_fuse_once(tmp_path):
                                                   for f in ("exporter", "fuser") for t in contracts.topics_for(f)):
             time.sleep(0.2)
         time.sleep(1.0)
-    assert len(run_events(bus, plan.run_id, "onnx.ready")) == 3  # one export per model
-    assert len(run_events(bus, plan.run_id, "fused.ready")) == 1  # one fusion per round
+    # the copies published above share their originals' ids; a second export or fusion would have a new one
+    assert len({e["id"] for e in run_events(bus, plan.run_id, "onnx.ready")}) == 3  # one export per model
+    assert len({e["id"] for e in run_events(bus, plan.run_id, "fused.ready")}) == 1  # one fusion per round

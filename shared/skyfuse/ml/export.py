@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import onnx  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
 
 INPUT = "features"
 OUTPUT = "prob"
@@ -20,32 +23,74 @@ BATCH = "N"
 DEFAULT_OPSET = 17
 
 
+def _weight_name(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", ".", path)
+
+
 def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
-    """The model as a serialized ONNX ModelProto; the batch dimension is named `N`."""
+    """The model as a serialized ONNX ModelProto: input `features` float32 [N, d], output `prob`.
+
+    The weights enter the traced function as inputs (through Keras' `stateless_call`) and become
+    initializers named after the Keras variable paths (`dense_0.kernel`, `standardize.mean`, ...)
+    afterwards. So TensorFlow's graph optimizer cannot fold them, and the ONNX graph's structure
+    and names depend only on the architecture, never on the weight values (zero biases, unit
+    variances): models of one spec always export to the same graph, as FedAvg needs.
+    Intermediate tensors and nodes get positional names (`t3_MatMul`, `n3_MatMul`).
+    """
     import tensorflow as tf
     import tf2onnx
 
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError("to_onnx exports models with one input and one output")
     n_features = int(model.inputs[0].shape[-1])
+    trainable, frozen = list(model.trainable_variables), list(model.non_trainable_variables)
+    variables = trainable + frozen
+    names = [_weight_name(v.path) for v in variables]
+    if len(set(names)) != len(names) or INPUT in names:
+        raise ValueError(f"ambiguous weight names {names}")
+    specs = [tf.TensorSpec((None, n_features), tf.float32, name=INPUT)]
+    specs += [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, names)]
 
-    @tf.function(input_signature=[tf.TensorSpec((None, n_features), tf.float32, name=INPUT)])
-    def serve(features):
-        return {OUTPUT: model(features, training=False)}
+    @tf.function(input_signature=specs)
+    def serve(features, *weights):
+        out, _ = model.stateless_call(list(weights[:len(trainable)]), list(weights[len(trainable):]),
+                                      features, training=False)
+        return {OUTPUT: out}
 
-    proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=opset)
-    for value in list(proto.graph.input) + list(proto.graph.output):
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset)
+    graph = proto.graph
+    values = {n: np.asarray(v.numpy()) for n, v in zip(names, variables)}
+    weight_inputs = [i for i in graph.input if i.name in values]
+    for i in weight_inputs:
+        graph.input.remove(i)
+    graph.initializer.extend(numpy_helper.from_array(values[i.name], i.name) for i in weight_inputs)
+    _canonical_names(graph)
+    for value in list(graph.input) + list(graph.output):
         dim = value.type.tensor_type.shape.dim[0]
         if not dim.HasField("dim_value"):
             dim.dim_param = BATCH
-    for vi in proto.graph.value_info:  # intermediate shapes: keep the batch name consistent
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_param") and dims[0].dim_param.startswith("unk__"):
-            dims[0].dim_param = BATCH
-    names_in = [i.name for i in proto.graph.input]
-    names_out = [o.name for o in proto.graph.output]
+    names_in = [i.name for i in graph.input]
+    names_out = [o.name for o in graph.output]
     if names_in != [INPUT] or names_out != [OUTPUT]:
         raise RuntimeError(f"unexpected ONNX signature: inputs {names_in}, outputs {names_out}")
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def _canonical_names(graph) -> None:
+    """Positional names for nodes and intermediate tensors (graph inputs, outputs and
+    initializers keep theirs); drops intermediate shape annotations."""
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    rename = {}
+    for j, node in enumerate(graph.node):
+        node.name = f"n{j}_{node.op_type}"
+        for k, out in enumerate(node.output):
+            if out and out not in keep:
+                rename[out] = f"t{j}_{node.op_type}" + (f"_{k}" if k else "")
+    for node in graph.node:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+        node.output[:] = [rename.get(x, x) for x in node.output]
+    del graph.value_info[:]
 
 
 def parity(model, onnx_bytes: bytes, X) -> float:

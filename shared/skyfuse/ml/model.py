@@ -10,8 +10,10 @@ the same initial weights: what FedAvg needs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +30,7 @@ MODEL_NAME = "skyfuse_mlp"
 STANDARDIZE = "standardize"
 MIN_ROWS = 5
 PATIENCE = 10
+STEPS_PER_EXECUTION = int(os.environ.get("SPE", "32"))
 
 
 class TrainingError(ValueError):
@@ -72,6 +75,7 @@ class TrainResult:
     validation: dict = field(default_factory=dict)  # rows, accuracy, loss (None when no rows)
     seconds: float = 0.0
     epochs: int = 0  # epochs run (early stopping may end before spec.epochs)
+    validation_rows: Dataset | None = None  # the shard rows held out for validation (may be empty)
 
 
 @keras.saving.register_keras_serializable(package="skyfuse")
@@ -100,6 +104,9 @@ class Standardize(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def get_config(self):
+        return super().get_config()  # mean and variance are weights: saved and loaded with them
 
 
 def _safe_variance(variance) -> np.ndarray:
@@ -196,7 +203,8 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
                                 f"({[w.shape for w in mine]})")
         model.set_weights(theirs)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=spec.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=STEPS_PER_EXECUTION)
 
     tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
     X_tr, y_tr = shard.X[tr], shard.y[tr]
@@ -213,7 +221,52 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
         loss, acc = model.evaluate(shard.X[va], shard.y[va], batch_size=256, verbose=0)
         validation.update(accuracy=float(acc), loss=float(loss))
     return TrainResult(model, len(shard), validation, time.perf_counter() - started,
-                       len(history.history.get("loss", [])))
+                       len(history.history.get("loss", [])), shard.subset(va))
+
+
+def average(models: list[keras.Model], weights: list[float] | None = None) -> keras.Model:
+    """FedAvg in Keras: a new model whose weights (standardization included) are the weighted
+    average of the members' (all built from one spec). Equals `fusion.fuse("fedavg", ...)`."""
+    if not models:
+        raise ValueError("average needs at least one model")
+    w = np.full(len(models), 1.0 / len(models)) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (len(models),) or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"need one non-negative weight per model, not all 0; got {weights}")
+    w = w / w.sum()
+    shapes = [[x.shape for x in m.get_weights()] for m in models]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("average needs models of one architecture")
+    averaged = [sum(wi * np.asarray(ws[j], np.float64) for wi, ws in zip(w, (m.get_weights() for m in models)))
+                for j in range(len(shapes[0]))]
+    out = keras.models.clone_model(models[0])
+    out.set_weights([a.astype(np.float32) for a in averaged])
+    return out
+
+
+def from_onnx(onnx_bytes: bytes, spec: ModelSpec | None = None) -> keras.Model:
+    """The Keras model of an ONNX model exported from `build`'s architecture (a member, or a fedavg
+    fusion of members): the layer sizes come from the initializers `dense_<i>.kernel` and
+    `out.kernel`, the weights are set from them. `spec` only supplies the seed (irrelevant here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(bytes(onnx_bytes)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    needed = ["standardize.mean", "standardize.variance", "out.kernel", "out.bias"]
+    missing = [n for n in needed if n not in inits]
+    if missing:
+        raise ValueError(f"not a skyfuse MLP: the ONNX model lacks the initializers {missing}")
+    hidden, i = [], 0
+    while f"dense_{i}.kernel" in inits:
+        hidden.append(int(inits[f"dense_{i}.kernel"].shape[1]))
+        i += 1
+    mean, variance = inits["standardize.mean"], inits["standardize.variance"]
+    k = int(inits["out.kernel"].shape[1])
+    base = spec or ModelSpec()
+    model = build(ModelSpec(tuple(hidden), base.epochs, base.batch_size, base.learning_rate, base.seed),
+                  len(mean), k, mean, np.ones_like(mean))
+    model.set_weights([inits[v.path.replace("/", ".")] for v in model.weights])
+    return model
 
 
 def predict_proba(model: keras.Model, X: np.ndarray) -> np.ndarray:
@@ -227,9 +280,19 @@ def save(model: keras.Model, path: str | Path) -> Path:
     if path.suffix != ".keras":
         path = path.with_name(path.name + ".keras")
     path.parent.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    with _quiet_keras():
+        model.save(path)
     return path
 
 
 def load(path: str | Path) -> keras.Model:
-    return keras.models.load_model(Path(path), compile=False)
+    with _quiet_keras():
+        return keras.models.load_model(Path(path), compile=False)
+
+
+@contextlib.contextmanager
+def _quiet_keras():
+    """Hide Keras' own NumPy 2 deprecation noise (`__array__` without `copy`) when saving/loading."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+        yield

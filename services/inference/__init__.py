@@ -1,0 +1,1 @@
+"""skyfuse inference: the fused ONNX model behind HTTP in each cloud (onnxruntime and numpy only)."""

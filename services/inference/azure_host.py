@@ -1,0 +1,91 @@
+"""A local Azure Functions host for HTTP triggers: an ASGI app (run it under uvicorn) that turns each
+request into an `azure.functions.HttpRequest`, calls the v2 `FunctionApp` function whose
+`httpTrigger` route and methods match, and sends back its `HttpResponse`.
+
+    uvicorn services.inference.azure_host:create_app --factory --host 127.0.0.1 --port 8083 \
+        --loop uvloop --http httptools
+
+Routes get the Functions host's default `api/` prefix and match case-insensitively, as there.
+The functions are called on the event loop (the inference core takes tens of microseconds and
+never waits on I/O). Bodies over the inference size limit are refused with 413 before they are
+read; a function that raises answers 500 with the exception named.
+"""
+from __future__ import annotations
+
+import functools
+from urllib.parse import parse_qsl
+
+import azure.functions as func
+
+from services.inference import handler
+from skyfuse.serving import api
+from skyfuse.serving.asgi import content_length, lifespan, read_body, send_response
+
+ROUTE_PREFIX = "api"
+ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
+
+
+@functools.cache  # get_functions() may run once per app: a second call fails its name check
+def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, dict[str, tuple]]:
+    """'/api/<route>' (lower case) → {METHOD: (user function, name of its HttpRequest argument)}."""
+    routes: dict[str, dict[str, tuple]] = {}
+    for fn in app.get_functions():
+        trigger = fn.get_trigger()
+        if trigger is None or trigger.get_binding_name() != "httpTrigger":
+            continue
+        route = (trigger.route or fn.get_function_name()).strip("/")
+        path = f"/{prefix}/{route}".lower() if prefix else f"/{route}".lower()
+        methods = [str(getattr(m, "value", m)).upper() for m in trigger.methods] if trigger.methods else ALL_METHODS
+        for method in methods:
+            routes.setdefault(path, {})[method] = (fn.get_user_function(), trigger.name)
+    return routes
+
+
+class AzureFunctionsHost:
+    def __init__(self, app: func.FunctionApp, prefix: str = ROUTE_PREFIX):
+        self.routes = http_routes(app, prefix)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send, handler.service)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        methods = self.routes.get(path.rstrip("/").lower())
+        if methods is None:
+            await send_response(send, *handler.not_found(method, path))
+            return
+        target = methods.get(method)
+        if target is None:
+            await send_response(send, *handler.method_not_allowed(method, path, ", ".join(methods)))
+            return
+        limit = handler.max_body_bytes()
+        declared = content_length(scope)
+        body = None if declared is not None and declared > limit else await read_body(receive, limit)
+        if body is None:
+            await send_response(send, *handler.too_large(declared))
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        query = scope.get("query_string", b"").decode("latin-1")
+        host = headers.get("host") or "%s:%s" % tuple(scope.get("server") or ("127.0.0.1", 80))
+        url = f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
+        request = func.HttpRequest(method=method, url=url, headers=headers, params=dict(parse_qsl(query)),
+                                   route_params={}, body=body)
+        function, arg_name = target
+        try:
+            response = function(**{arg_name: request})
+        except Exception as exc:  # noqa: BLE001 - the Functions host answers 500 too
+            await send_response(send, *api.error(500, f"function {function.__name__} raised "
+                                                      f"{type(exc).__name__}: {exc}", "function_error"))
+            return
+        out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+        if not any(k == b"content-type" for k, _ in out):
+            out.append((b"content-type", response.mimetype.encode("latin-1")))
+        await send_response(send, response.status_code, response.get_body(), out)
+
+
+def create_app() -> AzureFunctionsHost:
+    from services.inference.azure import app
+
+    return AzureFunctionsHost(app)

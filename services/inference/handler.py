@@ -1,0 +1,188 @@
+"""The inference function's core: cloud-neutral, called by every cloud's HTTP entry point.
+
+One `Service` per process, created on first use from the runtime (`SKYFUSE_CLOUD` and the fleet
+config): it serves the model named by the serving pointer `serving/current.json` in this cloud's
+store, follows the pointer in a background thread (`PointerWatcher`), records each request's
+latency, and publishes a `metrics.sampled` event every `INFERENCE_METRICS_S` seconds. The service
+is created lazily and again after a fork, so servers that fork workers after importing the entry
+point (gunicorn) get one session and watcher per worker.
+
+onnxruntime and numpy only: nothing here imports TensorFlow (or onnx).
+
+Settings (environment; not `SKYFUSE_*`, whose names are fleet config keys):
+
+| variable | default | meaning |
+| --- | --- | --- |
+| `INFERENCE_POINTER_KEY` | `serving/current.json` | key of the serving pointer in the cloud's store |
+| `INFERENCE_POLL_S` | `0.5` | how often the pointer is read |
+| `INFERENCE_RETRY_FAILED_S` | `30` | an unchanged pointer whose model failed to load is retried after this |
+| `INFERENCE_MAX_ROWS` | `1000` | most rows per request (more: 400) |
+| `INFERENCE_MAX_BODY_BYTES` | `1048576` | largest request body (more: 413) |
+| `INFERENCE_METRICS_S` | `30` | seconds between `metrics.sampled` events; `0` turns them off |
+| `INFERENCE_THREADS` | `1` | onnxruntime intra-op threads of the session |
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, fields
+
+from skyfuse.runtime.function import Runtime, current
+from skyfuse.serving import api
+from skyfuse.serving.metrics import LatencyRecorder, MetricsEmitter
+from skyfuse.serving.model import POINTER_KEY, ModelSlot, PointerWatcher
+
+FUNCTION = "inference"
+log = logging.getLogger("skyfuse.inference")
+
+
+@dataclass(frozen=True)
+class Settings:
+    pointer_key: str = POINTER_KEY
+    poll_s: float = 0.5
+    retry_failed_s: float = 30.0
+    max_rows: int = api.MAX_ROWS
+    max_body_bytes: int = api.MAX_BODY_BYTES
+    metrics_s: float = 30.0
+    threads: int = 1
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = f"INFERENCE_{f.name.upper()}"
+            raw = environ.get(name)
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+            if kind is not str and value < 0:
+                raise ValueError(f"{name}={raw!r} must be >= 0")
+            values[f.name] = value
+        settings = cls(**values)
+        if settings.max_rows < 1 or settings.max_body_bytes < 1 or settings.threads < 1 or settings.poll_s <= 0:
+            raise ValueError("INFERENCE_MAX_ROWS, INFERENCE_MAX_BODY_BYTES, INFERENCE_THREADS must be >= 1 "
+                             "and INFERENCE_POLL_S > 0")
+        return settings
+
+
+class Service:
+    """The model slot, its pointer watcher, the request recorder and the metrics emitter."""
+
+    def __init__(self, runtime: Runtime, settings: Settings | None = None):
+        self.runtime = runtime
+        self.settings = settings = settings or Settings.from_env()
+        self.limits = api.Limits(settings.max_rows, settings.max_body_bytes)
+        store = runtime.store()
+        self.slot = ModelSlot(source=store.uri_for(settings.pointer_key))
+        self.recorder = LatencyRecorder()
+        self.watcher = PointerWatcher(self.slot, store, settings.pointer_key, settings.poll_s, settings.threads,
+                                      settings.retry_failed_s)
+        self.watcher.check_once()  # the current model, if there is one, before the first answer
+        self.watcher.start()
+        self.emitter: MetricsEmitter | None = None
+        if settings.metrics_s > 0:
+            self.emitter = MetricsEmitter(self.recorder, self._publish, self._describe, settings.metrics_s)
+            self.emitter.start()
+
+    def _describe(self) -> dict:
+        cloud = self.runtime.fleet.clouds[self.runtime.cloud]
+        model = self.slot.model
+        return {"cloud": self.runtime.cloud, "price_per_hour": cloud.price_per_hour,
+                "price_per_million_requests": cloud.price_per_million_requests,
+                "model_version": model.version if model else None}
+
+    def _publish(self, data: dict) -> None:
+        self.runtime.emit("metrics.sampled", data)
+        del self.runtime.emitted[:-16]  # a server runs for days: keep only the last few
+
+    def predict(self, body: bytes | str) -> api.Result:
+        started = time.perf_counter()
+        status, out = api.predict(body, self.slot, self.limits)
+        self.recorder.record(time.perf_counter() - started, status >= 500)
+        return status, out
+
+    def close(self) -> None:
+        self.watcher.stop()
+        if self.emitter:
+            self.emitter.stop()
+
+
+_lock = threading.Lock()
+_service: Service | None = None
+_pid: int | None = None
+
+
+def service() -> Service:
+    """This process's service (created on first use, and again in a forked child)."""
+    global _service, _pid
+    svc = _service
+    if svc is not None and _pid == os.getpid():
+        return svc
+    with _lock:
+        if _service is None or _pid != os.getpid():
+            _service, _pid = Service(current(FUNCTION)), os.getpid()
+            atexit.register(_at_exit, os.getpid())
+        return _service
+
+
+def _at_exit(pid: int) -> None:
+    """Stop the threads and free the onnxruntime sessions before the interpreter tears down (a
+    session alive at teardown can abort the process, e.g. a gunicorn worker on SIGTERM)."""
+    if _service is not None and _pid == pid == os.getpid():
+        _service.close()
+        _service.slot.model = None
+
+
+def reset() -> None:
+    """Stop and forget this process's service (tests)."""
+    global _service, _pid
+    with _lock:
+        if _service is not None and _pid == os.getpid():
+            _service.close()
+        _service, _pid = None, None
+
+
+def max_body_bytes() -> int:
+    return service().limits.max_body_bytes
+
+
+def predict(body: bytes | str) -> api.Result:
+    return service().predict(body)
+
+
+def too_large(size: int | None) -> api.Result:
+    """413 for a body the entry point refused before reading all of it (counted as a request)."""
+    svc = service()
+    svc.recorder.record(0.0)
+    return api.too_large(size, svc.limits.max_body_bytes)
+
+
+def health() -> api.Result:
+    return api.health(service().slot)
+
+
+def metadata() -> api.Result:
+    svc = service()
+    return api.metadata(svc.slot, svc.limits)
+
+
+def openapi(server_url: str | None = None) -> api.Result:
+    return api.openapi(server_url, service().limits)
+
+
+def not_found(method: str, path: str) -> api.Result:
+    routes = "POST /predict, GET /health, GET /metadata, GET /openapi.json"
+    return api.error(404, f"no route {method} {path}; routes: {routes}", "not_found", method=method, path=path)
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> api.Result:
+    return api.error(405, f"{path} does not take {method}; use {allowed}", "method_not_allowed",
+                     method=method, path=path, allowed=allowed)

@@ -1,0 +1,162 @@
+"""skyfuse.ml.model and skyfuse.ml.export: tiny models on a slice of breast_cancer, ONNX parity,
+deterministic names and initial weights, refusals with reasons, fine-tuning, save/load."""
+import numpy as np
+import onnx
+import pytest
+
+from skyfuse.ml import data as D
+from skyfuse.ml import export as E
+from skyfuse.ml import fusion as F
+from skyfuse.ml import model as M
+
+TINY = M.ModelSpec(hidden=(8,), epochs=15, batch_size=16, learning_rate=3e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    return D.sample_dataset("breast_cancer")
+
+
+@pytest.fixture(scope="module")
+def shard(cancer):
+    return cancer.subset(np.arange(200))
+
+
+@pytest.fixture(scope="module")
+def trained(shard):
+    return M.train(TINY, shard, 2)
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    return E.to_onnx(trained.model)
+
+
+def test_spec_round_trips_through_a_dict():
+    spec = M.ModelSpec.from_dict({"hidden": [4, 2], "epochs": 3, "learning_rate": 0.01, "seed": 9})
+    assert spec.hidden == (4, 2) and spec.batch_size == 16
+    assert spec.to_dict() == {"hidden": [4, 2], "epochs": 3, "batch_size": 16, "learning_rate": 0.01, "seed": 9}
+    assert M.ModelSpec.from_dict(spec.to_dict()) == spec
+    assert M.ModelSpec.from_dict(None) == M.ModelSpec()
+    with pytest.raises(ValueError, match="unknown model spec keys \\['layers'\\]"):
+        M.ModelSpec.from_dict({"layers": 2})
+
+
+def test_build_names_layers_and_outputs_probabilities():
+    m = M.build(M.ModelSpec(hidden=(4, 3)), 5, 2, np.zeros(5), np.ones(5))
+    assert [layer.name for layer in m.layers] == ["features", "standardize", "dense_0", "dense_1", "out"]
+    assert [v.path for v in m.weights] == ["standardize/mean", "standardize/variance", "dense_0/kernel",
+                                            "dense_0/bias", "dense_1/kernel", "dense_1/bias", "out/kernel", "out/bias"]
+    p = M.predict_proba(m, np.random.default_rng(0).normal(size=(7, 5)))
+    assert p.shape == (7, 2)  # binary: two softmax units
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-6)
+
+
+def test_standardization_is_fixed_and_handles_zero_variance():
+    mean, var = np.array([1.0, 2.0, 3.0]), np.array([4.0, 0.0, 9.0])
+    m = M.build(M.ModelSpec(hidden=(2,)), 3, 3, mean, var)
+    got_mean, got_var = M.standardization(m)
+    np.testing.assert_allclose(got_mean, mean)
+    np.testing.assert_allclose(got_var, [4.0, 1.0, 9.0])  # zero variance -> 1
+    assert m.get_layer("standardize").trainable_weights == []
+    x = np.array([[1.0, 1e6, 3.0]], np.float32)
+    assert np.isfinite(M.predict_proba(m, x)).all()
+
+
+def test_same_seed_same_initial_weights_and_onnx_names():
+    spec = M.ModelSpec(hidden=(6, 4), seed=5)
+    a = M.build(spec, 4, 3, np.zeros(4), np.ones(4))
+    b = M.build(spec, 4, 3, np.zeros(4), np.ones(4))
+    c = M.build(M.ModelSpec(hidden=(6, 4), seed=6), 4, 3, np.zeros(4), np.ones(4))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    assert not np.array_equal(a.get_weights()[2], c.get_weights()[2])
+    ga, gc = (onnx.load_from_string(E.to_onnx(m)).graph for m in (a, c))
+    assert [t.name for t in ga.initializer] == [t.name for t in gc.initializer]
+    assert {t.name for t in ga.initializer} == {"standardize.mean", "standardize.variance", "dense_0.kernel",
+                                                 "dense_0.bias", "dense_1.kernel", "dense_1.bias", "out.kernel",
+                                                 "out.bias"}
+    # zero biases and unit variances are not folded away: the graph depends on the spec only
+    assert [(n.op_type, list(n.input)) for n in ga.node] == [(n.op_type, list(n.input)) for n in gc.node]
+
+
+def test_training_reports_validation_and_learns(trained, shard, cancer):
+    assert trained.samples == len(shard) == 200
+    assert trained.validation["rows"] == 40 == len(trained.validation_rows)
+    assert abs(trained.validation_rows.y.mean() - shard.y.mean()) <= 1 / 40  # stratified
+    assert 0.8 <= trained.validation["accuracy"] <= 1.0 and trained.validation["loss"] > 0
+    assert 1 <= trained.epochs <= TINY.epochs and trained.seconds > 0
+    held_out = cancer.subset(np.arange(200, 569))
+    acc = np.mean(M.predict_proba(trained.model, held_out.X).argmax(1) == held_out.y)
+    assert acc > 0.85
+    mean, var = M.standardization(trained.model)  # the shard's own statistics by default
+    np.testing.assert_allclose(mean, shard.X.astype(np.float64).mean(0), rtol=1e-5)
+
+
+def test_onnx_export_parity_and_signature(trained, exported, shard):
+    X_val = shard.X[-40:]
+    assert E.parity(trained.model, exported, X_val) <= 1e-5
+    d = E.describe(exported)
+    assert d["opset"] == 17
+    assert d["inputs"] == [{"name": "features", "shape": ["N", 30], "dtype": "float32"}]
+    assert d["outputs"] == [{"name": "prob", "shape": ["N", 2], "dtype": "float32"}]
+    p = F.predict(exported, X_val)
+    assert p.dtype == np.float32 and p.shape == (40, 2)
+
+
+def test_export_other_opsets(trained, shard):
+    for opset in (13, 18):
+        raw = E.to_onnx(trained.model, opset=opset)
+        assert E.describe(raw)["opset"] == opset
+        assert E.parity(trained.model, raw, shard.X[:20]) <= 1e-5
+
+
+def test_training_refuses_a_single_class_shard(cancer):
+    one = cancer.subset(np.flatnonzero(cancer.y == 1)[:50])
+    with pytest.raises(M.TrainingError, match=r"all have the same class \(1\).*at least 2 classes"):
+        M.train(TINY, one, 2)
+
+
+def test_training_refuses_a_tiny_shard(cancer):
+    tiny = cancer.subset([0, 1, 2, 19])
+    with pytest.raises(M.TrainingError, match="4 rows; training needs at least 5"):
+        M.train(TINY, tiny, 2)
+    assert issubclass(M.TrainingError, ValueError)
+
+
+def test_rare_class_falls_back_to_a_random_validation_split(cancer):
+    rows = np.concatenate([np.flatnonzero(cancer.y == 0)[:1], np.flatnonzero(cancer.y == 1)[:29]])
+    result = M.train(M.ModelSpec(hidden=(4,), epochs=2), cancer.subset(rows), 2)
+    assert result.validation["rows"] == 6
+
+
+def test_shared_stats_replace_the_shard_statistics(shard):
+    mean, var = np.full(30, 2.0), np.full(30, 3.0)
+    result = M.train(M.ModelSpec(hidden=(4,), epochs=1), shard, 2, stats=(mean, var))
+    got = M.standardization(result.model)
+    np.testing.assert_allclose(got[0], mean) and np.testing.assert_allclose(got[1], var)
+
+
+def test_fine_tuning_starts_from_the_initial_model(trained, cancer):
+    other = cancer.subset(np.arange(300, 400))
+    frozen = M.ModelSpec(hidden=(8,), epochs=1, learning_rate=1e-12, seed=3)
+    tuned = M.train(frozen, other, 2, initial=trained.model).model
+    for before, after in zip(trained.model.get_weights(), tuned.get_weights()):
+        np.testing.assert_allclose(after, before, atol=1e-6)  # its weights and its standardization
+    fresh = M.train(frozen, other, 2).model
+    assert not np.allclose(fresh.get_weights()[2], trained.model.get_weights()[2])
+    with pytest.raises(M.TrainingError, match="do not fit the spec"):
+        M.train(M.ModelSpec(hidden=(5,), epochs=1), other, 2, initial=trained.model)
+
+
+def test_save_and_load(trained, shard, tmp_path):
+    path = M.save(trained.model, tmp_path / "member")
+    assert path.name == "member.keras" and path.exists()
+    back = M.load(path)
+    np.testing.assert_allclose(M.predict_proba(back, shard.X), M.predict_proba(trained.model, shard.X), atol=1e-7)
+    np.testing.assert_allclose(M.standardization(back)[0], M.standardization(trained.model)[0])
+
+
+def test_pooled_stats_is_offered_by_the_model_module(shard):
+    a, b = shard.subset(np.arange(50)), shard.subset(np.arange(50, 200))
+    mean, var = M.pooled_stats([a.summary(), b.summary()])
+    np.testing.assert_allclose(var, shard.X.astype(np.float64).var(0), rtol=1e-9)
