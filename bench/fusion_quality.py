@@ -64,6 +64,18 @@ def run_case(dataset: str, method: str, alpha: float, seed: int, cfg: Defaults) 
     pooled = D.pooled_stats([s.summary() for s in shards])
     timing = {}
 
+    # a shard the trainer refuses (e.g. rows of one class only, common under label skew) gives no
+    # member, as in the product; the others are fused
+    usable = []
+    for s in shards:
+        try:
+            M.check_shard(s, k)
+            usable.append(s)
+        except M.TrainingError:
+            pass
+    skipped = len(shards) - len(usable)
+    shards = usable
+
     t = time.perf_counter()
     members = [M.train(spec, s, k, stats=pooled if cfg.pooled_members else None) for s in shards]
     onnx_members = [E.to_onnx(r.model) for r in members]
@@ -99,7 +111,7 @@ def run_case(dataset: str, method: str, alpha: float, seed: int, cfg: Defaults) 
     timing["central"] = time.perf_counter() - t
     central_acc = float(np.mean(M.predict_proba(central.model, test.X).argmax(1) == test.y))
 
-    return {"seed": seed, "shard_rows": [len(s) for s in shards],
+    return {"seed": seed, "shard_rows": [len(s) for s in shards] + ["refused"] * skipped,
             "shard": float(np.mean([F.accuracy(b, test) for b in onnx_members])),
             **tst, "chosen": tst[chosen], "chosen_strategy": chosen, "central": central_acc,
             "validation": val, "fedavg_validation_by_round": fed_curve, "seconds": timing}

@@ -15,6 +15,7 @@ deliver base64-encoded, and `HttpResolverLocal` cannot decode) with the core's o
 from __future__ import annotations
 
 import base64
+import os
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import HttpResolverLocal, LambdaFunctionUrlResolver, Response
@@ -65,6 +66,9 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
 
 app = add_routes(LambdaFunctionUrlResolver())
 local_app = add_routes(HttpResolverLocal())
+
+if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # in Lambda: load the model during the init phase
+    handler.service()
 
 
 @logger.inject_lambda_context

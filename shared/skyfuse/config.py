@@ -32,6 +32,8 @@ class Cloud(Section):
     price_per_million_requests: float = Field(0.2, ge=0, description="USD per million inference requests.")
     capacity_rps: float = Field(500.0, gt=0, description="Requests/s one replica sustains within the SLO.")
     store: str = Field("", description="Object store URI for this cloud's shards and models; default a local folder.")
+    endpoint: str = Field("", description="Base URL of this cloud's inference function; `skyfuse up` sets it locally.")
+    inference_port: int = Field(0, ge=0, le=65535, description="Port `skyfuse up` serves this cloud's inference on (0: 8101, 8102, … by order).")
 
 
 def _default_clouds() -> dict[str, Cloud]:

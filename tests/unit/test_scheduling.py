@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -289,6 +288,14 @@ def test_min_replicas_and_top_k_weights():
     scores = {s.cloud: s.total for s in decision.scores}
     assert serving[0].weight / serving[1].weight == pytest.approx(scores["gcp"] / scores["aws"], rel=1e-3)
     assert all(p.replicas == 2 for p in serving)  # 5 rps needs 1 replica; the floor is 2
+    idle = Policy(cfg(min_replicas=0))
+    state = idle.new_state()
+    for cloud in ("aws", "gcp", "azure"):  # no traffic at all, only probes
+        state.observe(data(cloud, T0, rps=0.0))
+        state.observe(data(cloud, T0, rps=0.2, source="monitor"))
+    first = idle.decide(state, T0)
+    assert [p.replicas for p in first.serving] == [1]  # serving means a replica; 0 would mean "remove"
+    assert VALIDATOR.is_valid(first.to_event_data("v1", "file:///m.onnx", SHA, "aws"))
 
 
 def test_config_from_fleet_and_validation():
@@ -337,7 +344,7 @@ def test_decision_event_data_validates_against_the_schema():
         assert errors == []
         assert {s["cloud"] for s in event["scores"]} == {"aws", "gcp", "azure"}
         assert sum(p["weight"] for p in event["placements"]) == pytest.approx(1.0, abs=1e-9)
-        assert event["policy"] == {"margin": 0.1, "dwell_s": 900.0, "min_replicas": 1}
+        assert event["policy"] == {"margin": 0.15, "dwell_s": 900.0, "min_replicas": 1}
     failover = w.decisions[1].to_event_data("v1", "file:///m.onnx", SHA, "aws", decision_id="d-1",
                                             decided_at="2025-01-14T00:11:00Z")
     assert failover["decision_id"] == "d-1" and failover["previous"] and failover["trigger"] == "metrics"

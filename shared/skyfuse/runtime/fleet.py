@@ -9,7 +9,7 @@ from pathlib import Path
 import services
 from skyfuse import contracts
 from skyfuse.bus.base import Bus
-from skyfuse.config import Fleet
+from skyfuse.config import FUNCTIONS, Fleet
 from skyfuse.runtime.clouds.base import Invoker
 from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.runtime.host import FunctionHost, Listener
@@ -73,8 +73,11 @@ class TimerHost:
 
 def build_timers(fleet: Fleet, bus: Bus, functions: list[str] | None = None,
                  clouds: list[str] | None = None) -> list[TimerHost]:
+    """A timer for every function whose core has `on_timer` (the fuser's quorum check, the monitor)."""
     timers = []
-    for function in functions or event_functions():
+    for function in functions or FUNCTIONS:
+        if not (SERVICES / function / "handler.py").exists():
+            continue
         on_timer = getattr(importlib.import_module(f"services.{function}.handler"), "on_timer", None)
         for cloud in fleet.clouds_for(function) if on_timer else ():
             if clouds is None or cloud in clouds:

@@ -26,7 +26,8 @@ Normalisation: C is relative to the cheapest eligible cloud, so it is unitless, 
 cheapest and e.g. 1.3 for a cloud 30 % dearer; P is unitless with 1.0 meaning "p99 exactly at
 the SLO". With λ = 1, 10 % more cost is worth the same as a p99 10 % of the SLO lower. Prices
 are the latest reported in the samples (list prices from the config until a cloud reports);
-p99 and errors are smoothed (see `metrics`). Saturation uses the *projected* utilisation of the
+p99 and errors are smoothed (see `metrics`). Capacity is the config's (`capacity_rps` per
+replica, `max_replicas`); the `capacity_rps`/`replicas` a sample reports are not used. Saturation uses the *projected* utilisation of the
 replicas the cloud would run for the whole load, not the `load` reported, because the reported
 load depends on the current placement (the serving cloud would look busy and the idle ones
 free, which would push traffic back and forth).
@@ -105,8 +106,8 @@ class PolicyConfig:
     """λ, weight of performance against cost: score = C + λ·P (fleet config `lambda`)."""
     slo_p99_ms: float = 100.0
     """Latency objective: the p99 a cloud should stay under; P's latency term is 1.0 there."""
-    margin: float = 0.1
-    """Relative improvement the best placement needs over the current one to move (0.1 = 10 %)."""
+    margin: float = 0.15
+    """Relative improvement the best placement needs over the current one to move (0.15 = 15 %)."""
     dwell_s: float = 300.0
     """How long the better placement must stay better by `margin`, at every decision, before a move."""
     min_dwell_s: float = 900.0
@@ -396,7 +397,8 @@ class Policy:
         caps = {s.cloud: (cfg.clouds[s.cloud].max_rps() / load if load > 0 else math.inf) for s in chosen}
         weights = _water_fill(base, caps)
         weights = _round_weights(weights)
-        return tuple(Placement(c, w, cfg.replicas_for(c, w * load) if w > 0 else 0)
+        # a cloud with traffic runs a replica at least (replicas 0 means "remove"), even with min_replicas 0
+        return tuple(Placement(c, w, max(1, cfg.replicas_for(c, w * load)))
                      for c, w in sorted(weights.items(), key=lambda kv: (-kv[1], kv[0])) if w > 0)
 
     @staticmethod
@@ -426,10 +428,10 @@ class Policy:
             return self._adopt(state, now, "initial", best, scores, load, reason)
         broken = [p.cloud for p in current if p.cloud not in by_cloud or by_cloud[p.cloud].urgent]
         if broken:
-            why = "; ".join(f"{c}: {by_cloud[c].note}" if c in by_cloud else f"{c}: not in the fleet config"
+            why = ", ".join(f"{c} ({by_cloud[c].note if c in by_cloud else 'not in the fleet config'})"
                             for c in broken)
             top = by_cloud[best[0].cloud]
-            reason = (f"failover from {', '.join(broken)} ({why}); moved to {_names(best)}, the best eligible "
+            reason = (f"failover from {why}; moved to {_names(best)}, the best eligible "
                       f"(score {top.total:.3f})" + _ineligible(scores, skip=broken))
             return self._adopt(state, now, "failover", best, scores, load, reason)
         if {p.cloud for p in best} == {p.cloud for p in current}:

@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,9 +41,6 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _DUMP = orjson.OPT_SERIALIZE_NUMPY
 
 Result = tuple[int, bytes]
-
-# a value beyond float32 becomes inf in the cast below, which is then reported as a 400
-warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning, __name__)
 
 
 @dataclass(frozen=True)
@@ -195,7 +191,8 @@ def parse(body: bytes | str, model, limits: Limits = DEFAULT_LIMITS) -> tuple[np
         seen.update(map(type, row))
     if not seen <= _NUMERIC:
         return None, "", _locate(instances, model)
-    X = np.array(instances, dtype=np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here, then a named 400
+        X = np.array(instances, dtype=np.float32)
     if not np.isfinite(X).all():
         return None, "", _locate(instances, model)
     return X, fmt, None

@@ -106,11 +106,12 @@ class Host:
         self.stop()
 
 
-def _answers(port: int, path: str) -> int | None:
+def _answers(port: int, path: str) -> tuple[int, bytes] | None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
         conn.request("GET", path)
-        return conn.getresponse().status
+        response = conn.getresponse()
+        return response.status, response.read()
     except OSError:
         return None
     finally:
@@ -145,10 +146,16 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
+            host.stop()  # anything the server left in its process group
             raise HostError(f"{cloud_provider} server exited with {process.returncode} before answering; "
                             f"command: {' '.join(argv)}\n{host.log()[-4000:]}")
-        if _answers(port, f"{base}/health") is not None:
-            return host
+        answer = _answers(port, f"{base}/health")
+        if answer is not None:
+            if answer[0] in (200, 503):  # serving, or up and waiting for its first model
+                return host
+            host.stop()
+            raise HostError(f"{cloud_provider} server answered GET {base}/health with {answer[0]}: "
+                            f"{answer[1][:500]!r}\n{host.log()[-4000:]}")
         if time.monotonic() > deadline:
             host.stop()
             raise HostError(f"{cloud_provider} server did not answer GET {base}/health within {timeout_s:.0f} s\n"

@@ -147,14 +147,16 @@ class LoadedModel:
             raise ModelError(f"model {version}: metadata {LINEAGE_KEY} must be a JSON object")
         features = self.lineage.get("features")
         if features is not None and (not isinstance(features, list) or len(features) != self.width):
-            raise ModelError(f"model {version}: the lineage names {len(features) if isinstance(features, list) else features!r} "
-                             f"features but the model input {self.input_name!r} takes {self.width}")
+            named = len(features) if isinstance(features, list) else repr(features)
+            raise ModelError(f"model {version}: the lineage names {named} features but the model input "
+                             f"{self.input_name!r} takes {self.width}")
         self.features = [str(f) for f in features] if features else None
         k = self._warm_up()
         classes = self.lineage.get("classes")
         if classes is not None and (not isinstance(classes, list) or len(classes) != k):
-            raise ModelError(f"model {version}: the lineage names {len(classes) if isinstance(classes, list) else classes!r} "
-                             f"classes but the model outputs {k} probabilities per row")
+            named = len(classes) if isinstance(classes, list) else repr(classes)
+            raise ModelError(f"model {version}: the lineage names {named} classes but the model outputs "
+                             f"{k} probabilities per row")
         self.classes = list(classes) if classes else list(range(k))
         self.labels = [str(c) for c in self.classes]
         self.loaded_at = time.time()

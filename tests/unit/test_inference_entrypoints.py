@@ -1,0 +1,174 @@
+"""The inference entry points called in-process the way each cloud calls them: the Lambda handler
+with Function URL events, the functions-framework app, the Azure FunctionApp's HTTP functions.
+And: nothing on the inference path imports TensorFlow."""
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import azure.functions as func
+import functions_framework
+import numpy as np
+import pytest
+
+from services.inference import handler
+from skyfuse import config
+from skyfuse.runtime.clouds.aws import LambdaContext
+from skyfuse.runtime.function import Runtime, hosted
+from skyfuse.serving import testing
+from skyfuse.serving.model import publish
+from skyfuse.storage import open_store
+
+REPO = Path(__file__).resolve().parents[2]
+ROW = [5.1, 3.5, 1.4, 0.2]
+INFERENCE_MODULES = ["services.inference", "services.inference.handler", "services.inference.aws",
+                     "services.inference.gcp", "services.inference.azure", "services.inference.azure_host",
+                     "skyfuse.serving", "skyfuse.serving.model", "skyfuse.serving.api", "skyfuse.serving.metrics",
+                     "skyfuse.serving.asgi", "skyfuse.serving.hosts"]
+
+
+@pytest.fixture(scope="module")
+def model_bytes():
+    return testing.classifier(seed=3)
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch, model_bytes):
+    """The inference core of this process, serving `model_bytes` as v1 from a temporary store."""
+    monkeypatch.setenv("INFERENCE_METRICS_S", "0")
+    store_uri = f"file://{tmp_path}/store"
+    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
+                                 "SKYFUSE_CLOUDS__AWS__STORE": store_uri})
+    publish(open_store(store_uri), "v1", model_bytes)
+    handler.reset()
+    with hosted(Runtime("aws", "inference", fleet)):
+        handler.service()
+    yield handler.service()
+    handler.reset()
+
+
+def function_url_event(method, path, body=None, base64_body=False):
+    """A Lambda Function URL request (payload format 2.0)."""
+    if base64_body and body is not None:
+        body = base64.b64encode(body).decode()
+    elif isinstance(body, bytes):
+        body = body.decode()
+    return {
+        "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
+        "headers": {"content-type": "application/json", "host": "abc123.lambda-url.us-east-1.on.aws"},
+        "requestContext": {
+            "accountId": "anonymous", "apiId": "abc123", "domainName": "abc123.lambda-url.us-east-1.on.aws",
+            "domainPrefix": "abc123", "requestId": "c1f0b1b6-0000-4000-8000-000000000000", "routeKey": "$default",
+            "stage": "$default", "time": "14/Jan/2025:10:12:30 +0000", "timeEpoch": 1736849550000,
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1",
+                     "userAgent": "pytest"}},
+        "body": body, "isBase64Encoded": base64_body,
+    }
+
+
+def test_lambda_function_url_predict(served, model_bytes):
+    from services.inference.aws import lambda_handler
+
+    body = json.dumps({"instances": [ROW]}).encode()
+    response = lambda_handler(function_url_event("POST", "/predict", body), LambdaContext("skyfuse-inference"))
+    assert response["statusCode"] == 200 and response["headers"]["Content-Type"] == "application/json"
+    doc = json.loads(response["body"])
+    assert doc["model_version"] == "v1"
+    expected = testing.reference(model_bytes, np.array([ROW]))[0]
+    got = [doc["predictions"][0]["probabilities"][c] for c in testing.IRIS_CLASSES]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_lambda_base64_body_and_errors(served):
+    from services.inference.aws import lambda_handler
+
+    ctx = LambdaContext("skyfuse-inference")
+    ok = lambda_handler(function_url_event("POST", "/predict", json.dumps({"instances": [ROW]}).encode(),
+                                           base64_body=True), ctx)
+    assert ok["statusCode"] == 200
+    bad = lambda_handler(function_url_event("POST", "/predict", b"\xff\xfe", base64_body=True), ctx)
+    assert bad["statusCode"] == 400 and "not valid JSON" in json.loads(bad["body"])["error"]
+    width = lambda_handler(function_url_event("POST", "/predict", b'{"instances": [[1, 2]]}'), ctx)
+    assert width["statusCode"] == 400 and "expected 4" in json.loads(width["body"])["error"]
+    missing = lambda_handler(function_url_event("GET", "/nowhere"), ctx)
+    assert missing["statusCode"] == 404 and json.loads(missing["body"])["detail"]["code"] == "not_found"
+    for path in ("/health", "/metadata", "/openapi.json"):
+        assert lambda_handler(function_url_event("GET", path), ctx)["statusCode"] == 200
+
+
+def test_functions_framework_app(served):
+    saved = list(sys.path)  # create_app appends services/inference, whose azure.py would shadow `azure`
+    try:
+        app = functions_framework.create_app(target="inference", source=str(REPO / "services/inference/gcp.py"),
+                                             signature_type="http")
+    finally:
+        sys.path[:] = saved
+    client = app.test_client()
+    r = client.post("/predict", data=json.dumps({"instances": [ROW, ROW]}), content_type="application/json")
+    assert r.status_code == 200 and len(r.get_json()["predictions"]) == 2
+    assert r.headers["Content-Type"] == "application/json"
+    assert client.post("/predict", data=b"[]").status_code == 400
+    r = client.get("/predict")
+    assert r.status_code == 405 and "use POST" in r.get_json()["error"]
+    assert client.get("/nowhere").status_code == 404
+    assert client.get("/health").get_json()["model_version"] == "v1"
+    assert client.get("/metadata").get_json()["input"]["width"] == 4
+    r = client.post("/predict", data=b"x" * (handler.max_body_bytes() + 1))
+    assert r.status_code == 413
+
+
+def test_azure_function_app(served):
+    from services.inference import azure as entry
+    from services.inference.azure_host import http_routes
+
+    routes = http_routes(entry.app)
+    assert {path: sorted(methods) for path, methods in routes.items()} == {
+        "/api/predict": ["POST"], "/api/health": ["GET"], "/api/metadata": ["GET"], "/api/openapi.json": ["GET"]}
+    request = func.HttpRequest("POST", "http://localhost/api/predict", body=json.dumps({"instances": [ROW]}).encode(),
+                               headers={"content-type": "application/json"})
+    response = entry.predict(request)
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    assert json.loads(response.get_body())["model_version"] == "v1"
+    bad = entry.predict(func.HttpRequest("POST", "http://localhost/api/predict", body=b'{"instances": 1}'))
+    assert bad.status_code == 400 and "non-empty array" in json.loads(bad.get_body())["error"]
+    health = entry.health(func.HttpRequest("GET", "http://localhost/api/health", body=b""))
+    assert json.loads(health.get_body())["status"] == "ok"
+
+
+def test_service_counts_requests_for_metrics(served):
+    before = served.recorder.requests
+    handler.predict(json.dumps({"instances": [ROW]}).encode())
+    handler.predict(b"nope")
+    assert served.recorder.requests == before + 2
+
+
+def test_settings_from_env():
+    s = handler.Settings.from_env({"INFERENCE_POLL_S": "0.1", "INFERENCE_MAX_ROWS": "5", "INFERENCE_THREADS": "2"})
+    assert (s.poll_s, s.max_rows, s.threads, s.metrics_s) == (0.1, 5, 2, 30.0)
+    with pytest.raises(ValueError, match="INFERENCE_MAX_ROWS='many' is not a valid int"):
+        handler.Settings.from_env({"INFERENCE_MAX_ROWS": "many"})
+
+
+def test_no_tensorflow_on_the_inference_path(tmp_path, model_bytes):
+    """Import every inference module and serve a prediction in a fresh interpreter: TensorFlow (and
+    the onnx package) must never load."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(model_bytes)
+    script = f"""
+import json, sys
+for name in {INFERENCE_MODULES!r}:
+    __import__(name)
+from skyfuse.serving.model import LoadedModel, ModelSlot
+from skyfuse.serving import api
+slot = ModelSlot()
+slot.swap(LoadedModel(open({str(model)!r}, "rb").read(), "v1"))
+status, _ = api.predict(b'{{"instances": [[1, 2, 3, 4]]}}', slot)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "onnx"))
+print(json.dumps({{"status": status, "heavy": heavy, "ort": "onnxruntime" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"status": 200, "heavy": [], "ort": True}
+
