@@ -51,6 +51,7 @@ class Defaults:
     shards: int = 3
     rounds: int = 5  # FedAvg rounds after round 0
     finetune_epochs: int = 5
+    round0_epochs: int | None = None  # epochs of FedAvg's round 0 (None: spec.epochs, like the members)
     pooled_members: bool = True  # ensemble members standardize with the pooled statistics too
     vote_weights: str = "samples"  # "samples" or "equal"
 
@@ -87,10 +88,10 @@ def run_case(dataset: str, method: str, alpha: float, seed: int, cfg: Defaults) 
              "confidence": F.fuse("confidence", onnx_members, samples)}
 
     t = time.perf_counter()
-    if cfg.pooled_members:  # round 0 of FedAvg is exactly these members: same seed, pooled statistics
-        fed_members = onnx_members
+    if cfg.pooled_members and cfg.round0_epochs is None:
+        fed_members = onnx_members  # round 0 of FedAvg is exactly these members: same seed, pooled statistics
     else:
-        fed_members = [E.to_onnx(M.train(spec, s, k, stats=pooled).model) for s in shards]
+        fed_members = [E.to_onnx(M.train(spec, s, k, stats=pooled, epochs=cfg.round0_epochs).model) for s in shards]
     global_onnx = F.fuse("fedavg", fed_members, samples, lineage={"round": 0})
     fed_curve = [F.accuracy(global_onnx, validation)]
     for r in range(1, cfg.rounds + 1):
@@ -157,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--rounds", type=int)
     p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--round0-epochs", type=int)
     p.add_argument("--own-stats", action="store_true", help="ensemble members standardize with their own shard")
     p.add_argument("--vote-weights", choices=("samples", "equal"))
     p.add_argument("--json", type=Path, help="also write every result to this file")
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     cfg.spec = M.ModelSpec.from_dict(spec)
     cfg.rounds = cfg.rounds if a.rounds is None else a.rounds
     cfg.finetune_epochs = a.finetune_epochs or cfg.finetune_epochs
+    cfg.round0_epochs = a.round0_epochs or cfg.round0_epochs
     cfg.pooled_members = not a.own_stats
     cfg.vote_weights = a.vote_weights or cfg.vote_weights
     print(f"defaults: spec {cfg.spec.to_dict()} (seed = run seed), {cfg.shards} shards, FedAvg rounds "

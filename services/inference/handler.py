@@ -80,6 +80,9 @@ class Service:
         self.runtime = runtime
         self.settings = settings = settings or Settings.from_env()
         self.limits = api.Limits(settings.max_rows, settings.max_body_bytes)
+        if runtime.cloud not in runtime.fleet.clouds:
+            raise RuntimeError(f"SKYFUSE_CLOUD={runtime.cloud!r} is not under [clouds] of the fleet config; "
+                               f"configured: {', '.join(runtime.fleet.clouds)}")
         store = runtime.store()
         self.slot = ModelSlot(source=store.uri_for(settings.pointer_key))
         self.recorder = LatencyRecorder()

@@ -61,7 +61,7 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
                 runtime.received(event, f"skipped: unusable sample ({exc})")
                 return
             model = _load(runtime, "model")
-            decision = policy.decide(state, sample.at) if model else None
+            decision = policy.decide(state, sample.t) if model else None
             if decision:
                 _announce(runtime, event, decision, model, "metrics")
         runtime.received(event)

@@ -449,5 +449,36 @@ def report(run: Annotated[Optional[str], typer.Option(help="Run id (default: the
     out.print(f"wrote {png} and {html}", highlight=False)
 
 
+@app.command()
+def simulate(trace: Annotated[Optional[Path], typer.Argument(help="JSON lines of metrics.sampled data (default: the shipped day).")] = None,
+             decisions: Annotated[bool, typer.Option("--decisions", help="Also list the policy's decisions.")] = False,
+             as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Replay a metrics trace through the placement policy and compare it with three baselines."""
+    from skyfuse.scheduling import PolicyConfig
+    from skyfuse.scheduling import simulate as sim
+
+    try:
+        samples = sim.load_trace(trace or sim.SHIPPED_TRACE)
+    except (OSError, sim.TraceError) as exc:
+        fail(str(exc))
+    results = sim.compare(samples, PolicyConfig.from_fleet(load_fleet()))
+    rows = [{"policy": r.name, "cost_usd": round(r.cost_usd, 4), "slo_violating_minutes": r.slo_minutes,
+             "down_minutes": r.down_minutes, "moves": r.moves} for r in results]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    floor = min(r["cost_usd"] for r in rows) or 1.0
+    table = Table("policy", "cost (USD)", "vs lowest", "SLO-violating min", "of which on a down cloud", "moves",
+                  title=f"placement over {trace or 'the shipped day (daily cycle, price change, outage)'}")
+    for r in rows:
+        table.add_row(r["policy"], f"{r['cost_usd']:.2f}", f"{r['cost_usd'] / floor:.3f}×",
+                      f"{r['slo_violating_minutes']:.0f}", f"{r['down_minutes']:.0f}", str(r["moves"]),
+                      style="bold" if r["policy"] == "policy" else None)
+    out.print(table)
+    if decisions:
+        for d in results[0].decisions:
+            out.print(f"{sim.format_time(d.at)} [bold]{d.kind}[/]: {d.reason}", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -11,6 +11,7 @@ the same initial weights: what FedAvg needs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -30,6 +31,17 @@ MODEL_NAME = "skyfuse_mlp"
 STANDARDIZE = "standardize"
 MIN_ROWS = 5
 PATIENCE = 10
+
+
+class _NoRetracingNoise(logging.Filter):
+    """Each `train` compiles fresh tf.functions for its fresh model, which TensorFlow reports as
+    'retracing' after a few calls; that is expected here, so drop just that message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_NoRetracingNoise())
 
 
 class TrainingError(ValueError):

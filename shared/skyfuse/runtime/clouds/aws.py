@@ -145,6 +145,8 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
             run_handler(handle, events.decode(record.decoded_key, record.decoded_value, headers), runtime)
         except Exception:
             failed_lanes.add(lane(record))
+            runtime.log.exception("record failed", extra={"record": f"{record.topic}-{record.partition}@{record.offset}",
+                                                         "cloud": runtime.cloud, "function": function})
             raise
 
     processor = BatchProcessor(event_type=EventType.Kafka, raise_on_entire_batch_failure=False)
