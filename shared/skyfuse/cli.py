@@ -135,8 +135,9 @@ def up(
     cloud: Annotated[Optional[list[str]], typer.Option("--cloud", help="Only these clouds (repeatable).")] = None,
     function: Annotated[Optional[list[str]], typer.Option("--function", help="Only these functions (repeatable).")] = None,
     seconds: Annotated[Optional[float], typer.Option("--for", help="Stop after this many seconds.")] = None,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also run each cloud's inference server.")] = True,
 ):
-    """Start the function hosts of every configured cloud and function; run until interrupted."""
+    """Start every cloud's function hosts, timers and inference server; run until interrupted."""
     fleet = load_fleet()
     for name in cloud or ():
         if name not in fleet.clouds:
@@ -144,21 +145,27 @@ def up(
     for name in function or ():
         if name not in event_functions():
             fail(f"--function {name!r} is not an event-triggered function; expected one of: {', '.join(event_functions())}")
+    from skyfuse import local
+
+    if serve and local.running():
+        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve")
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
-    hosts = build_hosts(fleet, bus, _print_delivery, functions=function, clouds=cloud)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    out.print(f"[bold]skyfuse up[/]: {len(hosts)} function hosts on the {fleet.bus.backend} bus "
-              f"({', '.join(sorted({h.cloud for h in hosts}))}); Ctrl-C to stop", highlight=False)
-    for host in hosts:
-        out.print(f"  {host.group:<18} ← {', '.join(host.topics)}  [dim]{host.invoker.shape}[/]", highlight=False)
-    with Fabric(hosts):
+    with local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve) as running:
+        out.print(f"[bold]skyfuse up[/]: {len(running.hosts)} function hosts on the {fleet.bus.backend} bus "
+                  f"({', '.join(sorted({h.cloud for h in running.hosts}))}); Ctrl-C to stop", highlight=False)
+        for host in running.hosts:
+            out.print(f"  {host.group:<18} ← {', '.join(host.topics)}  [dim]{host.invoker.shape}[/]", highlight=False)
+        for name, server in running.servers.items():
+            out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.argv[2:4])}[/]",
+                      highlight=False)
         try:
             done.wait(seconds)
         except KeyboardInterrupt:
             pass
-        out.print("stopping: finishing in-flight batches and committing…")
+        out.print("stopping: finishing in-flight batches, committing, stopping the servers…")
     bus.close()
 
 
@@ -175,7 +182,54 @@ def gather_status(fleet: fleet_config.Fleet, bus: Bus) -> dict:
                                         "lag": sum(lag.values()), "lag_by_topic": lag})
         dlq = contracts.dlq_topic(function)
         status["dead_letters"][function] = bus.count(dlq) if dlq in topics else 0
+    status["clouds"] = cloud_status(fleet, bus, topics)
     return status
+
+
+def _latest(bus: Bus, type_name: str, topics: dict) -> list[dict]:
+    """Data of every event of a type, oldest first."""
+    topic = contracts.event_type(type_name).topic
+    if topic not in topics:
+        return []
+    found = []
+    for record in bus.read(topic, 1_000_000):
+        try:
+            found.append(events.decode(record.key, record.value, record.headers).get_data())
+        except events.MalformedEvent:
+            continue
+    return found
+
+
+def cloud_status(fleet: fleet_config.Fleet, bus: Bus, topics: dict) -> dict:
+    from skyfuse import local
+
+    endpoints = local.running() or {}
+    placements = _latest(bus, "placement.changed", topics)
+    weights = {p["cloud"]: p["weight"] for p in (placements[-1]["placements"] if placements else [])}
+    metrics = {m["cloud"]: m for m in _latest(bus, "metrics.sampled", topics) if m["source"] == "inference"}
+    clouds = {}
+    for name in fleet.clouds:
+        endpoint = endpoints.get(name)
+        health = _get_json(f"{endpoint}/health") if endpoint else None
+        m = metrics.get(name, {})
+        clouds[name] = {"endpoint": endpoint, "model_version": (health or {}).get("model_version"),
+                        "placement_weight": weights.get(name, 0.0),
+                        "p50_ms": (m.get("latency_ms") or {}).get("p50"), "p99_ms": (m.get("latency_ms") or {}).get("p99"),
+                        "requests_per_s": m.get("requests_per_s"), "error_rate": m.get("error_rate")}
+    return clouds
+
+
+def _get_json(url: str) -> dict | None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=3)
+        conn.request("GET", parts.path)
+        return orjson.loads(conn.getresponse().read())
+    except (OSError, orjson.JSONDecodeError):
+        return None
 
 
 @app.command()
@@ -195,7 +249,13 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
         row = {f["cloud"]: str(f["lag"]) for f in report["functions"] if f["function"] == function}
         dead = report["dead_letters"][function]
         lag.add_row(function, *(row.get(c, "—") for c in fleet.clouds), f"[red]{dead}[/]" if dead else "0")
-    out.print(topics, lag)
+    clouds = Table("cloud", "endpoint", "model", "placement weight", "p50 ms", "p99 ms", "requests/s",
+                   title="serving")
+    for name, c in report["clouds"].items():
+        clouds.add_row(name, c["endpoint"] or "— (skyfuse up not running)", c["model_version"] or "—",
+                       f"{c['placement_weight']:.2f}", *("—" if c[k] is None else f"{c[k]:.2f}"
+                                                         for k in ("p50_ms", "p99_ms", "requests_per_s")))
+    out.print(topics, lag, clouds)
 
 
 @app.command()
@@ -290,11 +350,10 @@ def parse_partition(text: str) -> tuple[str, float]:
     return method, value
 
 
-def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeout: float) -> dict:
+def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeout: float, serve: bool = True) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from skyfuse import training
-    from skyfuse.runtime.fleet import build_timers
+    from skyfuse import local, training
 
     prepared = training.prepare(fleet, dataset, plan)
     err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
@@ -302,23 +361,36 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
               f"placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)", highlight=False)
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
-    functions = ["trainer", "exporter", "fuser"]
-    hosts = build_hosts(fleet, bus, functions=functions)
-    timers = build_timers(fleet, bus, functions=functions)
+    endpoints = local.running()
+    own = None if endpoints else local.LocalFleet(fleet, bus, serve=serve)
+    err.print("using the fleet `skyfuse up` runs" if endpoints else
+              f"starting the fleet in this process ({'with' if serve else 'without'} inference servers)")
     shards = len(prepared.shard_events)
     bars = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=False)
     train_bar = bars.add_task("models trained", total=shards * plan.rounds)
     export_bar = bars.add_task("models exported", total=shards * plan.rounds)
     fuse_bar = bars.add_task("rounds fused", total=plan.rounds)
+    serve_bar = bars.add_task("placed clouds serving", total=None) if (endpoints or serve) else None
 
     def show(p: "training.Progress") -> None:
         bars.update(train_bar, completed=sum(p.trained.values()))
         bars.update(export_bar, completed=sum(p.exported.values()))
         bars.update(fuse_bar, completed=sum(1 for k in p.times if k.startswith("round.")) + (p.fused is not None))
+        if serve_bar is not None and p.placement:
+            bars.update(serve_bar, total=len(p.placed),
+                        completed=sum(p.deployments.get(c, {}).get("state") == "serving" for c in p.placed))
 
-    with bars, Fabric(hosts, timers):
-        progress = training.follow(bus, prepared, show, timeout)
+    try:
+        if own:
+            own.start()
+            endpoints = {c: s.url for c, s in own.servers.items()}
+        with bars:
+            progress = training.follow(bus, prepared, show, timeout, until_served=bool(endpoints))
+        serving = training.check_serving(progress, endpoints, prepared.test) if endpoints and progress.deployed else {}
+    finally:
+        if own:
+            own.stop()
     bus.close()
     for failure in progress.failures:
         err.print(f"[yellow]dead-lettered[/] by {failure['function']} in {failure['cloud']}: {failure['reason']}",
@@ -334,7 +406,9 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
                "export_s": t.get("exported.0.last"), "fusion_s": t.get("fused"),
                "fedavg_rounds_s": (t["fused"] - t["round.1"]) if "round.1" in t else 0.0,
                "centralized_train_s": central_s}
+    timings["serving_s"] = t.get("serving")
     summary = training.score(prepared, progress, accuracy, timings)
+    summary["serving"] = serving
     path = training.save(summary)
     if as_json:
         print(orjson.dumps(summary).decode())
@@ -363,11 +437,18 @@ def print_summary(summary: dict) -> None:
     timings = Table("stage", "seconds", title="time per stage (from the start of the run)")
     labels = {"prepare_s": "split + upload shards", "train_s": "shards trained (round 0)",
               "export_s": "exported to ONNX (round 0)", "fedavg_rounds_s": "FedAvg rounds after the first",
-              "fusion_s": "fused.ready", "centralized_train_s": "centralized baseline training"}
+              "fusion_s": "fused.ready", "serving_s": "placed clouds serving it",
+              "centralized_train_s": "centralized baseline training"}
     for key, label in labels.items():
         value = summary["timings"].get(key)
         timings.add_row(label, "—" if value is None else f"{value:.1f}")
     out.print(shards, strategies, timings)
+    if summary.get("serving"):
+        serving = Table("cloud", "endpoint", "model version", "agrees with the fused model", title="placed and serving")
+        for cloud, s in summary["serving"].items():
+            serving.add_row(cloud, s["endpoint"], str(s["model_version"]), f"{s['agree']}/{s['rows']} test rows",
+                            style="green" if s["agree"] == s["rows"] else "red")
+        out.print(serving)
     out.print(f"fused model [bold]{fused['version']}[/] ({fused['strategy']}, round {fused['round']}): test accuracy "
               f"{_pct(fused['accuracy'])} vs. centralized {_pct(summary['centralized_accuracy'])} and shard mean "
               f"{_pct(summary['shard_mean_accuracy'])}", highlight=False)
@@ -386,6 +467,7 @@ def train(
     quorum_timeout: Annotated[Optional[float], typer.Option(help="Seconds the fuser waits for missing members.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead of tables.")] = False,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Without `skyfuse up`: also start the inference servers, place and serve the fused model.")] = True,
 ):
     """Train on DATA split across clouds, fuse the shard models, and compare with centralized training."""
     from skyfuse.ml import data as mldata
@@ -394,10 +476,11 @@ def train(
         dataset = mldata.load_csv(data.read_bytes() if data.exists() else fail(f"no such file: {data}"), target)
     except mldata.DataError as exc:
         fail(f"{data}: {exc}")
-    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json)
+    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json, serve)
 
 
-def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json):
+def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json,
+                      serve=True):
     from skyfuse import training
 
     fleet = load_fleet()
@@ -411,7 +494,7 @@ def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, qu
     plan = training.Plan(target=dataset.target, clouds=chosen, partition=method, alpha=alpha, fusion=fusion,
                          rounds=rounds, seed=seed, init=None if init == "random" else init, timeout_s=quorum_timeout)
     try:
-        return run_training(fleet, dataset, plan, as_json, timeout)
+        return run_training(fleet, dataset, plan, as_json, timeout, serve)
     except ValueError as exc:
         fail(str(exc))
 
@@ -424,6 +507,7 @@ def demo(
     rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Without `skyfuse up`: also start the inference servers, place and serve the fused model.")] = True,
 ):
     """The whole training half on a real dataset over three clouds: what `make run` runs."""
     from skyfuse.ml import data as mldata
@@ -431,7 +515,7 @@ def demo(
     if dataset not in ("breast_cancer", "digits"):
         fail(f"--dataset {dataset!r}: expected breast_cancer or digits")
     run_csv_or_sample(mldata.sample_dataset(dataset), None, partition, fusion, rounds, "random", seed, None, 900.0,
-                      as_json)
+                      as_json, serve)
 
 
 @app.command()
@@ -447,6 +531,30 @@ def report(run: Annotated[Optional[str], typer.Option(help="Run id (default: the
         fail("no training run recorded yet: run `skyfuse demo` or `skyfuse train` first")
     png, html = reporting.write(summary, out_dir or training.RUNS_DIR / summary["run_id"])
     out.print(f"wrote {png} and {html}", highlight=False)
+
+
+@app.command()
+def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's endpoint to call.")],
+            data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')]):
+    """Call a cloud's inference endpoint (`skyfuse up` must be running) and print its answer."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from skyfuse import local
+
+    endpoints = local.running()
+    if not endpoints:
+        fail("no fleet is up in this folder: start one with `skyfuse up`")
+    if cloud not in endpoints:
+        fail(f"--cloud {cloud!r} has no endpoint; serving clouds: {', '.join(endpoints)}")
+    body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
+    parts = urlsplit(endpoints[cloud])
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", f"{parts.path}/predict", body, {"content-type": "application/json"})
+    response = conn.getresponse()
+    print(response.read().decode())
+    if response.status >= 300:
+        raise typer.Exit(1)
 
 
 @app.command()

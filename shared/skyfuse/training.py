@@ -22,8 +22,8 @@ from skyfuse.runtime import deadletter
 from skyfuse.storage import fetch, open_store
 
 RUNS_DIR = Path(".skyfuse/runs")
-FOLLOWED = ["model.ready", "onnx.ready", "round.started", "fused.ready"]
-FAILURES = ["trainer", "exporter", "fuser"]
+FOLLOWED = ["model.ready", "onnx.ready", "round.started", "fused.ready", "placement.changed", "deployment.status"]
+FAILURES = ["trainer", "exporter", "fuser", "scheduler", "deployer"]
 
 
 @dataclass
@@ -104,11 +104,33 @@ class Progress:
     members: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, shard) → onnx.ready data
     failures: list[dict] = field(default_factory=list)
     fused: dict | None = None
+    placements: dict[str, dict] = field(default_factory=dict)  # model version → its last placement.changed
+    statuses: dict[str, dict[str, dict]] = field(default_factory=dict)  # version → cloud → deployment.status
     times: dict[str, float] = field(default_factory=dict)  # milestone → seconds since start
 
+    @property
+    def placement(self) -> dict | None:
+        return self.placements.get((self.fused or {}).get("version"))
 
-def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], timeout_s: float = 900) -> Progress:
-    """Publish the shard events, then read the run's events until fused.ready (or give up)."""
+    @property
+    def deployments(self) -> dict[str, dict]:
+        return self.statuses.get((self.fused or {}).get("version"), {})
+
+    @property
+    def placed(self) -> list[str]:
+        return [p["cloud"] for p in (self.placement or {}).get("placements", []) if p["weight"] > 0]
+
+    @property
+    def deployed(self) -> bool:
+        """Every placed cloud serves the fused version, or one has failed to."""
+        states = [self.deployments.get(c, {}).get("state") for c in self.placed]
+        return bool(states) and (all(s == "serving" for s in states) or "failed" in states)
+
+
+def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], timeout_s: float = 900,
+           until_served: bool = False) -> Progress:
+    """Publish the shard events, then read the run's events until fused.ready (or, with
+    `until_served`, until every placed cloud serves it), or give up."""
     plan = prepared.plan
     progress = Progress(len(prepared.shard_events), plan.rounds)
     topics = [contracts.event_type(t).topic for t in FOLLOWED] + [contracts.dlq_topic(f) for f in FAILURES]
@@ -118,7 +140,8 @@ def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], 
         for event in prepared.shard_events:
             key, value, headers = events.encode(event)
             bus.publish(events.topic_of(event), value, key, headers)
-        while progress.fused is None and time.monotonic() - started < timeout_s:
+        while time.monotonic() - started < timeout_s and not (
+                progress.fused and (not until_served or progress.deployed)):
             for record in consumer.poll(0.2, 100):
                 _note(record, plan.run_id, progress, time.monotonic() - started)
             on_change(progress)
@@ -144,9 +167,17 @@ def _note(record, run_id: str, progress: Progress, now: float) -> None:
     except events.MalformedEvent:
         return
     data = event.get_data()
+    kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
+    if kind == "placement.changed":  # may be read before the fused.ready it follows: keep by version
+        progress.placements[data["model_version"]] = data
+    elif kind == "deployment.status":
+        progress.statuses.setdefault(data["model_version"], {})[data["cloud"]] = data
+    if progress.placement:
+        progress.times.setdefault("placed", now)
+    if progress.deployed:
+        progress.times.setdefault("serving", now)
     if data.get("run_id") != run_id:
         return
-    kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
     if kind == "model.ready":
         progress.trained[data["round"]] = progress.trained.get(data["round"], 0) + 1
         progress.times.setdefault(f"trained.{data['round']}", now)
@@ -216,3 +247,34 @@ def save(summary: dict) -> Path:
 def load(run_id: str | None = None) -> dict:
     run_id = run_id or (RUNS_DIR / "last").read_text().strip()
     return orjson.loads((RUNS_DIR / run_id / "summary.json").read_bytes())
+
+
+def check_serving(progress: Progress, endpoints: dict[str, str], test, timeout_s: float = 30) -> dict[str, dict]:
+    """POST the test rows to every placed cloud's endpoint; compare with the fused model run here."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    from skyfuse.ml import fusion
+
+    fused = progress.fused
+    model = fetch(fused["model_uri"], fused["sha256"])
+    expected = [str(fused["classes"][i]) for i in fusion.predict(model, test.X).argmax(1)]
+    body = orjson.dumps({"instances": test.X.tolist(), "format": "compact"})
+    results = {}
+    for cloud in progress.placed:
+        url = urlsplit(endpoints[cloud])
+        deadline, answer = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:  # the servers swap within their pointer poll interval
+            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+            conn.request("POST", f"{url.path}/predict", body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            answer = (response.status, orjson.loads(response.read()))
+            conn.close()
+            if answer[0] == 200 and answer[1].get("model_version") == fused["version"]:
+                break
+            time.sleep(0.25)
+        status, doc = answer
+        got = [str(c) for c in doc.get("predictions", [])] if status == 200 else []
+        results[cloud] = {"endpoint": endpoints[cloud], "status": status, "model_version": doc.get("model_version"),
+                          "rows": len(expected), "agree": sum(a == b for a, b in zip(got, expected))}
+    return results

@@ -1,0 +1,93 @@
+"""The whole fleet on one machine: what `skyfuse up` runs (and `skyfuse demo` when no `up` is).
+
+Per cloud: an inference server (a real HTTP server, the cloud's own entry point) on 127.0.0.1, and
+in this process a function host for every event-triggered function plus the timers (the fuser's
+quorum check, the monitor). `.skyfuse/endpoints.json` tells other commands (`status`, `predict`,
+`demo`) that a fleet is up and where each cloud serves.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+
+from skyfuse.bus.base import Bus
+from skyfuse.config import Fleet
+from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
+from skyfuse.runtime.host import Listener
+from skyfuse.storage import open_store
+
+ENDPOINTS = Path(".skyfuse/endpoints.json")
+FIRST_PORT = 8101
+
+
+def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
+    """What a serving process needs to find its cloud, its store and the bus: absolute paths, since
+    the servers do not run in this working directory."""
+    env = {"SKYFUSE_CLOUD": cloud}
+    for name, settings in fleet.clouds.items():
+        store = settings.store
+        env[f"SKYFUSE_CLOUDS__{name.upper()}__STORE"] = open_store(store).uri if store.startswith("file://") else store
+    env["SKYFUSE_BUS__BACKEND"] = fleet.bus.backend
+    env["SKYFUSE_BUS__EMBEDDED__PATH"] = str(Path(fleet.bus.embedded.path).resolve())
+    env["SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS"] = fleet.bus.kafka.bootstrap_servers
+    if os.environ.get("SKYFUSE_CONFIG"):
+        env["SKYFUSE_CONFIG"] = str(Path(os.environ["SKYFUSE_CONFIG"]).resolve())
+    return env
+
+
+class LocalFleet:
+    def __init__(self, fleet: Fleet, bus: Bus, listener: Listener | None = None, *,
+                 functions: list[str] | None = None, clouds: list[str] | None = None, serve: bool = True):
+        self.fleet, self.bus, self.listener = fleet, bus, listener
+        self.functions, self.clouds, self.serve = functions, clouds or list(fleet.clouds), serve
+        self.servers: dict[str, object] = {}
+        self.fabric: Fabric | None = None
+
+    def start(self) -> "LocalFleet":
+        from skyfuse.serving import hosts
+
+        if self.serve:
+            try:
+                for i, cloud in enumerate(self.clouds):
+                    settings = self.fleet.clouds[cloud]
+                    port = settings.inference_port or FIRST_PORT + list(self.fleet.clouds).index(cloud)
+                    server = hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
+                                         log_dir=Path(".skyfuse/logs").resolve())
+                    self.servers[cloud] = server
+                    settings.endpoint = server.url  # the deployer reports it in deployment.status
+            except Exception:
+                self.stop()
+                raise
+            ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
+            ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()}}))
+        self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions, clouds=self.clouds)
+        timers = build_timers(self.fleet, self.bus, clouds=self.clouds)
+        self.fabric = Fabric(self.hosts, timers).start()
+        return self
+
+    def stop(self) -> None:
+        if self.fabric:
+            self.fabric.stop()
+        for server in self.servers.values():
+            server.stop()
+        if self.servers and ENDPOINTS.exists():
+            ENDPOINTS.unlink()
+        self.servers = {}
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def running() -> dict[str, str] | None:
+    """cloud → endpoint of the fleet `skyfuse up` is running from this folder, if one is."""
+    try:
+        info = orjson.loads(ENDPOINTS.read_bytes())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return info["clouds"]
