@@ -46,11 +46,10 @@ PREFERENCE = ("fedavg", "wavg", "confidence", "vote")
 @dataclass
 class Defaults:
     """The product defaults this benchmark tunes."""
-    spec: M.ModelSpec = field(default_factory=lambda: M.ModelSpec(hidden=(32, 16), epochs=100, batch_size=16,
-                                                                    learning_rate=1e-3, seed=0))
+    spec: M.ModelSpec = field(default_factory=M.ModelSpec)
     shards: int = 3
-    rounds: int = 5  # FedAvg rounds after round 0
-    finetune_epochs: int = 5
+    rounds: int = M.FEDAVG_ROUNDS  # FedAvg rounds after round 0
+    finetune_epochs: int = M.FINETUNE_EPOCHS
     round0_epochs: int | None = None  # epochs of FedAvg's round 0 (None: spec.epochs, like the members)
     pooled_members: bool = True  # ensemble members standardize with the pooled statistics too
     vote_weights: str = "samples"  # "samples" or "equal"

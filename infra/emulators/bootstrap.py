@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.azure:
             azure_container(args.azure, args.azure_container)
     except ImportError as exc:
-        raise SystemExit(f"bootstrap: {exc}: the cloud SDKs are missing from {sys.executable}; run `make install`") from None
+        raise SystemExit(f"bootstrap: {exc}: the cloud SDKs are missing from {sys.executable}; "
+                         "run `make install`") from None
     return 0
 
 

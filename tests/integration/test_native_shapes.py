@@ -34,9 +34,22 @@ def sample_record(offset=15, **data_changes):
 def runtime(tmp_path):
     from skyfuse import config
 
-    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus")})
+    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
+                                 "SKYFUSE_CLOUDS__AWS__STORE": f"file://{tmp_path}/stores/aws"})
     with hosted(Runtime("aws", "trainer", fleet)) as rt:
         yield rt
+
+
+def core_saw(runtime) -> list[str]:
+    """Ids of the events the trainer core received: handled, or rejected into trainer.dlq. (The
+    golden shard lives in s3://skyfuse-aws, a store this local fleet does not have, so the core
+    rejects it with that reason: proof it got the decoded event.)"""
+    from skyfuse.runtime import deadletter
+
+    rejected = [deadletter.describe(r.headers) for r in runtime.bus.read("trainer.dlq")] \
+        if "trainer.dlq" in runtime.bus.topics() else []
+    assert all("s3://skyfuse-aws" in r["reason"] for r in rejected)
+    return runtime.handled + [r["event_id"] for r in rejected]
 
 
 # -- AWS Lambda ---------------------------------------------------------------------------------
@@ -47,7 +60,7 @@ def test_aws_handler_takes_the_documented_msk_event(runtime):
     KafkaMskEventModel.model_validate(event)  # the golden file is a well-formed MSK event
     response = lambda_handler(event, LambdaContext("skyfuse-trainer"))
     assert response == {"batchItemFailures": []}
-    assert runtime.handled == [GOLDEN_ID]
+    assert core_saw(runtime) == [GOLDEN_ID]
 
 
 def test_aws_handler_reports_a_bad_record_by_topic_partition_and_offset(runtime):
@@ -63,7 +76,7 @@ def test_aws_handler_reports_a_bad_record_by_topic_partition_and_offset(runtime)
     assert response == {"batchItemFailures": [
         {"itemIdentifier": {"partition": "skyfuse.shard.ready-0", "offset": 16}},
         {"itemIdentifier": {"partition": "skyfuse.shard.ready-0", "offset": 17}}]}
-    assert runtime.handled == [GOLDEN_ID]
+    assert core_saw(runtime) == [GOLDEN_ID]
 
 
 def test_host_builds_the_self_managed_kafka_event_lambda_sends():
@@ -85,7 +98,7 @@ def test_azure_function_takes_the_kafka_trigger_payload(runtime):
     assert kafka_evt.topic == "skyfuse.shard.ready" and kafka_evt.offset == 15 and kafka_evt.partition == 0
     assert kafka_evt.key == "r1"
     kafka_trigger_functions(app)["skyfuse.shard.ready"](decode_payload(payload))
-    assert runtime.handled == [GOLDEN_ID]
+    assert core_saw(runtime) == [GOLDEN_ID]
 
 
 def test_host_builds_the_trigger_payload_the_functions_host_sends():
@@ -109,7 +122,7 @@ def test_gcp_function_takes_a_binary_mode_cloudevent(runtime):
     app = functions_framework.create_app("trainer", module.__file__, "cloudevent")
     response = app.test_client().post("/", headers=doc["headers"], data=json.dumps(doc["body"]))
     assert response.status_code == 200, response.get_data(as_text=True)
-    assert runtime.handled == [GOLDEN_ID]
+    assert core_saw(runtime) == [GOLDEN_ID]
 
 
 def test_gcp_function_refuses_data_that_breaks_the_schema(runtime):
@@ -120,7 +133,7 @@ def test_gcp_function_refuses_data_that_breaks_the_schema(runtime):
     doc = golden("gcp_cloudevent.json")
     app = functions_framework.create_app("trainer", module.__file__, "cloudevent")
     response = app.test_client().post("/", headers=doc["headers"], data=json.dumps({**doc["body"], "rows": 0}))
-    assert response.status_code == 500 and runtime.handled == []
+    assert response.status_code == 500 and core_saw(runtime) == []
 
 
 # -- end to end ----------------------------------------------------------------------------------
@@ -147,5 +160,8 @@ def test_published_event_reaches_the_trainer_in_every_cloud_in_its_native_shape(
             time.sleep(0.05)
     assert {c: d.result for c, d in mine.items()} == {"aws": "ok", "gcp": "ok", "azure": "ok"}
     assert {c: d.shape for c, d in mine.items()} == {h.cloud: h.invoker.shape for h in hosts}
+    from skyfuse.runtime import deadletter
+
+    rejected = {(d["cloud"], d["event_id"]) for d in map(deadletter.describe, (r.headers for r in bus.read("trainer.dlq", 100_000)))}
     for host in hosts:  # each cloud's core saw the event, through its own entry point
-        assert event["id"] in host.runtime.handled
+        assert event["id"] in host.runtime.handled or (host.cloud, event["id"]) in rejected

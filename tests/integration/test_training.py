@@ -22,8 +22,12 @@ FAST = {"SKYFUSE_TRAINING__EPOCHS": 30, "SKYFUSE_TRAINING__FINETUNE_EPOCHS": 3, 
 
 
 def env_for(backend, tmp_path, **extra):
-    stores = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in ("aws", "gcp", "azure")}
-    return {**fleet_env(backend, tmp_path), **stores, **{k: str(v) for k, v in {**FAST, **extra}.items()}}
+    from skyfuse.serving.hosts import free_port
+
+    clouds = ("aws", "gcp", "azure")
+    stores = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in clouds}
+    ports = {f"SKYFUSE_CLOUDS__{c.upper()}__INFERENCE_PORT": str(free_port()) for c in clouds}
+    return {**fleet_env(backend, tmp_path), **stores, **ports, **{k: str(v) for k, v in {**FAST, **extra}.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,12 @@ def test_train_end_to_end_from_the_command_line(backend, tmp_path, breast_cancer
     assert summary["fused"]["strategy"] in summary["strategies"]
     assert summary["fused"]["accuracy"] == summary["strategies"][summary["fused"]["strategy"]]
     assert summary["fused"]["accuracy"] >= 0.88 and summary["centralized_accuracy"] >= 0.88
-    assert {"train_s", "export_s", "fusion_s", "centralized_train_s"} <= set(summary["timings"])
+    assert {"train_s", "export_s", "fusion_s", "centralized_train_s", "serving_s"} <= set(summary["timings"])
+    # placed, deployed and answering: every placed endpoint predicts what the fused model predicts here
+    assert summary["serving"], "the fused model was not served anywhere"
+    for cloud, serving in summary["serving"].items():
+        assert serving["status"] == 200 and serving["model_version"] == summary["fused"]["version"]
+        assert serving["agree"] == serving["rows"] == summary["rows"]["test"], cloud
     run_id = summary["run_id"]
     for i, cloud in enumerate(["aws", "gcp", "azure"]):  # each shard and its models stayed in its own cloud
         store = tmp_path / "stores" / cloud / "runs" / run_id

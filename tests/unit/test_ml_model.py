@@ -154,6 +154,10 @@ def test_save_and_load(trained, shard, tmp_path):
     back = M.load(path)
     np.testing.assert_allclose(M.predict_proba(back, shard.X), M.predict_proba(trained.model, shard.X), atol=1e-7)
     np.testing.assert_allclose(M.standardization(back)[0], M.standardization(trained.model)[0])
+    raw = E.to_onnx(back)  # what the exporter does with a model it fetched
+    assert E.parity(back, raw, shard.X) <= 1e-5
+    assert ([t.name for t in onnx.load_from_string(raw).graph.initializer]
+            == [t.name for t in onnx.load_from_string(E.to_onnx(trained.model)).graph.initializer])
 
 
 def test_pooled_stats_is_offered_by_the_model_module(shard):

@@ -8,7 +8,8 @@ SAS token or azure-identity credential).
 Objects up to 8 MiB are one Put Blob, larger ones staged 4 MiB blocks committed by one Put Block
 List; Azure makes either visible only when committed (atomic). `create` uploads with
 `If-None-Match: *`, so Azure itself refuses to replace an existing blob. Reads of large blobs come
-down in 8 MiB ranges, two at a time.
+down in 8 MiB ranges, two at a time, all pinned to the first range's ETag (a blob replaced meanwhile
+is read again from the start).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from skyfuse.storage.base import NotFound, ObjectInfo, StoreError, sha256_of
 from skyfuse.storage.cloud import CHUNK, CloudStore, is_loopback, no_bucket, split_object_uri, unreachable
 
 BLOCK = 4 * 1024 * 1024
+READ_ATTEMPTS = 3
 
 
 def _endpoint_of(connection_string: str) -> str | None:
@@ -98,7 +100,8 @@ class AzureStore(CloudStore):
         except (ServiceRequestError, ServiceResponseError) as exc:
             raise unreachable("Azure Blob Storage", self.endpoint, self.uri, exc) from None
         except HttpResponseError as exc:
-            raise StoreError(f"Azure could not {action} {where}: {exc.status_code} {exc.error_code or exc.reason}") from exc
+            raise StoreError(f"Azure could not {action} {where}: "
+                             f"{exc.status_code} {exc.error_code or exc.reason}") from exc
         except AzureError as exc:
             raise StoreError(f"Azure could not {action} {where}: {exc}") from exc
 
@@ -122,12 +125,32 @@ class AzureStore(CloudStore):
                 return False
         return True
 
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`, if there is one (not part of `Store`: cleanup and retention)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        name = self._name(key)
+        with self._errors("delete", key):
+            try:
+                self._container.delete_blob(name)
+            except ResourceNotFoundError as exc:
+                if exc.error_code == "ContainerNotFound":
+                    raise
+
     # ------------------------------------------------------------------- reads ---
 
     def read(self, key: str) -> bytes:
+        from azure.core.exceptions import ResourceModifiedError
+
         name = self._name(key)
         with self._errors("read", key):
-            return self._container.download_blob(name, max_concurrency=2).readall()
+            for attempt in range(READ_ATTEMPTS):
+                try:
+                    return self._container.download_blob(name, max_concurrency=2).readall()
+                except ResourceModifiedError:  # replaced between two ranges: read the new blob whole
+                    if attempt == READ_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
 
     def exists(self, key: str) -> bool:
         name = self._name(key)

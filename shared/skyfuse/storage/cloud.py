@@ -63,7 +63,8 @@ def unreachable(service: str, endpoint: str | None, store_uri: str, exc: BaseExc
 
 def no_bucket(kind: str, bucket: str, endpoint: str | None, store_uri: str) -> StoreError:
     hint = BUCKETS_HINT if is_loopback(endpoint) else f"create the {kind} first"
-    return StoreError(f"the {kind} {bucket!r} of {store_uri} does not exist at {endpoint or 'its default endpoint'}: {hint}")
+    where = endpoint or "its default endpoint"
+    return StoreError(f"the {kind} {bucket!r} of {store_uri} does not exist at {where}: {hint}")
 
 
 class CloudStore(Store):

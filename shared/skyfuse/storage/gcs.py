@@ -6,7 +6,8 @@ read for an emulator), both with anonymous credentials and the project `project`
 
 Objects up to 8 MiB are one multipart upload, larger ones a resumable upload in 8 MiB chunks; GCS
 makes either visible only when complete (atomic). `create` uploads with `ifGenerationMatch=0`, so
-GCS itself refuses to replace an existing object. Reads of large objects come down in 8 MiB ranges.
+GCS itself refuses to replace an existing object. A read is one request (one generation, crc32c
+checked) whose body streams in.
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ class GCSStore(CloudStore):
                 self._bucket_handle = _client(self.endpoint, self.project).bucket(self.bucket)
         return self._bucket_handle
 
-    def _blob(self, name: str):
-        return self._bucket.blob(name, chunk_size=CHUNK)
+    def _blob(self, name: str, *, upload: bool = False):
+        # Uploads over 8 MiB go resumable in CHUNK pieces. Reads are one request whose body streams
+        # in: ranged chunk requests would not pin the object's generation, so a reader racing a
+        # writer could get half of each, and they skip the library's crc32c check.
+        return self._bucket.blob(name, chunk_size=CHUNK if upload else None)
 
     # ------------------------------------------------------------------ errors ---
 
@@ -105,7 +109,7 @@ class GCSStore(CloudStore):
     # ------------------------------------------------------------------ writes ---
 
     def put(self, key: str, data: bytes) -> ObjectInfo:
-        blob = self._blob(self._name(key))
+        blob = self._blob(self._name(key), upload=True)
         with self._errors("write", key):
             blob.upload_from_string(data, content_type="application/octet-stream", retry=self._retry,
                                     timeout=TIMEOUT_S)
@@ -114,7 +118,7 @@ class GCSStore(CloudStore):
     def create(self, key: str, data: bytes) -> bool:
         from google.api_core import exceptions as gexc
 
-        blob = self._blob(self._name(key))
+        blob = self._blob(self._name(key), upload=True)
         with self._errors("create", key):
             try:
                 blob.upload_from_string(data, content_type="application/octet-stream", if_generation_match=0,
@@ -122,6 +126,18 @@ class GCSStore(CloudStore):
             except gexc.PreconditionFailed:
                 return False
         return True
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`, if there is one (not part of `Store`: cleanup and retention)."""
+        from google.api_core import exceptions as gexc
+
+        blob = self._blob(self._name(key))
+        with self._errors("delete", key):
+            try:
+                blob.delete(retry=self._retry, timeout=TIMEOUT_S)
+            except gexc.NotFound:
+                if self._bucket_missing():
+                    raise
 
     # ------------------------------------------------------------------- reads ---
 

@@ -136,6 +136,12 @@ class S3Store(CloudStore):
                     time.sleep(0.05 * 2 ** attempt)
         return False  # unreachable: the loop returns or raises
 
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`, if there is one (not part of `Store`: cleanup and retention)."""
+        name = self._name(key)
+        with self._errors("delete", key):
+            self._client.delete_object(Bucket=self.bucket, Key=name)
+
     # ------------------------------------------------------------------- reads ---
 
     def read(self, key: str) -> bytes:
