@@ -271,7 +271,8 @@ def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letter
     rows = []
     for r in records:
         d = deadletter.describe(r.headers)
-        rows.append({"cloud": d.get("cloud"), "from": f"{d.get('topic')}[{d.get('partition')}]@{d.get('offset')}",
+        where = f"{d.get('topic')}[{d.get('partition')}]@{d.get('offset')}" if d.get("topic") else "rejected by the function"
+        rows.append({"cloud": d.get("cloud"), "from": where,
                      "event_id": d["event_id"], "attempts": int(d.get("attempts") or 0), "reason": d.get("reason")})
     if as_json:
         print(json.dumps(rows))

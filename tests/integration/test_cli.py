@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from skyfuse import contracts
 from tests.conftest import fleet_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,12 +74,13 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert all(f["lag"] == 0 for f in status["functions"]), status
-    # the samples point at s3://skyfuse-aws/..., a store this fleet cannot reach: the aws trainer and
-    # exporter reject them with that reason instead of retrying forever
-    for function in ("trainer", "exporter"):
+    # the samples point at s3:// and gs:// buckets this fleet cannot reach: the trainer and exporter
+    # reject them with that reason instead of retrying forever
+    for function, uri in (("trainer", contracts.sample("shard.ready")["uri"]),
+                          ("exporter", contracts.sample("model.ready")["model_uri"])):
         assert status["dead_letters"][function] > dead_before[function]  # (round.started may add a second)
         reasons = [row["reason"] for row in json.loads(cli(env, "dlq", function, "--json", "--limit", "100000").stdout)]
-        assert any("s3://skyfuse-aws" in reason and "cannot be read" in reason for reason in reasons)
+        assert any(uri in reason and "cannot be read" in reason for reason in reasons), reasons
     for cloud in ("aws", "gcp", "azure"):  # every event type delivered in every cloud
         for name in types:
             assert any(cloud in line and name in line and " ok " in line for line in output.splitlines()), (cloud, name)
