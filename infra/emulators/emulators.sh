@@ -245,10 +245,13 @@ launch() {   # launch NAME: start it detached (own session, so it outlives us); 
   local -a cmd
   case "$name" in
     localstack)
-      mkdir -p "$STATE/localstack"
+      # TMPDIR keeps LocalStack's temporary folder in ours (S3 object bodies still spool under
+      # /tmp/localstack-s3-storage: a path fixed in LocalStack 2026.3.0)
+      rm -rf "$STATE/localstack/tmp"
+      mkdir -p "$STATE/localstack/tmp"
       cmd=(env GATEWAY_SERVER=hypercorn "GATEWAY_LISTEN=127.0.0.1:$port" DNS_ADDRESS=0
         SKIP_SSL_CERT_DOWNLOAD=1 DISABLE_EVENTS=1 "LOCALSTACK_VOLUME_DIR=$STATE/localstack"
-        "$LS_VENV/bin/python" -m localstack.runtime.main) ;;
+        "TMPDIR=$STATE/localstack/tmp" "$LS_VENV/bin/python" -m localstack.runtime.main) ;;
     gcs)
       cmd=("$GCS_BIN" -scheme http -host 127.0.0.1 -port "$port" -backend memory
         -external-url "http://127.0.0.1:$port" -public-host "127.0.0.1:$port" -log-level warn) ;;

@@ -138,12 +138,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
 
 def _average_keras(members: list[dict], weights: list[float]) -> bytes:
     """The next global model: the members' Keras weights averaged, weighted by sample count."""
-    import numpy as np
-
     from services.trainer.handler import _keras_bytes, _load_keras
+    from skyfuse.ml import model as mlmodel
 
-    models = [_load_keras(fetch(m["model_uri"])) for m in members]
-    share = np.asarray(weights) / sum(weights)
-    averaged = [sum(w * layer for w, layer in zip(share, layers)) for layers in zip(*(m.get_weights() for m in models))]
-    models[0].set_weights(averaged)
-    return _keras_bytes(models[0])
+    return _keras_bytes(mlmodel.average([_load_keras(fetch(m["model_uri"])) for m in members], weights))

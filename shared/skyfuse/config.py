@@ -78,12 +78,12 @@ class Function(Section):
 
 
 class Training(Section):
-    hidden: list[int] = Field([32, 16], min_length=1, description="Units of each hidden layer of the MLP.")
+    hidden: list[int] = Field([64, 32], min_length=1, description="Units of each hidden layer of the MLP.")
     epochs: int = Field(100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
-    finetune_epochs: int = Field(5, ge=1, description="Epochs of each FedAvg round's fine-tuning.")
+    finetune_epochs: int = Field(2, ge=1, description="Epochs of each FedAvg round's fine-tuning.")
     batch_size: int = Field(16, ge=1, description="Mini-batch size.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam learning rate.")
-    rounds: int = Field(5, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
+    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
+    rounds: int = Field(10, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
     quorum_timeout_s: float = Field(120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
     timer_s: float = Field(2.0, gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")
 

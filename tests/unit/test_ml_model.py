@@ -92,6 +92,13 @@ def test_training_reports_validation_and_learns(trained, shard, cancer):
     np.testing.assert_allclose(mean, shard.X.astype(np.float64).mean(0), rtol=1e-5)
 
 
+def test_training_is_deterministic_and_stops_early(shard):
+    spec = M.ModelSpec(hidden=(8,), epochs=400, learning_rate=1e-2, seed=1)
+    a, b = M.train(spec, shard, 2), M.train(spec, shard, 2)
+    assert all(np.array_equal(x, y) for x, y in zip(a.model.get_weights(), b.model.get_weights()))
+    assert a.epochs < 400 and a.validation == b.validation  # validation loss stopped improving
+
+
 def test_onnx_export_parity_and_signature(trained, exported, shard):
     X_val = shard.X[-40:]
     assert E.parity(trained.model, exported, X_val) <= 1e-5
