@@ -5,10 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-unit kafka-up kafka-down status clean
+.PHONY: help install run run-emulated test test-unit bench kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "skyfuse needs Python >= 3.11; set PYTHON=python3.11")'
@@ -22,12 +22,29 @@ install: $(STAMP)  ## create .venv and install skyfuse with its test tools
 run: install  ## the main job: train on breast cancer split over three clouds, fuse, compare with centralized
 	$(BIN)/skyfuse demo
 
-test: install  ## every test, against a real Kafka broker started (and stopped) here
+run-emulated: install  ## the main job on Apache Kafka and the cloud emulators (LocalStack S3, fake-gcs-server, Azurite)
 	bash infra/kafka/kafka.sh up
-	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; bash infra/kafka/kafka.sh down; exit $$rc
+	bash infra/emulators/emulators.sh up || { bash infra/kafka/kafka.sh down; exit 1; }
+	$(BIN)/skyfuse demo --emulate; rc=$$?; bash infra/emulators/emulators.sh down; bash infra/kafka/kafka.sh down; exit $$rc
+
+test: install  ## every test, against a real Kafka broker and the storage emulators started (and stopped) here
+	bash infra/kafka/kafka.sh up
+	bash infra/emulators/emulators.sh up || { bash infra/kafka/kafka.sh down; exit 1; }
+	$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; bash infra/emulators/emulators.sh down; bash infra/kafka/kafka.sh down; exit $$rc
 
 test-unit: install  ## the tests that need no server
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench: install  ## figures: fusion quality over 5 seeds, HTTP serving per cloud, placement policy vs. baselines
+	$(BIN)/python bench/fusion_quality.py
+	$(BIN)/python bench/serving.py
+	$(BIN)/skyfuse simulate
+
+emulators-up: install  ## install (first time) and start LocalStack (S3), fake-gcs-server and Azurite on 127.0.0.1; create the buckets
+	bash infra/emulators/emulators.sh up
+
+emulators-down:  ## stop the storage emulators (their objects live in memory only)
+	bash infra/emulators/emulators.sh down
 
 kafka-up:  ## install (first time) and start the single-node Apache Kafka broker on 127.0.0.1:9092
 	bash infra/kafka/kafka.sh up
@@ -38,6 +55,7 @@ kafka-down:  ## stop the broker (its data stays in .skyfuse/kafka)
 status: install  ## topics, lag per function and cloud, dead letters
 	$(BIN)/skyfuse status
 
-clean:  ## remove the venv, the local bus and stores, the broker's data
+clean:  ## remove the venv, the local bus and stores, the broker's and emulators' data
 	-bash infra/kafka/kafka.sh down --purge
+	-bash infra/emulators/emulators.sh down --purge
 	rm -rf $(VENV) .skyfuse .pytest_cache

@@ -136,9 +136,12 @@ def up(
     function: Annotated[Optional[list[str]], typer.Option("--function", help="Only these functions (repeatable).")] = None,
     seconds: Annotated[Optional[float], typer.Option("--for", help="Stop after this many seconds.")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also run each cloud's inference server.")] = True,
+    emulate: Annotated[bool, typer.Option("--emulate", help="Stores in the cloud emulators, the bus on Kafka.")] = False,
 ):
     """Start every cloud's function hosts, timers and inference server; run until interrupted."""
-    fleet = load_fleet()
+    from skyfuse import emulation
+
+    fleet = emulation.apply(load_fleet()) if emulate else load_fleet()
     for name in cloud or ():
         if name not in fleet.clouds:
             fail(f"--cloud {name!r} is not configured; configured clouds: {', '.join(fleet.clouds)}")
@@ -469,6 +472,7 @@ def train(
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead of tables.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Without `skyfuse up`: also start the inference servers, place and serve the fused model.")] = True,
+    emulate: Annotated[bool, typer.Option("--emulate", help="Stores in LocalStack S3, fake-gcs-server and Azurite, the bus on Kafka (`make emulators-up kafka-up`).")] = False,
 ):
     """Train on DATA split across clouds, fuse the shard models, and compare with centralized training."""
     from skyfuse.ml import data as mldata
@@ -477,14 +481,17 @@ def train(
         dataset = mldata.load_csv(data.read_bytes() if data.exists() else fail(f"no such file: {data}"), target)
     except mldata.DataError as exc:
         fail(f"{data}: {exc}")
-    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json, serve)
+    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json, serve,
+                      emulate)
 
 
 def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json,
-                      serve=True):
-    from skyfuse import training
+                      serve=True, emulate=False):
+    from skyfuse import emulation, training
 
     fleet = load_fleet()
+    if emulate:
+        fleet = emulation.apply(fleet)
     method, alpha = parse_partition(partition)
     if fusion not in FUSIONS:
         fail(f"--fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
@@ -509,6 +516,7 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Without `skyfuse up`: also start the inference servers, place and serve the fused model.")] = True,
+    emulate: Annotated[bool, typer.Option("--emulate", help="Stores in LocalStack S3, fake-gcs-server and Azurite, the bus on Kafka (`make emulators-up kafka-up`).")] = False,
 ):
     """The whole training half on a real dataset over three clouds: what `make run` runs."""
     from skyfuse.ml import data as mldata
@@ -516,7 +524,7 @@ def demo(
     if dataset not in ("breast_cancer", "digits"):
         fail(f"--dataset {dataset!r}: expected breast_cancer or digits")
     run_csv_or_sample(mldata.sample_dataset(dataset), None, partition, fusion, rounds, "random", seed, None, 900.0,
-                      as_json, serve)
+                      as_json, serve, emulate)
 
 
 @app.command()
