@@ -164,6 +164,11 @@ def up(
         for name, server in running.servers.items():
             out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.argv[2:4])}[/]",
                       highlight=False)
+        if emulate and "aws" in running.servers:
+            gateway = emulation.api_gateway(running.servers["aws"].url)
+            local.record_gateway("aws", gateway)
+            out.print(f"  {'aws.api-gateway':<18} → {gateway}/predict  [dim]LocalStack API Gateway, HTTP proxy[/]",
+                      highlight=False)
         try:
             done.wait(seconds)
         except KeyboardInterrupt:

@@ -28,3 +28,26 @@ def apply(fleet: Fleet) -> Fleet:
     clouds = {name: c.model_copy(update={"store": STORES[c.provider]}) for name, c in fleet.clouds.items()}
     bus = fleet.bus.model_copy(update={"backend": "kafka"})
     return fleet.model_copy(update={"clouds": clouds, "bus": bus})
+
+
+def api_gateway(endpoint: str, name: str = "skyfuse-inference", stage: str = "local") -> str:
+    """Put LocalStack's API Gateway in front of the AWS inference endpoint, the way it is called in
+    AWS: a REST API whose `{proxy+}` resource forwards every method to `endpoint` (an HTTP proxy
+    integration). Returns the invoke URL; `POST {url}/predict` reaches the function."""
+    import boto3
+
+    gateway_url = os.environ.get("AWS_ENDPOINT_URL", ENVIRONMENT["AWS_ENDPOINT_URL"])
+    client = boto3.client("apigateway", endpoint_url=gateway_url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    api = next((a for a in client.get_rest_apis(limit=500)["items"] if a["name"] == name), None)
+    if api is not None:  # one API per name: replace it, its target port may have changed
+        client.delete_rest_api(restApiId=api["id"])
+    api_id = client.create_rest_api(name=name, description="skyfuse inference (aws) through API Gateway")["id"]
+    root = next(r["id"] for r in client.get_resources(restApiId=api_id)["items"] if r["path"] == "/")
+    proxy = client.create_resource(restApiId=api_id, parentId=root, pathPart="{proxy+}")["id"]
+    client.put_method(restApiId=api_id, resourceId=proxy, httpMethod="ANY", authorizationType="NONE",
+                      requestParameters={"method.request.path.proxy": True})
+    client.put_integration(restApiId=api_id, resourceId=proxy, httpMethod="ANY", type="HTTP_PROXY",
+                           integrationHttpMethod="ANY", uri=f"{endpoint.rstrip('/')}/{{proxy}}",
+                           requestParameters={"integration.request.path.proxy": "method.request.path.proxy"})
+    client.create_deployment(restApiId=api_id, stageName=stage)
+    return f"{gateway_url.rstrip('/')}/_aws/execute-api/{api_id}/{stage}"

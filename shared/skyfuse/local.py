@@ -83,6 +83,13 @@ class LocalFleet:
         self.stop()
 
 
+def record_gateway(cloud: str, url: str) -> None:
+    """Note an API gateway in front of a cloud's endpoint (`skyfuse up --emulate` for aws)."""
+    info = orjson.loads(ENDPOINTS.read_bytes())
+    info.setdefault("gateways", {})[cloud] = url
+    ENDPOINTS.write_bytes(orjson.dumps(info))
+
+
 def running() -> dict[str, str] | None:
     """cloud → endpoint of the fleet `skyfuse up` is running from this folder, if one is."""
     try:

@@ -41,11 +41,13 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
     up = subprocess.Popen([*skyfuse, "up", "--emulate", "--for", "240"], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / ".skyfuse" / "endpoints.json").exists():
+        deadline, info = time.monotonic() + 60, {}
+        while "gateways" not in info:  # up writes the endpoints, then the API gateway in front of aws
             assert up.poll() is None and time.monotonic() < deadline, up.stdout.read() if up.poll() is not None else "up is slow"
             time.sleep(0.2)
-        endpoints = json.loads((tmp_path / ".skyfuse" / "endpoints.json").read_text())["clouds"]
+            path = tmp_path / ".skyfuse" / "endpoints.json"
+            info = json.loads(path.read_text()) if path.exists() else {}
+        endpoints = info["clouds"]
         run = subprocess.run([*skyfuse, "demo", "--emulate", "--json"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -83,6 +85,13 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
             assert answer[0] == 200 and answer[1]["model_version"] == fused["version"], (cloud, answer)
             assert [str(c) for c in answer[1]["predictions"]] == expected, cloud
             assert open_store(emulation.STORES[cloud]).exists(f"serving/models/{fused['version']}.onnx"), cloud
+        # and the AWS function as a user calls it in AWS: through API Gateway (LocalStack's)
+        gateway = info["gateways"]["aws"]
+        status, doc = post(gateway, "/predict", body)
+        assert status == 200 and doc["model_version"] == fused["version"], (status, doc)
+        assert [str(c) for c in doc["predictions"]] == expected
+        status, doc = post(gateway, "/predict", b'{"instances": [[1, 2]]}')
+        assert status == 400 and "expected 30" in doc["error"]  # the function's own 4xx, through the gateway
     finally:
         up.terminate()
         up.wait(60)
