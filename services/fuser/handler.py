@@ -88,10 +88,12 @@ def complete_round(runtime: Runtime, run_id: str, round_: int, caused_by: CloudE
     clouds = sorted({m["cloud"] for m in members})
     if "fedavg" in strategies and round_ + 1 < manifest["rounds"]:
         global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras", _average_keras(members, weights))
+        # the next round waits for the members this one had, not for the ones that already failed
+        following = {**manifest, "expected_members": len(members), "quorum": min(manifest["quorum"], len(members))}
         runtime.emit("round.started", {
             "run_id": run_id, "round": round_ + 1, "global_model_uri": global_model.uri,
             "sha256": global_model.sha256, "clouds": clouds, "epochs": runtime.fleet.training.finetune_epochs,
-            "manifest": manifest,
+            "manifest": following,
         }, caused_by=caused_by)
         return
     _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by)

@@ -32,8 +32,9 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         runtime.received(event, "skipped: this cloud is not in the round")
         return
     shards = [orjson.loads(store.get(key)) for key in store.list(f"runs/{data['run_id']}/trainer/")]
-    for shard in shards:
-        train_round(runtime, event, shard, data["round"], data["global_model_uri"], data["sha256"], data["epochs"])
+    for shard in shards:  # the round's manifest (its members) replaces the first round's
+        train_round(runtime, event, {**shard, "manifest": data["manifest"]}, data["round"], data["global_model_uri"],
+                    data["sha256"], data["epochs"])
 
 
 def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,

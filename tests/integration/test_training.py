@@ -125,7 +125,7 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     fleet = config.load(environ=env_for("embedded", tmp_path))
     bus = open_bus(fleet)
     dataset = mldata.sample_dataset("breast_cancer")
-    plan = training.Plan(target="diagnosis", clouds=["aws", "gcp", "azure"], fusion="wavg", rounds=1, timeout_s=2)
+    plan = training.Plan(target="diagnosis", clouds=["aws", "gcp", "azure"], fusion="fedavg", rounds=2, timeout_s=2)
     prepared = training.prepare(fleet, dataset, plan)
     # azure's shard holds a single class: nothing can be learned from it
     azure = prepared.shard_events[2]
@@ -142,6 +142,8 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     assert {m["cloud"] for m in progress.fused["members"]} == {"aws", "gcp"}
     (failure,) = [f for f in progress.failures if f["function"] == "trainer"]
     assert failure["cloud"] == "azure" and "class" in failure["reason"]
+    (next_round,) = run_events(bus, plan.run_id, "round.started")  # waits for the two members it has, not three
+    assert next_round.get_data()["manifest"]["expected_members"] == 2 and next_round.get_data()["clouds"] == ["aws", "gcp"]
 
 
 def test_an_empty_shard_file_is_dead_lettered_with_the_reason(tmp_path):
