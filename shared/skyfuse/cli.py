@@ -482,8 +482,10 @@ def train(
     """Train on DATA split across clouds, fuse the shard models, and compare with centralized training."""
     from skyfuse.ml import data as mldata
 
+    if not data.is_file():
+        fail(f"no such file: {data}")
     try:
-        dataset = mldata.load_csv(data.read_bytes() if data.exists() else fail(f"no such file: {data}"), target)
+        dataset = mldata.load_csv(data.read_bytes(), target)
     except mldata.DataError as exc:
         fail(f"{data}: {exc}")
     run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json, serve,
