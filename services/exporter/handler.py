@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from cloudevents.http import CloudEvent
 
-from services.trainer.handler import _load_keras
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.storage import StoreError, fetch
 
@@ -17,6 +16,7 @@ PARITY_LIMIT = 1e-5
 def handle(event: CloudEvent, runtime: Runtime) -> None:
     from skyfuse.ml import data as mldata
     from skyfuse.ml import export
+    from skyfuse.ml import model as mlmodel
 
     data = event.get_data()
     if data["cloud"] != runtime.cloud:
@@ -28,7 +28,7 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         runtime.received(event, "skipped: already exported (duplicate event)")
         return
     try:
-        model = _load_keras(fetch(data["model_uri"], data["sha256"]))
+        model = mlmodel.from_bytes(fetch(data["model_uri"], data["sha256"]))
         raw = fetch(data["validation_uri"], data.get("validation_sha256"))
     except StoreError as exc:
         raise Rejected(f"model {data['model_uri']} cannot be read: {exc}") from exc

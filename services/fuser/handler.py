@@ -140,7 +140,6 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
 
 def _average_keras(members: list[dict], weights: list[float]) -> bytes:
     """The next global model: the members' Keras weights averaged, weighted by sample count."""
-    from services.trainer.handler import _keras_bytes, _load_keras
     from skyfuse.ml import model as mlmodel
 
-    return _keras_bytes(mlmodel.average([_load_keras(fetch(m["model_uri"])) for m in members], weights))
+    return mlmodel.to_bytes(mlmodel.average([mlmodel.from_bytes(fetch(m["model_uri"])) for m in members], weights))

@@ -7,9 +7,6 @@ shard), and a `.done` marker makes a duplicated event a no-op.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import orjson
 from cloudevents.http import CloudEvent
 
@@ -59,12 +56,12 @@ def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, i
         learning_rate=given.get("learning_rate", settings.learning_rate), seed=given.get("seed", 0))
     standardization = given.get("standardization")
     stats = (standardization["mean"], standardization["variance"]) if standardization else None
-    initial = _load_keras(fetch(init_uri, init_sha256)) if init_uri else None
+    initial = mlmodel.from_bytes(fetch(init_uri, init_sha256)) if init_uri else None
     try:
         result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs)
     except mlmodel.TrainingError as exc:
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
-    saved = store.put(f"{base}.keras", _keras_bytes(result.model))
+    saved = store.put(f"{base}.keras", mlmodel.to_bytes(result.model))
     validation = store.put(f"{base}.validation.csv", mldata.to_csv_bytes(result.validation_rows))
     runtime.emit("model.ready", {
         "run_id": shard["run_id"], "round": round_, "shard_id": shard["shard_id"], "cloud": runtime.cloud,
@@ -76,20 +73,3 @@ def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, i
     store.put(f"{base}.done", b"")
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
 
-
-def _keras_bytes(model) -> bytes:
-    from skyfuse.ml import model as mlmodel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
-        mlmodel.save(model, path)
-        return path.read_bytes()
-
-
-def _load_keras(raw: bytes):
-    from skyfuse.ml import model as mlmodel
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.keras"
-        path.write_bytes(raw)
-        return mlmodel.load(path)

@@ -11,6 +11,7 @@ the same initial weights: what FedAvg needs.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import logging
 import os
 import time
@@ -352,6 +353,20 @@ def save(model: keras.Model, path: str | Path) -> Path:
 def load(path: str | Path) -> keras.Model:
     with _quiet_keras():
         return keras.models.load_model(Path(path), compile=False)
+
+
+def to_bytes(model: keras.Model) -> bytes:
+    """The model as the bytes of a .keras file (what the stores hold)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return save(model, Path(tmp) / "model.keras").read_bytes()
+
+
+def from_bytes(raw: bytes) -> keras.Model:
+    """The model in the bytes of a .keras file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.keras"
+        path.write_bytes(raw)
+        return load(path)
 
 
 @contextlib.contextmanager

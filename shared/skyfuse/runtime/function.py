@@ -68,7 +68,7 @@ class Runtime:
         event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by)
         key, value, headers = events.encode(event)
         self.bus.publish(events.topic_of(event), value, key, headers)
-        self.emitted.append(event)
+        _append_bounded(self.emitted, event)
         return event
 
     def store(self, cloud: str | None = None) -> Store:
@@ -90,9 +90,18 @@ class Runtime:
 
     def received(self, event: CloudEvent, note: str = "handled") -> None:
         info = events.EventInfo.of(event)
-        self.handled.append(info.id)
+        _append_bounded(self.handled, info.id)
         self.log.info(note, extra={"event_id": info.id, "event_type": info.type, "trace_id": info.trace_id,
                                    "cloud": self.cloud, "function": self.function})
+
+
+KEEP = 1000  # recent events a runtime remembers: a long-running host must not grow without bound
+
+
+def _append_bounded(items: list, item) -> None:
+    items.append(item)
+    if len(items) > KEEP:
+        del items[: len(items) - KEEP]
 
 
 _current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("skyfuse_runtime", default=None)
