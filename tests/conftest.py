@@ -3,8 +3,10 @@ fail with the command to run, never skip."""
 import os
 import socket
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
+import time_machine
 
 from skyfuse import config
 
@@ -27,6 +29,24 @@ def kafka_bootstrap() -> str:
         pytest.fail(f"no Kafka broker at {KAFKA}: start it with `make kafka-up` (`make test` does), "
                     "or point SKYFUSE_TEST_KAFKA at one", pytrace=False)
     return KAFKA
+
+
+def pytest_addoption(parser):
+    parser.addoption("--clock-shift-days", type=float, default=0.0, metavar="DAYS",
+                     help="run with this process's wall clock moved DAYS days (time-machine, ticking): "
+                          "no decision may depend on the date (`make test` runs the time-sensitive tests a year ahead)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shifted_wall_clock(request):
+    days = request.config.getoption("--clock-shift-days")
+    if not days:
+        yield None
+        return
+    target = datetime.now(timezone.utc) + timedelta(days=days)
+    with time_machine.travel(target, tick=True):
+        assert abs((datetime.now(timezone.utc) - target).total_seconds()) < 60
+        yield target
 
 
 @pytest.fixture

@@ -2,36 +2,53 @@
 
 fused.ready: a new model; it goes where the current model is served (or, with nothing serving yet
 and no latency figures, to the cheapest cloud by list price). metrics.sampled: fed to the placement
-policy (`skyfuse.scheduling`) at the sample's own time, so a run can be replayed; a decision is
-emitted as placement.changed with every cloud's C, P, λ and the reason. deployment.status: logged.
+policy (`skyfuse.scheduling`); a decision is emitted as placement.changed with every cloud's C, P,
+λ, the reason, and the time it was taken at. deployment.status: logged.
 
-The policy's memory (smoothed metrics, current placement, dwell clocks) lives in this process;
-the current model and placement are also kept in the control store (`scheduler/`) so a restarted
+Time: every decision is taken at the scheduler's event clock (`skyfuse.scheduling.clock`), which
+the samples' own `sampled_at` move within stated bounds; the wall clock is never read, so a
+replayed backlog decides as it did live, and a fast or slow clock in one cloud cannot freeze or
+fast-forward the dwell timers.
+
+The policy's memory (smoothed metrics, current placement, dwell clocks, event clock) lives in this
+process; an event that fails leaves it as it was, so its retry is not counted twice. The current
+model, placement and clock are also kept in the control store (`scheduler/`) so a restarted
 scheduler resumes serving the same model from the same clouds.
 """
 from __future__ import annotations
 
+import copy
 import threading
-import time
+from dataclasses import dataclass, replace
 
 import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import contracts
 from skyfuse.runtime.function import Runtime
-from skyfuse.scheduling import Placement, Policy, PolicyConfig, SampleError, format_time
+from skyfuse.scheduling import Placement, Policy, PolicyConfig, SampleError, Sample, parse_time
+from skyfuse.scheduling.clock import EventClock, Stamp, TooOld
+from skyfuse.scheduling.policy import State
 
 _lock = threading.Lock()
-_policies: dict[str, tuple[Policy, object]] = {}  # cloud → (policy, state)
+_schedulers: dict[str, "Scheduler"] = {}  # control cloud → its scheduler
 
 
-def _policy(runtime: Runtime):
-    if runtime.cloud not in _policies:
+@dataclass
+class Scheduler:
+    policy: Policy
+    state: State
+    clock: EventClock
+
+
+def _scheduler(runtime: Runtime) -> Scheduler:
+    if runtime.cloud not in _schedulers:
         policy = Policy(PolicyConfig.from_fleet(runtime.fleet))
-        saved = _load(runtime, "placement")
-        placements = [Placement(**p) for p in saved["placements"]] if saved else []
-        _policies[runtime.cloud] = (policy, policy.new_state(placements, saved["placed_at"] if saved else None))
-    return _policies[runtime.cloud]
+        saved = _load(runtime, "placement") or {}
+        placements = [Placement(**p) for p in saved.get("placements", ())]
+        state = policy.new_state(placements, saved.get("placed_at"))
+        _schedulers[runtime.cloud] = Scheduler(policy, state, EventClock.from_data(saved.get("clock")))
+    return _schedulers[runtime.cloud]
 
 
 def _load(runtime: Runtime, name: str) -> dict | None:
@@ -51,43 +68,67 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
     data = event.get_data()
     with _lock:
-        policy, state = _policy(runtime)
-        if kind == "fused.ready":
-            _new_model(runtime, event, data, policy, state)
-        elif kind == "metrics.sampled":
-            try:
-                sample = state.observe(data)
-            except SampleError as exc:
-                runtime.received(event, f"skipped: unusable sample ({exc})")
-                return
-            model = _load(runtime, "model")
-            decision = policy.decide(state, sample.t) if model else None
-            if decision:
-                _announce(runtime, event, decision, model, "metrics")
-        runtime.received(event)
+        scheduler = _scheduler(runtime)
+        before = copy.deepcopy(scheduler)
+        try:
+            note = _on_event(runtime, event, kind, data, scheduler)
+        except BaseException:
+            _schedulers[runtime.cloud] = before  # the retry starts from the same state
+            raise
+    runtime.received(event, note)
 
 
-def _new_model(runtime: Runtime, event: CloudEvent, data: dict, policy: Policy, state) -> None:
+def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, scheduler: Scheduler) -> str:
+    if kind == "fused.ready":
+        _new_model(runtime, event, data, scheduler)
+    elif kind == "metrics.sampled":
+        try:
+            sample = Sample.from_data(data)
+        except SampleError as exc:
+            return f"skipped: unusable sample ({exc})"
+        if sample.cloud not in runtime.fleet.clouds:
+            return (f"skipped: sample from cloud {sample.cloud!r}, which is not configured "
+                    f"(configured: {', '.join(runtime.fleet.clouds)})")
+        try:
+            stamp = scheduler.clock.accept(sample.cloud, sample.t)
+        except TooOld as exc:
+            return f"skipped: {exc}"
+        state = scheduler.state
+        state.observe(replace(sample, t=stamp.at))
+        if state.placements and state.placed_at is None:
+            state.placed_at = scheduler.clock.now  # placed before any metrics: the dwell counts from here
+        model = _load(runtime, "model")
+        decision = scheduler.policy.decide(state, scheduler.clock.now) if model else None
+        if decision:
+            _announce(runtime, event, decision, model, "metrics", stamp, scheduler)
+    return "handled"
+
+
+def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Scheduler) -> None:
     model = {"version": data["version"], "uri": data["model_uri"], "sha256": data["sha256"], "cloud": data["cloud"]}
     _save(runtime, "model", model)
-    now = time.time()
-    decision = policy.decide(state, now)
+    policy, state = scheduler.policy, scheduler.state
+    stamp = scheduler.clock.stamp(parse_time(event["time"]))
+    decision = policy.decide(state, stamp.at)
     if decision is None:
-        serving = [p for p in state.placements if p.weight > 0]
+        serving = tuple(p for p in state.placements if p.weight > 0)
         if not serving:  # no latency figures yet: start where serving is cheapest by list price
             prices = {name: c.price_per_hour for name, c in runtime.fleet.clouds.items()
                       if policy.config.is_allowed(name)}
-            serving = [Placement(min(prices, key=prices.get), 1.0, 1)]
+            serving = (Placement(min(prices, key=prices.__getitem__), 1.0, 1),)
             reason = "initial placement: no latency figures yet, so the cloud with the lowest list price"
         else:
             reason = "new model version: keeps the current placement"
-        scores, _ = policy.score(state, now)
-        decision = policy._adopt(state, now, "model", tuple(serving), scores, 0.0, reason)
-    _announce(runtime, event, decision, model, "model")
+        decision = policy.place(state, stamp.at, serving, reason)
+    if scheduler.clock.now is None:
+        state.placed_at = None  # no metrics yet: the dwell clocks start with the first sample
+    _announce(runtime, event, decision, model, "model", stamp, scheduler)
 
 
-def _announce(runtime: Runtime, event: CloudEvent, decision, model: dict, trigger: str) -> None:
-    data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"],
-                                  decided_at=format_time(decision.at), trigger=trigger)
-    _save(runtime, "placement", {"placements": [p.to_data() for p in decision.serving], "placed_at": decision.at})
+def _announce(runtime: Runtime, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp,
+              scheduler: Scheduler) -> None:
+    data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"], trigger=trigger)
+    data["clock"] = stamp.to_data()
     runtime.emit("placement.changed", data, caused_by=event)
+    _save(runtime, "placement", {"placements": [p.to_data() for p in decision.serving],
+                                 "placed_at": scheduler.state.placed_at, "clock": scheduler.clock.to_data()})

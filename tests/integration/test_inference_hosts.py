@@ -182,6 +182,7 @@ def test_swap_under_steady_load(served):
     reference.update({id(m): testing.reference(m, ROWS) for m in served.models.values()})
     stop = threading.Event()
     answers: list[tuple] = []
+    seen: set[str] = set()  # versions that answered
 
     def hammer(seed: int):
         c, i = Client(served.host.url), seed
@@ -190,6 +191,7 @@ def test_swap_under_steady_load(served):
                 status, doc, _ = c.call("POST", "/predict", {"instances": ROWS[i % 8: i % 8 + 1]})
                 answers.append((status, doc.get("model_version"), i % 8,
                                 probabilities(doc)[0] if status == 200 else doc))
+                seen.add(doc.get("model_version"))
                 i += 1
         finally:
             c.close()
@@ -198,11 +200,17 @@ def test_swap_under_steady_load(served):
     for t in clients:
         t.start()
     flips = [(f"swap-{k}", a if k % 2 == 0 else b) for k in range(8)]
+    def answered(version: str) -> None:  # wait until the clients have been served by `version`
+        deadline = time.monotonic() + 15
+        while version not in seen:
+            assert time.monotonic() < deadline, f"no answer from {version} within 15 s"
+            time.sleep(0.01)
+
     try:
-        time.sleep(0.3)
+        answered(served.current())
         for version, data in flips:
             served.publish(version, data)
-            time.sleep(0.3)
+            answered(version)
     finally:
         stop.set()
         for t in clients:
@@ -211,7 +219,7 @@ def test_swap_under_steady_load(served):
     assert not failed, failed[:5]
     assert len(answers) > 100
     versions = {x[1] for x in answers}
-    assert len(versions & {v for v, _ in flips}) >= 4, versions  # the load really spanned the swaps
+    assert {v for v, _ in flips} <= versions  # the load really spanned every swap
     for _status, version, row, probs in answers:
         np.testing.assert_allclose(probs, reference[id(served.models[version])][row], rtol=1e-5, atol=1e-6,
                                    err_msg=f"answer named {version} but came from another model")

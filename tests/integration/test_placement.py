@@ -33,9 +33,9 @@ class Loop:
 
     def __init__(self, fleet):
         from services.deployer.handler import handle as deploy
-        from services.scheduler.handler import _policies, handle as schedule
+        from services.scheduler.handler import _schedulers, handle as schedule
 
-        _policies.clear()  # a fresh scheduler process
+        _schedulers.clear()  # a fresh scheduler process
         self.fleet, self.bus = fleet, open_bus(fleet)
         self.schedule, self.deploy = schedule, deploy
         self.runtimes = {c: Runtime(c, "deployer", fleet, bus_factory=lambda: self.bus) for c in fleet.clouds}

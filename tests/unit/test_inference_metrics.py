@@ -27,7 +27,7 @@ def test_percentiles_are_within_two_percent():
 
 def test_snapshot_is_valid_metrics_sampled_data():
     clock = [100.0]
-    rec = LatencyRecorder(clock=lambda: clock[0])
+    rec = LatencyRecorder(clock=lambda: clock[0], wall_clock=lambda: 1_800_000_000.25)
     for _ in range(99):
         rec.record(0.002)
     rec.record(0.050, error=True)
@@ -41,7 +41,7 @@ def test_snapshot_is_valid_metrics_sampled_data():
     assert abs(data["load"] - (99 * 0.002 + 0.05) / 10) < 1e-6
     assert data["price"] == {"per_hour": 0.0416, "per_million_requests": 0.2, "currency": "USD"}
     assert data["model_version"] == "r1-wavg-3f2a1c" and data["capacity_rps"] == 500.0
-    assert data["sampled_at"].endswith("Z")
+    assert data["sampled_at"] == "2027-01-15T08:00:00.250Z"  # the window's end, by the wall clock given
 
 
 def test_an_empty_window_has_null_latencies_and_resets():
@@ -70,24 +70,18 @@ def test_recording_from_many_threads_loses_nothing():
     assert w.requests == 80_000 and sum(w.counts) == 80_000
 
 
-def test_record_is_cheap():
-    rec = LatencyRecorder()
-    started = time.perf_counter()
-    for _ in range(100_000):
-        rec.record(0.0003)
-    assert (time.perf_counter() - started) / 100_000 < 5e-6  # well under the 30 µs a request costs
-
-
 def test_emitter_publishes_one_event_per_window_on_the_bus(tmp_path):
     fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus")})
     runtime = Runtime("azure", "inference", fleet)
     rec = LatencyRecorder()
     describe = lambda: {"cloud": "azure", **PRICES, "model_version": "v7"}  # noqa: E731
-    emitter = MetricsEmitter(rec, lambda data: runtime.emit("metrics.sampled", data), describe, interval_s=0.05)
+    emitter = MetricsEmitter(rec, lambda data: runtime.emit("metrics.sampled", data), describe, interval_s=0.01)
     for _ in range(500):
         rec.record(0.001)
     emitter.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while emitter.emitted < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     emitter.stop()
     records = runtime.bus.read("skyfuse.metrics.sampled")
     assert 3 <= len(records) == emitter.emitted

@@ -213,7 +213,7 @@ class Decision:
     """A placement change, with everything it was based on."""
 
     at: float  # epoch seconds
-    kind: str  # "initial", "failover" or "move"
+    kind: str  # "initial", "failover", "move", or "model" (a new version keeps or starts a placement)
     lambda_: float
     demand_rps: float
     scores: tuple[Score, ...]
@@ -452,6 +452,13 @@ class Policy:
                   f"{gain:.0%}, more than the {cfg.margin:.0%} margin, for {now - state.better_since:.0f} s "
                   f"(dwell {cfg.dwell_s:.0f} s)" + _ineligible(scores))
         return self._adopt(state, now, "move", best, scores, load, reason)
+
+    def place(self, state: State, now: float, serving: tuple[Placement, ...], reason: str,
+              kind: str = "model") -> Decision:
+        """Adopt `serving` at `now` for a reason outside the metrics (a new model version keeps
+        or starts its placement): scored like any decision, and the dwell clocks restart."""
+        scores, load = self.score(state, now)
+        return self._adopt(state, now, kind, serving, scores, load, reason)
 
     def _adopt(self, state: State, now: float, kind: str, best: tuple[Placement, ...], scores: list[Score],
                load: float, reason: str) -> Decision:

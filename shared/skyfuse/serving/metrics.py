@@ -50,8 +50,10 @@ class Window:
 class LatencyRecorder:
     """Latency and errors of the requests of the current window (thread-safe)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+        """`clock` measures window lengths; `wall_clock` dates them (`sampled_at`)."""
         self._clock = clock
+        self._wall_clock = wall_clock
         self._lock = threading.Lock()
         self._reset(clock())
 
@@ -83,7 +85,7 @@ class LatencyRecorder:
         with self._lock:
             now = self._clock()
             window = Window(self._n, self._errors, self._busy, self._counts, max(now - self._started, 1e-9),
-                            time.time())
+                            self._wall_clock())
             self._reset(now)
         return window
 
