@@ -1,7 +1,8 @@
 """The exporter's core: turns a trained Keras model into ONNX, in the cloud that trained it.
 
 Parity is checked on the shard's validation rows before anything is announced: a model whose ONNX
-form differs from Keras by more than 1e-5 is dead-lettered with the figure.
+form differs from Keras by more than 1e-5 is dead-lettered with the figure. Each (run, round,
+shard) is exported once through the idempotency layer; its onnx.ready id is derived from it.
 """
 from __future__ import annotations
 
@@ -14,19 +15,25 @@ PARITY_LIMIT = 1e-5
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
-    from skyfuse.ml import data as mldata
-    from skyfuse.ml import export
-    from skyfuse.ml import model as mlmodel
-
     data = event.get_data()
     if data["cloud"] != runtime.cloud:
         runtime.received(event, "skipped: the model lives in another cloud")
         return
+    key = f"export/{data['run_id']}/round-{data['round']}/{data['cloud']}-{data['shard_id']}"
+    with runtime.once(key) as claim:
+        if claim.done:
+            runtime.received(event, "skipped: already exported (duplicate event)")
+            return
+        _export(runtime, event, data, key)
+
+
+def _export(runtime: Runtime, event: CloudEvent, data: dict, key: str) -> None:
+    from skyfuse.ml import data as mldata
+    from skyfuse.ml import export
+    from skyfuse.ml import model as mlmodel
+
     store = runtime.store()
     base = f"runs/{data['run_id']}/round-{data['round']}/onnx/{data['cloud']}-{data['shard_id']}"
-    if store.exists(f"{base}.done"):
-        runtime.received(event, "skipped: already exported (duplicate event)")
-        return
     try:
         model = mlmodel.from_bytes(fetch(data["model_uri"], data["sha256"]))
         raw = fetch(data["validation_uri"], data.get("validation_sha256"))
@@ -46,8 +53,7 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         "opset": shape["opset"], "inputs": shape["inputs"], "outputs": shape["outputs"],
         "parity_max_abs_diff": float(diff), "samples": data["samples"], "validation": data["validation"],
         "features": data["features"], "classes": data["classes"], "task": data["task"], "manifest": data["manifest"],
-    }, caused_by=event)
-    store.put(f"{base}.done", b"")
+    }, caused_by=event, dedupe_key=key)
     runtime.received(event, f"exported (parity {diff:.2g})")
 
 

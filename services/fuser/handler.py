@@ -6,8 +6,12 @@ It acts in the control cloud and keeps each round's state in that cloud's store:
     runs/<run>/validation.csv                 the rows strategies are chosen on (never the test rows)
     runs/<run>/round-<r>/members/<cloud>-<shard>.json   one per onnx.ready
     runs/<run>/round-<r>/opened.json          when the first member arrived (quorum timeout clock)
-    runs/<run>/round-<r>/fusing.claim         taken once: a duplicated onnx.ready never fuses twice
     runs/<run>/round-<r>/fused-<strategy>.onnx and scores.json
+
+Each round is fused once through the idempotency layer (key `fuse/<run>/round-<r>`): a duplicated
+onnx.ready, or the timer and the last member at the same time, never fuse twice, and a fusion that
+fails half-way (a store timeout, a failed emit) leaves nothing that blocks its retry. The events it
+emits have ids derived from that key.
 
 A round fuses when all expected members are in, or, on the timer, when a quorum is in and the
 manifest's timeout has passed. With FedAvg (fusion `fedavg` or `auto`) and rounds left, it averages
@@ -17,6 +21,7 @@ manifest forces) and emits fused.ready.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 
 import orjson
@@ -24,6 +29,8 @@ from cloudevents.http import CloudEvent
 
 from skyfuse.runtime.function import Runtime
 from skyfuse.storage import Store, fetch
+
+MAX_ID = 128  # events/schemas: $defs/id
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -41,32 +48,48 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
 
 
 def on_timer(runtime: Runtime) -> None:
-    """Fuse every open round whose quorum is in and whose timeout has passed."""
+    """Fuse every open round whose quorum is in and whose timeout has passed. One round that
+    cannot be read or fused is logged and left for the next tick; it never stops the others."""
     if runtime.cloud != runtime.control_cloud:
         return
     store = runtime.store()
     for key in store.list("runs/"):
-        if not key.endswith("/opened.json"):
-            continue
-        base = key.removesuffix("/opened.json")
-        if store.exists(f"{base}/fusing.claim"):
-            continue
-        opened = orjson.loads(store.get(key))
-        manifest = opened["manifest"]
-        if time.time() - opened["at"] >= manifest["timeout_s"] and \
-                len(store.list(f"{base}/members/")) >= manifest["quorum"]:
-            run_id, round_ = base.split("/")[1], int(base.rsplit("-", 1)[1])
-            complete_round(runtime, run_id, round_, caused_by=None)
+        if key.endswith("/opened.json"):
+            try:
+                _check_quorum(runtime, store, key.removesuffix("/opened.json"))
+            except Exception as exc:  # noqa: BLE001 - one bad round must not block every other run
+                runtime.log.warning("quorum check of %s failed: %s: %s", key, type(exc).__name__, exc)
+
+
+def _check_quorum(runtime: Runtime, store: Store, base: str) -> None:
+    _, run_id, round_name = base.split("/")
+    round_ = int(round_name.removeprefix("round-"))
+    if runtime.done(_fusion_key(run_id, round_)):
+        return
+    opened = orjson.loads(store.get(f"{base}/opened.json"))
+    manifest = opened["manifest"]
+    if time.time() - opened["at"] >= manifest["timeout_s"] and \
+            len(store.list(f"{base}/members/")) >= manifest["quorum"]:
+        complete_round(runtime, run_id, round_, caused_by=None)
+
+
+def _fusion_key(run_id: str, round_: int) -> str:
+    return f"fuse/{run_id}/round-{round_}"
 
 
 def complete_round(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | None) -> None:
+    key = _fusion_key(run_id, round_)
+    with runtime.once(key) as claim:
+        if not claim.done:
+            _fuse(runtime, run_id, round_, caused_by, key)
+
+
+def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | None, key: str) -> None:
     from skyfuse.ml import data as mldata
     from skyfuse.ml import fusion
 
     store = runtime.store()
     base = f"runs/{run_id}/round-{round_}"
-    if not store.create(f"{base}/fusing.claim", orjson.dumps({"at": time.time(), "cloud": runtime.cloud})):
-        return
     members = [orjson.loads(store.get(k)) for k in store.list(f"{base}/members/")]
     manifest = members[0]["manifest"]
     run = orjson.loads(store.get(f"runs/{run_id}/run.json"))
@@ -94,9 +117,9 @@ def complete_round(runtime: Runtime, run_id: str, round_: int, caused_by: CloudE
             "run_id": run_id, "round": round_ + 1, "global_model_uri": global_model.uri,
             "sha256": global_model.sha256, "clouds": clouds, "epochs": runtime.fleet.training.finetune_epochs,
             "manifest": following,
-        }, caused_by=caused_by)
+        }, caused_by=caused_by, dedupe_key=key)
         return
-    _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by)
+    _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by, key)
 
 
 def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict]:
@@ -113,7 +136,7 @@ def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, 
 
 
 def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], weights: list[float],
-              manifest: dict, run: dict, caused_by: CloudEvent | None) -> None:
+              manifest: dict, run: dict, caused_by: CloudEvent | None, key: str) -> None:
     store = runtime.store()
     best = _best_per_strategy(store, run_id, round_)
     forced = manifest["fusion"] != "auto"
@@ -122,7 +145,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
     chosen = manifest["fusion"] if forced else max(best, key=lambda s: (best[s]["accuracy"], -order.index(s)))
     pick = best[chosen]
     model = fetch(pick["uri"], pick["sha256"])
-    version = f"{run_id}-{chosen}-{pick['sha256'][:6]}"
+    version = model_version(run_id, chosen, pick["sha256"])
     saved = store.put(f"runs/{run_id}/fused/{version}.onnx", model)
     total = sum(weights)
     runtime.emit("fused.ready", {
@@ -135,7 +158,17 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
         "strategies": {s: b["accuracy"] for s, b in best.items()},
         "candidates": {s: b["uri"] for s, b in best.items()},
         "opset": members[0]["opset"], "features": run["features"], "classes": run["classes"], "task": run["task"],
-    }, caused_by=caused_by)
+    }, caused_by=caused_by, dedupe_key=key)
+
+
+def model_version(run_id: str, strategy: str, sha256: str) -> str:
+    """`<run>-<strategy>-<sha256[:6]>`, within the 128 characters of an id: a longer run id is
+    cut and followed by a digest of the whole, so versions stay distinct."""
+    suffix = f"-{strategy}-{sha256[:6]}"
+    if len(run_id) + len(suffix) <= MAX_ID:
+        return run_id + suffix
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
+    return f"{run_id[:MAX_ID - len(suffix) - 9]}~{digest}{suffix}"
 
 
 def _average_keras(members: list[dict], weights: list[float]) -> bytes:

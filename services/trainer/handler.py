@@ -3,7 +3,8 @@
 shard.ready (round 0): remember the shard, train from a seeded (or warm-start) initialisation, emit
 model.ready. round.started (FedAvg round r ≥ 1): fine-tune every shard of the run this cloud holds
 from the global model, emit model.ready for round r. Outputs have fixed keys per (run, round,
-shard), and a `.done` marker makes a duplicated event a no-op.
+shard); each (run, round, shard) goes through the idempotency layer once, and its model.ready has
+an id derived from it, so a duplicated event trains nothing twice and announces nothing twice.
 """
 from __future__ import annotations
 
@@ -36,14 +37,21 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
 
 def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,
                 init_sha256: str | None, epochs: int | None = None) -> None:
+    key = f"train/{shard['run_id']}/round-{round_}/{runtime.cloud}-{shard['shard_id']}"
+    with runtime.once(key) as claim:
+        if claim.done:
+            runtime.received(event, "skipped: already trained (duplicate event)")
+            return
+        _train(runtime, event, shard, round_, init_uri, init_sha256, epochs, key)
+
+
+def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,
+           init_sha256: str | None, epochs: int | None, key: str) -> None:
     from skyfuse.ml import data as mldata
     from skyfuse.ml import model as mlmodel
 
     store = runtime.store()
     base = f"runs/{shard['run_id']}/round-{round_}/models/{runtime.cloud}-{shard['shard_id']}"
-    if store.exists(f"{base}.done"):
-        runtime.received(event, "skipped: already trained (duplicate event)")
-        return
     try:
         rows = mldata.load_csv(fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
     except (mldata.DataError, StoreError) as exc:
@@ -69,7 +77,6 @@ def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, i
         "validation": result.validation, "features": shard["features"], "classes": shard["classes"],
         "task": shard["task"], "manifest": shard["manifest"], "train_seconds": round(result.seconds, 3),
         "validation_uri": validation.uri, "validation_sha256": validation.sha256,
-    }, caused_by=event)
-    store.put(f"{base}.done", b"")
+    }, caused_by=event, dedupe_key=key)
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
 

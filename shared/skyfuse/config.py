@@ -68,6 +68,10 @@ class Delivery(Section):
     backoff_initial_s: float = Field(0.2, ge=0, description="First retry delay; doubles each try, with full jitter.")
     backoff_max_s: float = Field(10.0, ge=0, description="Largest retry delay.")
     poll_timeout_s: float = Field(0.2, gt=0, description="How long an idle host waits for records per poll.")
+    claim_timeout_s: float = Field(
+        120.0, gt=0, description="How long a function's idempotency claim on a piece of work lasts: after this, "
+                                 "another instance takes the work over (its holder is presumed dead). Set it "
+                                 "above the longest handler run.")
 
 
 class Function(Section):

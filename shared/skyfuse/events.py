@@ -36,16 +36,18 @@ def new_event(
     source: str,
     subject: str | None = None,
     caused_by: CloudEvent | None = None,
+    event_id: str | None = None,
 ) -> CloudEvent:
     """A CloudEvent of `type_name` (`shard.ready` or `skyfuse.shard.ready`) carrying `data`.
 
     Raises `contracts.ContractError` naming each failing field and rule. `caused_by` passes its
-    trace on, so every event of one run shares a trace id.
+    trace on, so every event of one run shares a trace id. `event_id`: a deterministic id (see
+    `derived_id`); a fresh uuid4 otherwise.
     """
     kind = contracts.event_type(type_name)
     contracts.validate(kind.name, data)
     attributes = {
-        "id": str(uuid.uuid4()),
+        "id": event_id or str(uuid.uuid4()),
         "source": source,
         "type": kind.ce_type,
         "specversion": "1.0",
@@ -56,6 +58,15 @@ def new_event(
     if subject:
         attributes["subject"] = subject
     return CloudEvent(attributes, data)
+
+
+_IDS = uuid.UUID("5b2f3c1e-8a47-4d0c-9a51-2f6c0e7d9b13")  # namespace of derived event ids
+
+
+def derived_id(source: str, type_name: str, key: str) -> str:
+    """The same id for the same output of the same function, however often it is produced: a
+    retried effect publishes a redelivery, never a new event (uuid5 of source, type and key)."""
+    return str(uuid.uuid5(_IDS, f"{source}\n{contracts.event_type(type_name).ce_type}\n{key}"))
 
 
 def topic_of(event: CloudEvent) -> str:

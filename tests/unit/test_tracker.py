@@ -20,9 +20,22 @@ def test_commit_stops_at_the_first_unfinished_record():
     for p in ps[:2] + ps[3:]:  # offset 2 is still failing
         tracker.finish(p)
     assert tracker.commit_positions() == {rec(0).tp: 2}
+    tracker.committed_to({rec(0).tp: 2})
     tracker.finish(ps[2])
     assert tracker.commit_positions() == {rec(0).tp: 6}
+    tracker.committed_to({rec(0).tp: 6})
     assert len(tracker) == 0
+
+
+def test_a_commit_the_bus_refused_is_offered_again_until_confirmed():
+    tracker = Tracker("partition")
+    ps = fill(tracker, rec(0), rec(1))
+    for p in ps:
+        tracker.finish(p)
+    assert tracker.commit_positions() == {rec(0).tp: 2}  # ... and the commit failed
+    assert tracker.commit_positions() == {rec(0).tp: 2}  # so the next step tries it again
+    tracker.committed_to({rec(0).tp: 2})
+    assert tracker.commit_positions() == {} and len(tracker) == 0
 
 
 def test_partition_ordering_offers_only_the_head_and_what_follows():

@@ -46,6 +46,9 @@ class Runtime:
     emitted: list[CloudEvent] = field(default_factory=list)
     handled: list[str] = field(default_factory=list)  # ids of events this instance received
     settings: fleet_config.Function | None = None  # default: the fleet config's [functions.<name>]
+    # event id → seconds until another instance's idempotency claim on its work expires; the local
+    # host waits that long instead of spending attempts (a real cloud retries on its own policy)
+    claimed_elsewhere: dict[str, float] = field(default_factory=dict)
 
     @property
     def function_settings(self) -> fleet_config.Function:
@@ -63,13 +66,33 @@ class Runtime:
     def source(self) -> str:
         return f"skyfuse://{self.cloud}/{self.function}"
 
-    def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None) -> CloudEvent:
-        """Validate, then publish an event; returns it."""
-        event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by)
+    def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None,
+             dedupe_key: str | None = None) -> CloudEvent:
+        """Validate, then publish an event; returns it. With `dedupe_key` (what the output is, e.g.
+        its idempotency key) its id is derived from it, so doing the same work again publishes the
+        same event again, which consumers drop as a redelivery; without, a fresh id."""
+        event_id = events.derived_id(self.source, type_name, dedupe_key) if dedupe_key is not None else None
+        event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by,
+                                 event_id=event_id)
         key, value, headers = events.encode(event)
         self.bus.publish(events.topic_of(event), value, key, headers)
         _append_bounded(self.emitted, event)
         return event
+
+    def idempotency(self):
+        """The idempotency layer (`skyfuse.runtime.idempotency`), kept in this cloud's store."""
+        from skyfuse.runtime.idempotency import Idempotency
+
+        owner = f"{self.cloud}.{self.function}@{os.uname().nodename}:{os.getpid()}"
+        return Idempotency(self.store(), self.function, owner, self.fleet.delivery.claim_timeout_s)
+
+    def once(self, key: str):
+        """`with runtime.once(key) as claim:` the work of `key`, done once (see `idempotency`)."""
+        return self.idempotency().once(key)
+
+    def done(self, key: str) -> bool:
+        """Whether the work of `key` completed."""
+        return (self.idempotency().status(key) or {}).get("status") == "completed"
 
     def store(self, cloud: str | None = None) -> Store:
         """The object store of `cloud` (default: the cloud this function runs in)."""
@@ -144,7 +167,12 @@ class Rejected(Exception):
 
 def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
     """What every entry point does with one event: run the core; dead-letter what it rejects."""
+    from skyfuse.runtime.idempotency import InProgress
+
     try:
         handle(event, runtime)
     except Rejected as exc:
         runtime.reject(event, str(exc))
+    except InProgress as exc:
+        runtime.claimed_elsewhere[event["id"]] = exc.retry_after_s
+        raise

@@ -170,7 +170,10 @@ class FunctionHost:
             if lane in stopped:
                 outcome.failed[i] = "not tried: an earlier record of its lane failed"
                 continue
-            single = self.invoker.invoke([(pending.record, pending.event)])
+            try:
+                single = self.invoker.invoke([(pending.record, pending.event)])
+            except Exception as exc:  # the adapter broke on this record: it failed, the rest go on
+                single = Outcome.all_failed(1, f"{type(exc).__name__}: {exc}")
             if single.failed:
                 outcome.failed[i] = single.failed[0]
                 stopped.add(lane)
@@ -180,8 +183,9 @@ class FunctionHost:
         """Apply an outcome lane by lane: finish up to the first failure, retry or dead-letter it,
         and leave the rest of its lane to go again after it."""
         now, blocked = time.monotonic(), set()
-        for i, pending in enumerate(batch):
+        for pending in batch:  # first, so that nothing below can leave a record in flight for good
             pending.in_flight = False
+        for i, pending in enumerate(batch):
             lane = self.tracker.lane(pending)
             if lane in blocked or i in outcome.untried:
                 continue
@@ -193,13 +197,20 @@ class FunctionHost:
             self._fail(pending, outcome.failed[i], now)
 
     def _fail(self, pending: Pending, reason: str, now: float) -> None:
+        waiting = self.runtime.claimed_elsewhere.pop(pending.event["id"], None) if pending.event is not None else None
+        if waiting is not None:  # another instance holds its idempotency claim: wait, spend no attempt
+            pending.not_before = now + min(waiting, self.backoff.max_s)
+            self._tell(pending, "retry", reason)
+            return
         pending.attempts += 1
         pending.last_error = reason
-        age = time.time() - pending.record.timestamp_ms / 1000
+        if pending.first_failed is None:
+            pending.first_failed = now
+        age = now - pending.first_failed  # since its first failure: a backlog is not dead on arrival
         if pending.attempts >= self.delivery.max_attempts:
             self._dead_letter(pending, f"{reason} (gave up after {pending.attempts} attempts)")
         elif age >= self.delivery.max_record_age_s:
-            self._dead_letter(pending, f"{reason} (record is {age:.0f} s old, over max_record_age_s="
+            self._dead_letter(pending, f"{reason} (failing for {age:.0f} s, over max_record_age_s="
                                        f"{self.delivery.max_record_age_s:g})")
         else:
             pending.not_before = now + self.backoff.delay(pending.attempts)
@@ -207,8 +218,14 @@ class FunctionHost:
 
     def _dead_letter(self, pending: Pending, reason: str) -> None:
         r = pending.record
-        deadletter.write(self.bus, self.function, self.cloud, r.key, r.value, r.headers, reason,
-                         topic=r.topic, partition=r.partition, offset=r.offset, attempts=pending.attempts)
+        try:
+            deadletter.write(self.bus, self.function, self.cloud, r.key, r.value, r.headers, reason,
+                             topic=r.topic, partition=r.partition, offset=r.offset, attempts=pending.attempts)
+        except Exception as exc:  # the bus is down: the record stays, and is tried again later
+            pending.not_before = time.monotonic() + self.backoff.delay(max(1, pending.attempts))
+            log.warning("dead letter not written (%s: %s); record kept", type(exc).__name__, exc,
+                        extra={"group": self.group, "record": f"{r.tp}@{r.offset}"})
+            return
         self.tracker.finish(pending)
         self._tell(pending, "dead-lettered", reason)
 
@@ -226,13 +243,17 @@ class FunctionHost:
             "attempts": pending.attempts, "reason": reason,
             "trace_id": events.EventInfo.of(event).trace_id if event is not None else None,
         })
-        self.listener(delivery)
+        try:
+            self.listener(delivery)
+        except Exception:  # an observer's bug must not stall deliveries
+            log.exception("delivery listener failed", extra={"group": self.group})
 
     # -- commits ------------------------------------------------------------------------------
     def _commit(self) -> None:
         moved = self.tracker.commit_positions()
         if moved and self.consumer is not None:
-            self.consumer.commit(moved)
+            self.consumer.commit(moved)  # raises when the bus refuses: the same positions go again
+            self.tracker.committed_to(moved)
 
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         self._commit()

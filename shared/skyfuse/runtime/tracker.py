@@ -23,6 +23,7 @@ class Pending:
     invalid: str | None = None  # set when the record cannot be delivered at all (malformed)
     arrived: float = 0.0  # monotonic time the host received it
     attempts: int = 0
+    first_failed: float | None = None  # monotonic time of the first failure (the record's age for max_record_age_s)
     not_before: float = 0.0
     last_error: str = ""
     done: bool = False
@@ -93,20 +94,27 @@ class Tracker:
         pending.done, pending.in_flight = True, False
 
     def commit_positions(self) -> dict[TopicPartition, int]:
-        """Partitions whose contiguous finished prefix grew, with the new position; forgets that prefix."""
+        """Partitions whose contiguous finished prefix grew past the last commit, with the new
+        position. Nothing is forgotten until `committed_to` confirms the commit, so a failed
+        commit is simply tried again."""
         moved = {}
         for tp, records in self.partitions.items():
             position = None
-            while records:
-                offset = next(iter(records))
-                if not records[offset].done:
+            for offset, pending in records.items():
+                if not pending.done:
                     break
-                del records[offset]
                 position = offset + 1
             if position is not None and position > self.committed.get(tp, -1):
-                self.committed[tp] = position
                 moved[tp] = position
         return moved
+
+    def committed_to(self, positions: dict[TopicPartition, int]) -> None:
+        """The bus has these positions committed: forget the records before them."""
+        for tp, position in positions.items():
+            records = self.partitions.get(tp, {})
+            for offset in [o for o in records if o < position]:
+                del records[offset]
+            self.committed[tp] = max(position, self.committed.get(tp, -1))
 
     def drop(self, partitions: list[TopicPartition]) -> None:
         """Forget partitions this host no longer owns (after a rebalance)."""

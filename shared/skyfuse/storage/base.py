@@ -44,7 +44,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def create(self, key: str, data: bytes) -> bool:
-        """Write `data` only if `key` does not exist; True when this call created it."""
+        """Write `data` only if `key` does not exist; True when this call created it. Atomic: a
+        reader, or a crash, never leaves a partial object at `key`."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at `key`, if there is one."""
 
     @abc.abstractmethod
     def list(self, prefix: str) -> list[str]:

@@ -31,15 +31,28 @@ class FileStore(Store):
             raise StoreError(f"key {key!r} leaves the store {self.uri}")
         return path
 
-    def put(self, key: str, data: bytes) -> ObjectInfo:
-        path = self._path(key)
+    def _staged(self, path: Path, data: bytes) -> str:
+        """A durable temporary copy of `data` beside `path` (dot-named: `list` skips it)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, path)
+        return tmp
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def put(self, key: str, data: bytes) -> ObjectInfo:
+        path = self._path(key)
+        os.replace(self._staged(path, data), path)
+        self._sync_dir(path.parent)
         return ObjectInfo(self.uri_for(key), sha256_of(data), len(data))
 
     def read(self, key: str) -> bytes:
@@ -52,15 +65,24 @@ class FileStore(Store):
         return self._path(key).is_file()
 
     def create(self, key: str, data: bytes) -> bool:
+        # link() of a complete, synced file fails when the name exists: atomic create-if-absent,
+        # so a crash can never leave an empty or half-written object at `key`
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._staged(path, data)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        finally:
+            os.unlink(tmp)
+        self._sync_dir(path.parent)
         return True
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            pass
 
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
