@@ -10,16 +10,20 @@ the samples' own `sampled_at` move within stated bounds; the wall clock is never
 replayed backlog decides as it did live, and a fast or slow clock in one cloud cannot freeze or
 fast-forward the dwell timers.
 
-The policy's memory (smoothed metrics, current placement, dwell clocks, event clock) lives in this
-process; an event that fails leaves it as it was, so its retry is not counted twice. The current
-model, placement and clock are also kept in the control store (`scheduler/`) so a restarted
-scheduler resumes serving the same model from the same clouds.
+State: the policy's memory (smoothed metrics, current placement, dwell clocks), the event clock,
+the current model and the ids of the latest events handled are one snapshot in the control store
+(`scheduler/state.json`), written after each event's decision was published. A restarted scheduler
+resumes from it exactly, and a redelivered event (its id in the snapshot) is not counted twice.
+The store, not a compacted topic or a replay of metrics.sampled: the control cloud's store is
+already where run state lives and is durable in every cloud, and a replay would depend on the bus
+keeping every sample since the current placement began. An event that fails leaves the state in
+memory as it was, so its retry decides again from the same state.
 """
 from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -32,6 +36,8 @@ from skyfuse.scheduling.policy import State
 
 _lock = threading.Lock()
 _schedulers: dict[str, "Scheduler"] = {}  # control cloud → its scheduler
+STATE_KEY = "scheduler/state.json"
+REMEMBERED_EVENTS = 1000  # ids of the latest events handled, to drop redeliveries
 
 
 @dataclass
@@ -39,26 +45,26 @@ class Scheduler:
     policy: Policy
     state: State
     clock: EventClock
+    model: dict | None = None
+    handled: list[str] = field(default_factory=list)
+
+    def to_data(self) -> dict:
+        return {"state": self.state.to_data(), "clock": self.clock.to_data(), "model": self.model,
+                "handled": self.handled[-REMEMBERED_EVENTS:]}
 
 
 def _scheduler(runtime: Runtime) -> Scheduler:
     if runtime.cloud not in _schedulers:
         policy = Policy(PolicyConfig.from_fleet(runtime.fleet))
-        saved = _load(runtime, "placement") or {}
-        placements = [Placement(**p) for p in saved.get("placements", ())]
-        state = policy.new_state(placements, saved.get("placed_at"))
-        _schedulers[runtime.cloud] = Scheduler(policy, state, EventClock.from_data(saved.get("clock")))
+        store = runtime.store()
+        if store.exists(STATE_KEY):
+            saved = orjson.loads(store.get(STATE_KEY))
+            scheduler = Scheduler(policy, State.from_data(saved["state"]), EventClock.from_data(saved["clock"]),
+                                  saved.get("model"), list(saved.get("handled", ())))
+        else:
+            scheduler = Scheduler(policy, policy.new_state(), EventClock())
+        _schedulers[runtime.cloud] = scheduler
     return _schedulers[runtime.cloud]
-
-
-def _load(runtime: Runtime, name: str) -> dict | None:
-    store = runtime.store()
-    key = f"scheduler/{name}.json"
-    return orjson.loads(store.get(key)) if store.exists(key) else None
-
-
-def _save(runtime: Runtime, name: str, value: dict) -> None:
-    runtime.store().put(f"scheduler/{name}.json", orjson.dumps(value))
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -69,9 +75,14 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
     data = event.get_data()
     with _lock:
         scheduler = _scheduler(runtime)
+        if event["id"] in scheduler.handled:
+            runtime.received(event, "skipped: already handled (redelivery)")
+            return
         before = copy.deepcopy(scheduler)
         try:
             note = _on_event(runtime, event, kind, data, scheduler)
+            scheduler.handled = [*scheduler.handled[-(REMEMBERED_EVENTS - 1):], event["id"]]
+            runtime.store().put(STATE_KEY, orjson.dumps(scheduler.to_data()))
         except BaseException:
             _schedulers[runtime.cloud] = before  # the retry starts from the same state
             raise
@@ -97,16 +108,15 @@ def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, schedu
         state.observe(replace(sample, t=stamp.at))
         if state.placements and state.placed_at is None:
             state.placed_at = scheduler.clock.now  # placed before any metrics: the dwell counts from here
-        model = _load(runtime, "model")
-        decision = scheduler.policy.decide(state, scheduler.clock.now) if model else None
+        decision = scheduler.policy.decide(state, scheduler.clock.now) if scheduler.model else None
         if decision:
-            _announce(runtime, event, decision, model, "metrics", stamp, scheduler)
+            _announce(runtime, event, decision, scheduler.model, "metrics", stamp)
     return "handled"
 
 
 def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Scheduler) -> None:
     model = {"version": data["version"], "uri": data["model_uri"], "sha256": data["sha256"], "cloud": data["cloud"]}
-    _save(runtime, "model", model)
+    scheduler.model = model
     policy, state = scheduler.policy, scheduler.state
     stamp = scheduler.clock.stamp(parse_time(event["time"]))
     decision = policy.decide(state, stamp.at)
@@ -122,13 +132,10 @@ def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Sched
         decision = policy.place(state, stamp.at, serving, reason)
     if scheduler.clock.now is None:
         state.placed_at = None  # no metrics yet: the dwell clocks start with the first sample
-    _announce(runtime, event, decision, model, "model", stamp, scheduler)
+    _announce(runtime, event, decision, model, "model", stamp)
 
 
-def _announce(runtime: Runtime, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp,
-              scheduler: Scheduler) -> None:
+def _announce(runtime: Runtime, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp) -> None:
     data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"], trigger=trigger)
     data["clock"] = stamp.to_data()
-    runtime.emit("placement.changed", data, caused_by=event)
-    _save(runtime, "placement", {"placements": [p.to_data() for p in decision.serving],
-                                 "placed_at": scheduler.state.placed_at, "clock": scheduler.clock.to_data()})
+    runtime.emit("placement.changed", data, caused_by=event, dedupe_key=f"{data['decision_id']}/{event['id']}")

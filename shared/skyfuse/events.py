@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import orjson
 from cloudevents.http import CloudEvent
-from cloudevents.kafka import KafkaMessage, from_binary, from_structured, to_binary
+from cloudevents.kafka import KafkaMessage, from_binary, to_binary
 
 from skyfuse import contracts
 
@@ -92,9 +92,10 @@ def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEve
     header_map = {name.lower(): val for name, val in headers}
     try:
         if "ce_specversion" in header_map:
+            _require(name for name in header_map if name.startswith("ce_") and header_map[name])
             event = from_binary(KafkaMessage(header_map, key, value or b""), data_unmarshaller=_json)
         elif value and value.lstrip().startswith(b"{") and b"specversion" in value:
-            event = from_structured(KafkaMessage(header_map, key, value), envelope_unmarshaller=_json)
+            event = _from_structured(value)
         else:
             raise MalformedEvent(
                 "not a CloudEvent: no ce_specversion header (binary mode) and the value is not a "
@@ -112,6 +113,35 @@ def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEve
     except contracts.ContractError as exc:
         raise MalformedEvent(f"data breaks the {exc.event_type} schema: {'; '.join(exc.errors)}") from exc
     return event
+
+
+REQUIRED = ("id", "source", "type", "specversion")
+
+
+def _require(present) -> None:
+    """Every required attribute must be in the record itself: the SDK invents a fresh id for a
+    record without one, which would give each redelivery another id and defeat deduplication."""
+    names = {name.removeprefix("ce_") for name in present}
+    missing = [name for name in REQUIRED if name not in names]
+    if missing:
+        raise MalformedEvent(f"missing required CloudEvent attribute(s) {', '.join(missing)} "
+                             "(binary mode: ce_<name> headers; structured mode: top-level fields)")
+
+
+def _from_structured(value: bytes) -> CloudEvent:
+    """A structured-mode record, read from its own JSON envelope (the SDK's reader would let the
+    Kafka content-type header, application/cloudevents+json, replace the event's datacontenttype)."""
+    envelope = _json(value)
+    if not isinstance(envelope, dict):
+        raise MalformedEvent("structured-mode value is not a JSON object")
+    _require(name for name, v in envelope.items() if v not in (None, ""))
+    data = envelope.pop("data", None)
+    if "data_base64" in envelope:
+        raise MalformedEvent("data_base64 is not accepted: skyfuse events carry JSON data")
+    envelope.setdefault("datacontenttype", "application/json")
+    if envelope["datacontenttype"] != "application/json":
+        raise MalformedEvent(f"datacontenttype {envelope['datacontenttype']!r}: skyfuse events carry application/json")
+    return CloudEvent(envelope, data)
 
 
 def _json(raw: bytes | str | None):

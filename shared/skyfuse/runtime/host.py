@@ -194,7 +194,11 @@ class FunctionHost:
                 self._tell(pending, "ok")
                 continue
             blocked.add(lane)
-            self._fail(pending, outcome.failed[i], now)
+            if i in outcome.permanent:
+                pending.attempts += 1
+                self._dead_letter(pending, f"{outcome.failed[i]} (permanent: not retried)")
+            else:
+                self._fail(pending, outcome.failed[i], now)
 
     def _fail(self, pending: Pending, reason: str, now: float) -> None:
         waiting = self.runtime.claimed_elsewhere.pop(pending.event["id"], None) if pending.event is not None else None

@@ -31,7 +31,7 @@ policy treats a stale cloud as down.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Iterable, Mapping
 
@@ -214,6 +214,15 @@ class Ewma:
     def value(self) -> float | None:
         return None if self.t is None else self._sum / self._weight
 
+    def to_data(self) -> list[float | None]:
+        return [self.t, self._sum, self._weight]
+
+    @classmethod
+    def from_data(cls, half_life_s: float, data: list[float | None]) -> "Ewma":
+        ewma = cls(half_life_s)
+        ewma.t, ewma._sum, ewma._weight = data[0], float(data[1]), float(data[2])
+        return ewma
+
 
 @dataclass
 class CloudMetrics:
@@ -252,6 +261,23 @@ class CloudMetrics:
             self.latest = s
         if s.t >= self.last_source_seen.get(s.source, -math.inf):
             self.last_source_seen[s.source] = s.t
+
+    def to_data(self) -> dict[str, Any]:
+        return {"rps": {k: v.to_data() for k, v in self.rps.items()}, "p50": self.p50.to_data(),
+                "p99": self.p99.to_data(), "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
+                "last_seen": self.last_seen, "last_source_seen": dict(self.last_source_seen),
+                "latest": self.latest.to_data() if self.latest else None, "samples": self.samples}
+
+    @classmethod
+    def from_data(cls, cloud: str, half_life_s: float, data: Mapping[str, Any]) -> "CloudMetrics":
+        ewma = lambda name: Ewma.from_data(half_life_s, data[name])  # noqa: E731
+        latest = Sample.from_data(data["latest"]) if data.get("latest") else None
+        if latest is not None and data.get("last_seen") is not None:
+            latest = replace(latest, t=data["last_seen"])  # as counted (the clock may have bounded it)
+        return cls(cloud, half_life_s, rps={k: Ewma.from_data(half_life_s, v) for k, v in data["rps"].items()},
+                   p50=ewma("p50"), p99=ewma("p99"), error_rate=ewma("error_rate"), load=ewma("load"),
+                   last_seen=data.get("last_seen"), last_source_seen=dict(data.get("last_source_seen", {})),
+                   latest=latest, samples=int(data.get("samples", 0)))
 
     def view(self, now: float, stale_after_s: float) -> "CloudView":
         source = "inference" if "inference" in self.rps else "monitor"
@@ -316,6 +342,19 @@ class MetricsState:
     def observe_all(self, items: Iterable[Sample | Mapping[str, Any]]) -> None:
         for item in items:
             self.observe(item)
+
+    def to_data(self) -> dict[str, Any]:
+        """Everything observed, JSON-ready: `from_data` restores it exactly (a restarted
+        scheduler smooths on as if it had never stopped)."""
+        return {"half_life_s": self.half_life_s, "last_t": self.last_t,
+                "clouds": {name: m.to_data() for name, m in self.clouds.items()}}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "MetricsState":
+        state = cls(float(data["half_life_s"]))
+        state.last_t = data.get("last_t")
+        state.clouds = {name: CloudMetrics.from_data(name, state.half_life_s, m) for name, m in data["clouds"].items()}
+        return state
 
     def view(self, cloud: str, now: float, stale_after_s: float) -> CloudView | None:
         """The cloud's metrics as of `now`, or None when it never reported."""

@@ -288,6 +288,16 @@ class State:
     def clouds(self) -> tuple[str, ...]:
         return tuple(p.cloud for p in self.placements if p.weight > 0)
 
+    def to_data(self) -> dict[str, Any]:
+        """Everything the policy remembers, JSON-ready (see `from_data`)."""
+        return {"metrics": self.metrics.to_data(), "placements": [p.to_data() for p in self.placements],
+                "placed_at": self.placed_at, "better_since": self.better_since, "decisions": self.decisions}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "State":
+        return cls(MetricsState.from_data(data["metrics"]), tuple(Placement(**p) for p in data["placements"]),
+                   data.get("placed_at"), data.get("better_since"), int(data.get("decisions", 0)))
+
 
 class Policy:
     """`Policy(config).decide(state, now)`: the placement change to make now, or None."""

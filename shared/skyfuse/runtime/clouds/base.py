@@ -32,6 +32,7 @@ class Outcome:
     failed: dict[int, str] = field(default_factory=dict)
     whole: bool = False
     untried: set[int] = field(default_factory=set)  # not delivered at all: they go again, no attempt counted
+    permanent: set[int] = field(default_factory=set)  # failed in a way no retry can fix: dead-letter at once
 
     @classmethod
     def all_failed(cls, size: int, reason: str) -> "Outcome":

@@ -10,6 +10,7 @@ parsed.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import functions_framework
@@ -46,10 +47,20 @@ class CloudEventInvoker(Invoker):
             headers, body = to_binary(event)
             response = self.client.post("/", headers=headers, data=body)
             if response.status_code >= 300:
-                outcome.failed[i] = f"HTTP {response.status_code}: {response.get_data(as_text=True)[:300]}"
+                outcome.failed[i] = f"HTTP {response.status_code}: {_text(response.get_data(as_text=True))}"
+                if 400 <= response.status_code < 500 and response.status_code not in RETRYABLE:
+                    outcome.permanent.add(i)  # the function refused the request itself: a retry gets the same
                 outcome.untried = set(range(i + 1, len(batch)))  # keep every lane's order: stop here
                 break
         return outcome
+
+
+RETRYABLE = {408, 409, 425, 429}  # client errors that mean "not now" rather than "never"
+
+
+def _text(body: str, limit: int = 300) -> str:
+    """An error body as one line of plain text (functions-framework answers some errors in HTML)."""
+    return " ".join(re.sub(r"<[^>]+>", " ", body).split())[:limit]
 
 
 def deliver_cloud_event(function: str, handle: Handler, cloud_event: CloudEvent) -> None:
