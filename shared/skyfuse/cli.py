@@ -178,29 +178,31 @@ def up(
 
 
 def gather_status(fleet: fleet_config.Fleet, bus: Bus) -> dict:
-    topics = bus.topics()
+    ours = set(all_topics(fleet))  # a broker may carry other applications' topics too
+    topics = {name: n for name, n in bus.topics().items() if name in ours}
+    ends = bus.end_offsets_of(sorted(topics))
     status = {"bus": fleet.bus.backend, "topics": {}, "functions": [], "dead_letters": {}}
     for name in sorted(topics):
-        status["topics"][name] = {"partitions": topics[name], "records": bus.count(name)}
+        status["topics"][name] = {"partitions": topics[name], "records": sum(ends[name].values())}
     for function in event_functions():
         for cloud in fleet.clouds_for(function):
             group = f"{cloud}.{function}"
-            lag = {t: bus.lag(group, t) for t in contracts.topics_for(function) if t in topics}
+            lag = {t: bus.lag(group, t, ends[t]) for t in contracts.topics_for(function) if t in topics}
             status["functions"].append({"function": function, "cloud": cloud, "group": group,
                                         "lag": sum(lag.values()), "lag_by_topic": lag})
         dlq = contracts.dlq_topic(function)
-        status["dead_letters"][function] = bus.count(dlq) if dlq in topics else 0
+        status["dead_letters"][function] = sum(ends[dlq].values()) if dlq in topics else 0
     status["clouds"] = cloud_status(fleet, bus, topics)
     return status
 
 
-def _latest(bus: Bus, type_name: str, topics: dict) -> list[dict]:
-    """Data of every event of a type, oldest first."""
+def _latest(bus: Bus, type_name: str, topics: dict, per_partition: int = 200) -> list[dict]:
+    """Data of the latest events of a type, oldest first (the log's tail, not its whole)."""
     topic = contracts.event_type(type_name).topic
     if topic not in topics:
         return []
     found = []
-    for record in bus.read(topic, 1_000_000):
+    for record in bus.tail(topic, per_partition):
         try:
             found.append(events.decode(record.key, record.value, record.headers).get_data())
         except events.MalformedEvent:

@@ -46,6 +46,9 @@ def _default_clouds() -> dict[str, Cloud]:
 
 class EmbeddedBus(Section):
     path: str = Field(".skyfuse/bus", description="Folder of the embedded log (a SQLite file).")
+    retention_hours: float = Field(
+        168.0, gt=0, description="Records older than this are deleted (the newest of each partition is kept, so "
+                                 "offsets go on); like Kafka's retention.ms.")
 
 
 class KafkaBus(Section):

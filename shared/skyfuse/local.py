@@ -63,7 +63,7 @@ class LocalFleet:
             ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
             ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()}}))
         self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions, clouds=self.clouds)
-        timers = build_timers(self.fleet, self.bus, clouds=self.clouds)
+        timers = build_timers(self.fleet, self.bus, functions=self.functions, clouds=self.clouds)
         self.fabric = Fabric(self.hosts, timers).start()
         return self
 

@@ -115,3 +115,13 @@ def test_embedded_group_has_one_active_member_and_a_standby_takes_over(tmp_path)
     first.close()
     assert [r.value for r in drain(second, 2)] == [b"2", b"3"]  # takes over at the committed offset
     second.close()
+
+
+def test_tail_gives_the_latest_records_of_each_partition_oldest_first(bus, uid):
+    topic = f"contract-tail-{uid}"
+    bus.ensure_topics([topic], 2)
+    keys = [b"a", next(k for k in (b"b", b"c", b"d", b"e") if partition_for(k, 2) != partition_for(b"a", 2))]
+    sent = [bus.publish(topic, str(i).encode(), key) for i in range(30) for key in keys]
+    tail = bus.tail(topic, 5)
+    assert sorted(r.value for r in tail) == sorted(r.value for r in sent if int(r.value) >= 25)
+    assert [int(r.value) for r in tail if r.key == b"a"] == list(range(25, 30))  # oldest first

@@ -20,4 +20,5 @@ def open_bus(fleet: Fleet) -> Bus:
                         request_timeout_ms=k.request_timeout_ms, default_partitions=settings.partitions)
     from skyfuse.bus.embedded import EmbeddedBus
 
-    return EmbeddedBus(Path(settings.embedded.path), default_partitions=settings.partitions)
+    return EmbeddedBus(Path(settings.embedded.path), default_partitions=settings.partitions,
+                       retention_ms=int(settings.embedded.retention_hours * 3_600_000))

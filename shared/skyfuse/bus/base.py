@@ -110,11 +110,21 @@ class Bus(abc.ABC):
     def read(self, topic: str, limit: int = 1000) -> list[Record]:
         """The first `limit` records of `topic` from the beginning, outside any group."""
 
+    @abc.abstractmethod
+    def tail(self, topic: str, per_partition: int = 100) -> list[Record]:
+        """The last `per_partition` records of each partition of `topic`, oldest first: the
+        latest state without reading the log from its beginning."""
+
     def close(self) -> None:
         pass
 
-    def lag(self, group: str, topic: str) -> int:
-        ends, done = self.end_offsets(topic), self.committed(group, topic)
+    def end_offsets_of(self, topics: Iterable[str]) -> dict[str, dict[int, int]]:
+        """`end_offsets` of several topics (a backend may fetch them in one round trip)."""
+        return {topic: self.end_offsets(topic) for topic in topics}
+
+    def lag(self, group: str, topic: str, ends: dict[int, int] | None = None) -> int:
+        ends = self.end_offsets(topic) if ends is None else ends
+        done = self.committed(group, topic)
         return sum(end - done.get(p, 0) for p, end in ends.items())
 
     def count(self, topic: str) -> int:

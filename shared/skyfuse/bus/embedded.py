@@ -4,6 +4,11 @@ SQLite in WAL mode gives what a log needs: appends that survive a crash (synchro
 that never block the writer, and several processes on one file (`skyfuse up` in one terminal,
 `skyfuse publish` in another). Offsets are dense per partition, as on Kafka.
 
+Each record also has its topic's append number (`seq`), which orders `read` and `tail`, and its
+timestamp never goes back within a topic (taken inside the append's transaction, at least the
+topic's last), so a clock step cannot reorder the log. Records older than `retention_ms` are
+deleted now and then, except the newest of each partition, so offsets stay dense and go on.
+
 A consumer group has one active member at a time: it holds an exclusive `flock` on the group's lock
 file. The OS drops that lock the moment the holder dies, so a restarted host takes over at once,
 while a second live member waits as a standby. Scale out with the Kafka backend.
@@ -30,6 +35,7 @@ CREATE TABLE IF NOT EXISTS records (
     timestamp_ms INTEGER NOT NULL, key BLOB, value BLOB, headers BLOB NOT NULL,
     PRIMARY KEY (topic, partition, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS topic_clock (topic TEXT PRIMARY KEY, last_ms INTEGER NOT NULL, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS offsets (
     grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
     PRIMARY KEY (grp, topic, partition)
@@ -55,7 +61,12 @@ def _unpack_headers(raw: bytes) -> Headers:
 class EmbeddedBus(Bus):
     backend = "embedded"
 
-    def __init__(self, path: str | os.PathLike, default_partitions: int = 3):
+    TRIM_EVERY = 1000  # publishes between two retention passes (per process)
+
+    def __init__(self, path: str | os.PathLike, default_partitions: int = 3, retention_ms: int = 7 * 86_400_000,
+                 clock=time.time):
+        self.retention_ms, self.clock = retention_ms, clock
+        self._since_trim = 0
         self.dir = Path(path)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "groups").mkdir(exist_ok=True)
@@ -64,6 +75,9 @@ class EmbeddedBus(Bus):
         self._lock = threading.Lock()
         self._conn = _connect(self.db_path)
         self._conn.executescript(SCHEMA)
+        if "seq" not in {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}:
+            self._conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER")  # a log from before seq
+        self.trim()
 
     def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
         with self._lock:
@@ -81,7 +95,6 @@ class EmbeddedBus(Bus):
 
     def publish(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> Record:
         headers = list(headers or [])
-        now = int(time.time() * 1000)
         with self._lock:
             partition = partition_for(key, self._partitions(topic))
             self._conn.execute("BEGIN IMMEDIATE")  # serialises appenders across processes
@@ -91,14 +104,34 @@ class EmbeddedBus(Bus):
                     (topic, partition),
                 ).fetchone()
                 self._conn.execute(
-                    "INSERT INTO records VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (topic, partition, offset, now, key, value, _pack_headers(headers)),
+                    "INSERT INTO topic_clock VALUES (?, ?, 0) "
+                    "ON CONFLICT (topic) DO UPDATE SET last_ms = MAX(last_ms, excluded.last_ms), seq = seq + 1",
+                    (topic, int(self.clock() * 1000)))
+                now, seq = self._conn.execute("SELECT last_ms, seq FROM topic_clock WHERE topic = ?",
+                                              (topic,)).fetchone()
+                self._conn.execute(
+                    "INSERT INTO records (topic, partition, offset, timestamp_ms, key, value, headers, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (topic, partition, offset, now, key, value, _pack_headers(headers), seq),
                 )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            self._since_trim += 1
+        if self._since_trim >= self.TRIM_EVERY:
+            self.trim()
         return Record(topic, partition, offset, key, value, headers, now)
+
+    def trim(self) -> int:
+        """Delete records past retention, keeping each partition's newest; returns how many."""
+        cutoff = int(self.clock() * 1000) - self.retention_ms
+        with self._lock:
+            self._since_trim = 0
+            deleted = self._conn.execute(
+                "DELETE FROM records WHERE timestamp_ms < ? AND offset < (SELECT MAX(r.offset) FROM records r "
+                "WHERE r.topic = records.topic AND r.partition = records.partition)", (cutoff,)).rowcount
+        return deleted
 
     def consumer(self, group: str, topics: list[str], on_revoke: RevokeListener | None = None) -> Consumer:
         self.ensure_topics(topics)
@@ -126,9 +159,23 @@ class EmbeddedBus(Bus):
         with self._lock:
             rows = self._conn.execute(
                 "SELECT topic, partition, offset, key, value, headers, timestamp_ms FROM records "
-                "WHERE topic = ? ORDER BY timestamp_ms, partition, offset LIMIT ?", (topic, limit)
+                "WHERE topic = ? ORDER BY seq, timestamp_ms, partition, offset LIMIT ?", (topic, limit)
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def tail(self, topic: str, per_partition: int = 100) -> list[Record]:
+        rows = []
+        with self._lock:
+            for partition in range(self._partitions(topic)):  # range scans on the primary key
+                (end,) = self._conn.execute("SELECT MAX(offset) FROM records WHERE topic = ? AND partition = ?",
+                                            (topic, partition)).fetchone()
+                if end is not None:
+                    rows += self._conn.execute(
+                        "SELECT topic, partition, offset, key, value, headers, timestamp_ms, seq FROM records "
+                        "WHERE topic = ? AND partition = ? AND offset > ?", (topic, partition, end - per_partition),
+                    ).fetchall()
+        rows.sort(key=lambda row: (row[7] if row[7] is not None else -1, row[6], row[1], row[2]))
+        return [_record(row[:7]) for row in rows]
 
     def close(self) -> None:
         with self._lock:

@@ -95,6 +95,20 @@ class KafkaBus(Bus):
         finally:
             reader.close()
 
+    def end_offsets_of(self, topics: Iterable[str]) -> dict[str, dict[int, int]]:
+        reader = self._reader()
+        try:
+            topics = list(topics)
+            reader.topics()  # one metadata request for all of them
+            partitions = [KafkaTP(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t) or ())]
+            ends = reader.end_offsets(partitions) if partitions else {}
+        finally:
+            reader.close()
+        out: dict[str, dict[int, int]] = {t: {} for t in topics}
+        for tp, offset in ends.items():
+            out[tp.topic][tp.partition] = offset
+        return out
+
     def committed(self, group: str, topic: str) -> dict[int, int]:
         with self._admin_lock:
             offsets = self.admin.list_group_offsets(group).get(group, {})
@@ -112,6 +126,22 @@ class KafkaBus(Bus):
                 for batch in reader.poll(timeout_ms=1000, max_records=limit - len(out)).values():
                     out.extend(_record(r) for r in batch)
             return sorted(out, key=lambda r: (r.timestamp_ms, r.partition, r.offset))[:limit]
+        finally:
+            reader.close()
+
+    def tail(self, topic: str, per_partition: int = 100) -> list[Record]:
+        reader = self._reader()
+        try:
+            partitions = [KafkaTP(topic, p) for p in sorted(reader.partitions_for_topic(topic) or ())]
+            reader.assign(partitions)
+            starts, ends = reader.beginning_offsets(partitions), reader.end_offsets(partitions)
+            for tp in partitions:
+                reader.seek(tp, max(starts[tp], ends[tp] - per_partition))
+            out: list[Record] = []
+            while any(reader.position(tp) < ends[tp] for tp in partitions):
+                for batch in reader.poll(timeout_ms=1000).values():
+                    out.extend(_record(r) for r in batch if r.offset < ends[KafkaTP(r.topic, r.partition)])
+            return sorted(out, key=lambda r: (r.timestamp_ms, r.partition, r.offset))
         finally:
             reader.close()
 
