@@ -4,7 +4,8 @@ placement.changed that gives this cloud weight: copy the model from the source c
 this cloud's store, check its sha256, load and warm it exactly as the servers will
 (`skyfuse.serving.model.LoadedModel`), then point `serving/current.json` at it. The inference servers of this cloud watch that pointer
 and swap sessions atomically. Any failure leaves the pointer, and so the old model, as it was, and
-deployment.status says why. A placement that drops this cloud drains it.
+deployment.status says why. A placement that drops this cloud drains it. Each decision is applied
+once per cloud through the idempotency layer; its statuses have ids derived from it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ from skyfuse.storage import StoreError, fetch
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
     data = event.get_data()
+    with runtime.once(_key(runtime, data)) as claim:
+        if claim.done:
+            runtime.received(event, "skipped: decision already applied (duplicate event)")
+            return
+        _apply(runtime, event, data)
+
+
+def _key(runtime: Runtime, data: dict) -> str:
+    return f"deploy/{data['decision_id']}/{runtime.cloud}"
+
+
+def _apply(runtime: Runtime, event: CloudEvent, data: dict) -> None:
     weights = {p["cloud"]: p["weight"] for p in data["placements"]}
     was_serving = any(p["cloud"] == runtime.cloud and p["weight"] > 0 for p in data["previous"])
     if weights.get(runtime.cloud, 0) > 0:
@@ -62,5 +75,5 @@ def _status(runtime: Runtime, event: CloudEvent, data: dict, state: str, reason:
         status["reason"] = reason
     if warm_ms is not None:
         status["warm_ms"] = warm_ms
-    runtime.emit("deployment.status", status, caused_by=event)
+    runtime.emit("deployment.status", status, caused_by=event, dedupe_key=f"{_key(runtime, data)}/{state}")
     runtime.received(event, f"{state}" + (f": {reason}" if reason else ""))

@@ -11,13 +11,17 @@ replayed backlog decides as it did live, and a fast or slow clock in one cloud c
 fast-forward the dwell timers.
 
 State: the policy's memory (smoothed metrics, current placement, dwell clocks), the event clock,
-the current model and the ids of the latest events handled are one snapshot in the control store
-(`scheduler/state.json`), written after each event's decision was published. A restarted scheduler
-resumes from it exactly, and a redelivered event (its id in the snapshot) is not counted twice.
-The store, not a compacted topic or a replay of metrics.sampled: the control cloud's store is
-already where run state lives and is durable in every cloud, and a replay would depend on the bus
-keeping every sample since the current placement began. An event that fails leaves the state in
-memory as it was, so its retry decides again from the same state.
+the current model, the ids of the latest events handled and an outbox of decisions to publish
+are one snapshot in the control store, written as a numbered sequence
+(`scheduler/state/<n>.json`). Each event's snapshot n+1 is created with create-if-absent, so when
+two scheduler instances share the work (two members of the group, or a rebalance) only one of
+them advances the state; the other reloads and handles its event again on the new state. The
+decision goes into the snapshot's outbox first and is published after (transactional outbox): a
+crash or a failed publish in between is repaired by whichever instance handles the next event,
+and the decision's id is derived from it, so a second publish is a redelivery. A restarted
+scheduler resumes exactly; a redelivered event (its id in the snapshot) is dropped. The store,
+not a compacted topic or a replay of metrics.sampled: it is already where run state lives, it is
+durable in every cloud, and its create-if-absent gives the single writer a replay cannot.
 """
 from __future__ import annotations
 
@@ -30,13 +34,15 @@ from cloudevents.http import CloudEvent
 
 from skyfuse import contracts
 from skyfuse.runtime.function import Runtime
+from skyfuse.runtime.idempotency import InProgress
 from skyfuse.scheduling import Placement, Policy, PolicyConfig, SampleError, Sample, parse_time
 from skyfuse.scheduling.clock import EventClock, Stamp, TooOld
 from skyfuse.scheduling.policy import State
 
 _lock = threading.Lock()
-_schedulers: dict[str, "Scheduler"] = {}  # control cloud → its scheduler
-STATE_KEY = "scheduler/state.json"
+_schedulers: dict[str, "Scheduler"] = {}  # control cloud → the latest snapshot this process knows
+STATE_DIR = "scheduler/state/"
+KEEP_SNAPSHOTS = 5
 REMEMBERED_EVENTS = 1000  # ids of the latest events handled, to drop redeliveries
 
 
@@ -47,24 +53,35 @@ class Scheduler:
     clock: EventClock
     model: dict | None = None
     handled: list[str] = field(default_factory=list)
+    outbox: list[dict] = field(default_factory=list)  # placement.changed data (with its dedupe key) to publish
+    seq: int = 0
 
     def to_data(self) -> dict:
-        return {"state": self.state.to_data(), "clock": self.clock.to_data(), "model": self.model,
-                "handled": self.handled[-REMEMBERED_EVENTS:]}
+        return {"seq": self.seq, "state": self.state.to_data(), "clock": self.clock.to_data(), "model": self.model,
+                "handled": self.handled[-REMEMBERED_EVENTS:], "outbox": self.outbox}
+
+
+def _snapshot_key(seq: int) -> str:
+    return f"{STATE_DIR}{seq:012d}.json"
 
 
 def _scheduler(runtime: Runtime) -> Scheduler:
-    if runtime.cloud not in _schedulers:
-        policy = Policy(PolicyConfig.from_fleet(runtime.fleet))
-        store = runtime.store()
-        if store.exists(STATE_KEY):
-            saved = orjson.loads(store.get(STATE_KEY))
-            scheduler = Scheduler(policy, State.from_data(saved["state"]), EventClock.from_data(saved["clock"]),
-                                  saved.get("model"), list(saved.get("handled", ())))
-        else:
-            scheduler = Scheduler(policy, policy.new_state(), EventClock())
-        _schedulers[runtime.cloud] = scheduler
-    return _schedulers[runtime.cloud]
+    """The latest snapshot: this process's own when no other instance has written since."""
+    store = runtime.store()
+    names = store.list(STATE_DIR)
+    seq = int(names[-1].rsplit("/", 1)[1].removesuffix(".json")) if names else 0
+    cached = _schedulers.get(runtime.cloud)
+    if cached is not None and cached.seq == seq:
+        return cached
+    policy = Policy(PolicyConfig.from_fleet(runtime.fleet))
+    if seq:
+        saved = orjson.loads(store.get(_snapshot_key(seq)))
+        scheduler = Scheduler(policy, State.from_data(saved["state"]), EventClock.from_data(saved["clock"]),
+                              saved.get("model"), list(saved.get("handled", ())), list(saved.get("outbox", ())), seq)
+    else:
+        scheduler = Scheduler(policy, policy.new_state(), EventClock())
+    _schedulers[runtime.cloud] = scheduler
+    return scheduler
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -74,19 +91,32 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
     data = event.get_data()
     with _lock:
-        scheduler = _scheduler(runtime)
-        if event["id"] in scheduler.handled:
+        current = _scheduler(runtime)
+        _flush(runtime, current)  # what the last snapshot decided is published before anything else
+        if event["id"] in current.handled:
             runtime.received(event, "skipped: already handled (redelivery)")
             return
-        before = copy.deepcopy(scheduler)
-        try:
-            note = _on_event(runtime, event, kind, data, scheduler)
-            scheduler.handled = [*scheduler.handled[-(REMEMBERED_EVENTS - 1):], event["id"]]
-            runtime.store().put(STATE_KEY, orjson.dumps(scheduler.to_data()))
-        except BaseException:
-            _schedulers[runtime.cloud] = before  # the retry starts from the same state
-            raise
+        work = copy.deepcopy(current)  # the event works on a copy: a failure leaves `current` as it was
+        note = _on_event(runtime, event, kind, data, work)
+        work.handled = [*work.handled[-(REMEMBERED_EVENTS - 1):], event["id"]]
+        work.seq += 1
+        store = runtime.store()
+        if not store.create(_snapshot_key(work.seq), orjson.dumps(work.to_data())):
+            _schedulers.pop(runtime.cloud, None)
+            raise InProgress(f"another scheduler instance wrote state {work.seq} first; this event is handled "
+                             "again on it", retry_after_s=0.05)
+        _schedulers[runtime.cloud] = work
+        for old in store.list(STATE_DIR)[:-KEEP_SNAPSHOTS]:
+            store.delete(old)
+        _flush(runtime, work)
     runtime.received(event, note)
+
+
+def _flush(runtime: Runtime, scheduler: Scheduler) -> None:
+    """Publish the outbox (ids derived from each decision: a repeat is a redelivery)."""
+    for item in scheduler.outbox:
+        runtime.emit("placement.changed", item["data"], dedupe_key=item["key"], traceparent=item.get("traceparent"))
+    scheduler.outbox = []
 
 
 def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, scheduler: Scheduler) -> str:
@@ -110,7 +140,7 @@ def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, schedu
             state.placed_at = scheduler.clock.now  # placed before any metrics: the dwell counts from here
         decision = scheduler.policy.decide(state, scheduler.clock.now) if scheduler.model else None
         if decision:
-            _announce(runtime, event, decision, scheduler.model, "metrics", stamp)
+            _announce(scheduler, event, decision, scheduler.model, "metrics", stamp)
     return "handled"
 
 
@@ -132,10 +162,11 @@ def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Sched
         decision = policy.place(state, stamp.at, serving, reason)
     if scheduler.clock.now is None:
         state.placed_at = None  # no metrics yet: the dwell clocks start with the first sample
-    _announce(runtime, event, decision, model, "model", stamp)
+    _announce(scheduler, event, decision, model, "model", stamp)
 
 
-def _announce(runtime: Runtime, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp) -> None:
+def _announce(scheduler: Scheduler, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp) -> None:
     data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"], trigger=trigger)
     data["clock"] = stamp.to_data()
-    runtime.emit("placement.changed", data, caused_by=event, dedupe_key=f"{data['decision_id']}/{event['id']}")
+    scheduler.outbox.append({"data": data, "key": f"{data['decision_id']}/{event['id']}",
+                             "traceparent": event.get("traceparent")})

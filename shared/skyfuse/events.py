@@ -37,6 +37,7 @@ def new_event(
     subject: str | None = None,
     caused_by: CloudEvent | None = None,
     event_id: str | None = None,
+    traceparent: str | None = None,
 ) -> CloudEvent:
     """A CloudEvent of `type_name` (`shard.ready` or `skyfuse.shard.ready`) carrying `data`.
 
@@ -53,7 +54,7 @@ def new_event(
         "specversion": "1.0",
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",
-        "traceparent": (caused_by.get("traceparent") if caused_by else None) or new_traceparent(),
+        "traceparent": traceparent or (caused_by.get("traceparent") if caused_by else None) or new_traceparent(),
     }
     if subject:
         attributes["subject"] = subject

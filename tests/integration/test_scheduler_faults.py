@@ -1,6 +1,7 @@
 """The scheduler under faults: a restart resumes its smoothing and dwell clocks exactly, a
 redelivered event is not counted twice, and a decision whose publish failed is published by the
 retry."""
+import threading
 from datetime import timedelta
 
 import pytest
@@ -113,3 +114,46 @@ def fresh():
     handler._schedulers.clear()
     yield
     handler._schedulers.clear()
+
+
+def test_two_scheduler_instances_never_both_advance_the_state(tmp_path, monkeypatch):
+    """Instance A loads state n; instance B writes n+1 while A is deciding: A's write of n+1 is
+    refused, A retries (no attempt spent) on B's state, and both events count exactly once."""
+    from skyfuse.runtime.idempotency import InProgress
+
+    scheduler = Scheduler(tmp_path)
+    scheduler.model("v1", T0)
+    store = scheduler.runtime.store()
+
+    def sample(cloud, minute):
+        return events.new_event("metrics.sampled", {
+            "cloud": cloud, "source": "inference", "window_s": 60,
+            "sampled_at": (T0 + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z"), "requests": 60,
+            "requests_per_s": 1.0, "latency_ms": {"p50": 10, "p99": 30}, "error_rate": 0.0, "load": 0.1,
+            "price": {"per_hour": 0.05, "per_million_requests": 0.2, "currency": "USD"}}, source="skyfuse://test")
+
+    def deliver(event):
+        with hosted(scheduler.runtime):
+            run_handler(scheduler.handle, event, scheduler.runtime)
+
+    real = handler._on_event
+
+    def racing(runtime, event, kind, data, work):  # B commits its own event while A decides
+        monkeypatch.setattr(handler, "_on_event", real)
+        a_view = dict(handler._schedulers)
+        handler._schedulers.clear()
+        deliver(sample("azure", 1))
+        handler._schedulers.clear()
+        handler._schedulers.update(a_view)
+        return real(runtime, event, kind, data, work)
+
+    monkeypatch.setattr(handler, "_on_event", racing)
+    monkeypatch.setattr(handler, "_lock", threading.RLock())  # B runs inside A's call, in this thread
+    mine = sample("gcp", 1)
+    with pytest.raises(InProgress, match="another scheduler instance wrote state"):
+        deliver(mine)
+    assert scheduler.runtime.claimed_elsewhere.pop(mine["id"]) == 0.05  # the host waits, spends no attempt
+    deliver(mine)  # the retry
+    latest = handler._scheduler(scheduler.runtime)
+    assert {c: m.samples for c, m in latest.state.metrics.clouds.items()} == {"azure": 1, "gcp": 1}
+    assert len(store.list(handler.STATE_DIR)) <= handler.KEEP_SNAPSHOTS

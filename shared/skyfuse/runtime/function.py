@@ -67,13 +67,13 @@ class Runtime:
         return f"skyfuse://{self.cloud}/{self.function}"
 
     def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None,
-             dedupe_key: str | None = None) -> CloudEvent:
+             dedupe_key: str | None = None, traceparent: str | None = None) -> CloudEvent:
         """Validate, then publish an event; returns it. With `dedupe_key` (what the output is, e.g.
         its idempotency key) its id is derived from it, so doing the same work again publishes the
         same event again, which consumers drop as a redelivery; without, a fresh id."""
         event_id = events.derived_id(self.source, type_name, dedupe_key) if dedupe_key is not None else None
         event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by,
-                                 event_id=event_id)
+                                 event_id=event_id, traceparent=traceparent)
         key, value, headers = events.encode(event)
         self.bus.publish(events.topic_of(event), value, key, headers)
         _append_bounded(self.emitted, event)
