@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install run run-emulated test test-clock-shift test-unit bench kafka-up kafka-down emulators-up emulators-down status clean
+.PHONY: help install run run-emulated test test-clock-shift test-unit chaos bench kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -42,6 +42,10 @@ test-clock-shift: install  ## the scheduler, placement and metrics tests with th
 
 test-unit: install  ## the tests that need no server
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+chaos: install  ## 30 shards on Apache Kafka while hosts are SIGKILLed every few seconds and the broker restarts; a ledger checks every effect
+	bash infra/kafka/kafka.sh up
+	$(BIN)/python -m tests.chaos.chaos --shards 30 --broker-restart; rc=$$?; bash infra/kafka/kafka.sh down; exit $$rc
 
 bench: install  ## figures: fusion quality over 5 seeds, HTTP serving per cloud, placement policy vs. baselines, hot-path costs
 	$(BIN)/python bench/fusion_quality.py
