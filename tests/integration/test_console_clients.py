@@ -13,17 +13,10 @@ from skyfuse import config, contracts
 from skyfuse.bus import open_bus
 from tests.conftest import KAFKA, fleet_env
 from tests.functions import probe_state
-from tests.integration.test_host import Running
+from tests.integration.test_host import Running, clean_probe  # noqa: F401 (the probe is reset around each test)
 
 pytestmark = pytest.mark.kafka
 LIB = Path(__file__).resolve().parents[2] / "infra" / "kafka" / "lib"
-
-
-@pytest.fixture(autouse=True)
-def clean_probe():
-    probe_state.reset()
-    yield
-    probe_state.reset()
 
 
 @pytest.fixture

@@ -9,16 +9,7 @@ import time_machine
 
 from skyfuse.runtime.function import Runtime
 from tests.functions import probe_state
-from tests.integration.test_host import Running, publish, shard_event
-
-PROVIDERS = ["aws", "gcp", "azure"]
-
-
-@pytest.fixture(autouse=True)
-def clean_probe():
-    probe_state.reset()
-    yield
-    probe_state.reset()
+from tests.integration.test_host import PROVIDERS, Running, clean_probe, publish, shard_event  # noqa: F401
 
 
 @pytest.fixture
