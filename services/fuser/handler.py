@@ -27,7 +27,8 @@ import time
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse.runtime.function import Runtime
+from skyfuse.runtime.function import Rejected, Runtime
+from skyfuse.serving.onnx_refs import refuse_external_data
 from skyfuse.storage import Store, fetch
 
 MAX_ID = 128  # events/schemas: $defs/id
@@ -95,6 +96,11 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     run = orjson.loads(store.get(f"runs/{run_id}/run.json"))
     validation = mldata.load_csv(store.get(f"runs/{run_id}/validation.csv"), run["target"], classes=run["classes"])
     onnx_models = [fetch(m["onnx_uri"], m["sha256"]) for m in members]
+    for member, model in zip(members, onnx_models):
+        try:
+            refuse_external_data(model, f"member {member['onnx_uri']}")
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
     weights = [float(m["samples"]) for m in members]
     strategies = fusion.STRATEGIES if manifest["fusion"] == "auto" else (manifest["fusion"],)
     lineage = {

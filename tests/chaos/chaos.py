@@ -257,6 +257,9 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
 
         bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
         shard_events = prepare(fleet, run_id, shards, seed)
+        # once, before any kill: a fresh clone's first import of TensorFlow compiles its bytecode
+        # for a minute, which hosts killed every few seconds would otherwise redo again and again
+        subprocess.run([sys.executable, "-c", "import skyfuse.ml.model, skyfuse.ml.export"], check=True)
         hosts.start_all()
         driver = threading.Thread(target=chaos, args=(hosts, stop, random.Random(seed), every, kills,
                                                       deadline_s / 6 if broker_restart else None, log), daemon=True)

@@ -141,3 +141,16 @@ def test_a_corrupted_model_is_never_deployed_and_the_old_one_keeps_serving(fleet
     status = loop.statuses(home)[-1]
     assert status["state"] == "failed" and "sha256" in status["reason"]
     assert open_store(fleet.clouds[home].store).get("serving/current.json") == pointer
+
+
+def test_a_model_with_external_data_is_never_deployed(fleet):
+    from tests.unit.test_onnx_refs import pointing_outside
+
+    loop = Loop(fleet)
+    loop.send("fused.ready", fused_ready(fleet, "v1", classifier(seed=1)))
+    home = next(p["cloud"] for p in loop.placements[-1]["placements"] if p["weight"] > 0)
+    pointer = open_store(fleet.clouds[home].store).get("serving/current.json")
+    loop.send("fused.ready", fused_ready(fleet, "evil", pointing_outside(classifier(seed=2))))
+    status = loop.statuses(home)[-1]
+    assert status["state"] == "failed" and "external data" in status["reason"] and "still serving v1" in status["reason"]
+    assert open_store(fleet.clouds[home].store).get("serving/current.json") == pointer

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from skyfuse.serving.onnx_refs import refuse_external_data
 from skyfuse.storage import NotFound, Store, StoreError, fetch, sha256_of
 
 POINTER_KEY = "serving/current.json"
@@ -120,6 +121,10 @@ class LoadedModel:
             raise ModelError(f"model {version} ({uri or 'bytes'}) has sha256 {digest}, expected {sha256}: "
                              "the object changed or was corrupted after it was announced")
         self.version, self.sha256, self.uri, self.size = version, digest, uri, len(data)
+        try:
+            refuse_external_data(data, f"model {version}")  # before onnxruntime could open any file
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
         try:
             self.session = _ort().InferenceSession(bytes(data), sess_options=session_options(threads),
                                                 providers=["CPUExecutionProvider"])
