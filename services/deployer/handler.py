@@ -17,7 +17,7 @@ from cloudevents.http import CloudEvent
 from skyfuse.runtime.function import Runtime
 from skyfuse.serving.model import POINTER_KEY as POINTER
 from skyfuse.serving.model import LoadedModel, ModelError, publish
-from skyfuse.storage import StoreError, fetch
+from skyfuse.storage import StoreError
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -53,7 +53,7 @@ def deploy(runtime: Runtime, event: CloudEvent, data: dict) -> None:
         return
     _status(runtime, event, data, "deploying")
     try:
-        model = fetch(data["model_uri"], data["sha256"])
+        model = runtime.fetch(data["model_uri"], data["sha256"])
         loaded = LoadedModel(model, data["model_version"], data["sha256"], data["model_uri"])  # what servers run
     except (StoreError, ModelError) as exc:
         _status(runtime, event, data, "failed", reason=f"{exc}; still serving "

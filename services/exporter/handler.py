@@ -9,7 +9,7 @@ from __future__ import annotations
 from cloudevents.http import CloudEvent
 
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import StoreError, fetch
+from skyfuse.storage import StoreError
 
 PARITY_LIMIT = 1e-5
 
@@ -35,8 +35,8 @@ def _export(runtime: Runtime, event: CloudEvent, data: dict, key: str) -> None:
     store = runtime.store()
     base = f"runs/{data['run_id']}/round-{data['round']}/onnx/{data['cloud']}-{data['shard_id']}"
     try:
-        model = mlmodel.from_bytes(fetch(data["model_uri"], data["sha256"]))
-        raw = fetch(data["validation_uri"], data.get("validation_sha256"))
+        model = mlmodel.from_bytes(runtime.fetch(data["model_uri"], data["sha256"]))
+        raw = runtime.fetch(data["validation_uri"], data.get("validation_sha256"))
     except StoreError as exc:
         raise Rejected(f"model {data['model_uri']} cannot be read: {exc}") from exc
     rows = mldata.load_csv(raw, label_column(raw, data["features"]), classes=data["classes"])

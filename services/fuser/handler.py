@@ -29,7 +29,8 @@ from cloudevents.http import CloudEvent
 
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.serving.onnx_refs import refuse_external_data
-from skyfuse.storage import Store, fetch
+from skyfuse.storage import Store
+from skyfuse.storage.confine import OutsideFleet
 
 MAX_ID = 128  # events/schemas: $defs/id
 
@@ -95,7 +96,10 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     manifest = members[0]["manifest"]
     run = orjson.loads(store.get(f"runs/{run_id}/run.json"))
     validation = mldata.load_csv(store.get(f"runs/{run_id}/validation.csv"), run["target"], classes=run["classes"])
-    onnx_models = [fetch(m["onnx_uri"], m["sha256"]) for m in members]
+    try:
+        onnx_models = [runtime.fetch(m["onnx_uri"], m["sha256"]) for m in members]
+    except OutsideFleet as exc:
+        raise Rejected(str(exc)) from None
     for member, model in zip(members, onnx_models):
         try:
             refuse_external_data(model, f"member {member['onnx_uri']}")
@@ -116,7 +120,7 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     store.put(f"{base}/scores.json", orjson.dumps(scores))
     clouds = sorted({m["cloud"] for m in members})
     if "fedavg" in strategies and round_ + 1 < manifest["rounds"]:
-        global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras", _average_keras(members, weights))
+        global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras", _average_keras(runtime, members, weights))
         # the next round waits for the members this one had, not for the ones that already failed
         following = {**manifest, "expected_members": len(members), "quorum": min(manifest["quorum"], len(members))}
         runtime.emit("round.started", {
@@ -150,7 +154,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
     order = ["fedavg", "wavg", "confidence", "vote"]
     chosen = manifest["fusion"] if forced else max(best, key=lambda s: (best[s]["accuracy"], -order.index(s)))
     pick = best[chosen]
-    model = fetch(pick["uri"], pick["sha256"])
+    model = runtime.fetch(pick["uri"], pick["sha256"])
     version = model_version(run_id, chosen, pick["sha256"])
     saved = store.put(f"runs/{run_id}/fused/{version}.onnx", model)
     total = sum(weights)
@@ -177,8 +181,9 @@ def model_version(run_id: str, strategy: str, sha256: str) -> str:
     return f"{run_id[:MAX_ID - len(suffix) - 9]}~{digest}{suffix}"
 
 
-def _average_keras(members: list[dict], weights: list[float]) -> bytes:
+def _average_keras(runtime: Runtime, members: list[dict], weights: list[float]) -> bytes:
     """The next global model: the members' Keras weights averaged, weighted by sample count."""
     from skyfuse.ml import model as mlmodel
 
-    return mlmodel.to_bytes(mlmodel.average([mlmodel.from_bytes(fetch(m["model_uri"])) for m in members], weights))
+    models = [mlmodel.from_bytes(runtime.fetch(m["model_uri"], m["source_sha256"])) for m in members]
+    return mlmodel.to_bytes(mlmodel.average(models, weights))

@@ -12,7 +12,7 @@ import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import StoreError, fetch
+from skyfuse.storage import StoreError
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -53,7 +53,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
     store = runtime.store()
     base = f"runs/{shard['run_id']}/round-{round_}/models/{runtime.cloud}-{shard['shard_id']}"
     try:
-        rows = mldata.load_csv(fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
+        rows = mldata.load_csv(runtime.fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
     except (mldata.DataError, StoreError) as exc:
         raise Rejected(f"shard {shard['shard_id']} at {shard['uri']} cannot be read: {exc}") from exc
     settings = runtime.fleet.training
@@ -64,7 +64,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
         learning_rate=given.get("learning_rate", settings.learning_rate), seed=given.get("seed", 0))
     standardization = given.get("standardization")
     stats = (standardization["mean"], standardization["variance"]) if standardization else None
-    initial = mlmodel.from_bytes(fetch(init_uri, init_sha256)) if init_uri else None
+    initial = mlmodel.from_bytes(runtime.fetch(init_uri, init_sha256)) if init_uri else None
     try:
         result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs)
     except mlmodel.TrainingError as exc:

@@ -125,7 +125,7 @@ def _require(present) -> None:
     names = {name.removeprefix("ce_") for name in present}
     missing = [name for name in REQUIRED if name not in names]
     if missing:
-        raise MalformedEvent(f"missing required CloudEvent attribute(s) {', '.join(missing)} "
+        raise MalformedEvent(f"not a valid CloudEvent: missing required attribute(s) {', '.join(missing)} "
                              "(binary mode: ce_<name> headers; structured mode: top-level fields)")
 
 

@@ -51,7 +51,7 @@ def test_a_record_without_an_id_is_dead_lettered_and_the_next_one_handled(kafka_
         run.wait(lambda: run.results("ok") and run.results("dead-lettered"))
     assert probe_state.HANDLED == [("with-id", provider)]
     [dead] = run.results("dead-lettered")
-    assert "missing required CloudEvent attribute(s) id" in dead.reason and dead.attempts == 0
+    assert "not a valid CloudEvent: missing required attribute(s) id" in dead.reason and dead.attempts == 0
     assert [d.event_id for d in run.results("ok")] == ["e-2"]
 
 

@@ -154,3 +154,27 @@ def test_a_model_with_external_data_is_never_deployed(fleet):
     status = loop.statuses(home)[-1]
     assert status["state"] == "failed" and "external data" in status["reason"] and "still serving v1" in status["reason"]
     assert open_store(fleet.clouds[home].store).get("serving/current.json") == pointer
+
+
+def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, tmp_path):
+    """The review's attack: a placement.changed naming file:///…/anywhere/evil.onnx, with the right
+    sha256 (the digest comes from the same unauthenticated event)."""
+    from services.deployer.handler import handle as deploy
+    from skyfuse import contracts, events
+    from skyfuse.runtime.function import Runtime, hosted, run_handler
+    from skyfuse.storage import sha256_of
+
+    evil = tmp_path / "anywhere" / "evil.onnx"
+    evil.parent.mkdir()
+    evil.write_bytes(classifier(seed=9))
+    for uri in (evil.as_uri(), "file:///etc/hostname", f"{open_store(fleet.clouds['aws'].store).uri}/../anywhere/evil.onnx"):
+        data = {**contracts.sample("placement.changed"), "model_uri": uri, "sha256": sha256_of(evil.read_bytes()),
+                "model_version": "evil", "source_cloud": "aws",
+                "placements": [{"cloud": "gcp", "weight": 1.0, "replicas": 1}], "previous": []}
+        data["decision_id"] = f"forged-{abs(hash(uri))}"
+        runtime = Runtime("gcp", "deployer", fleet)
+        with hosted(runtime):
+            run_handler(deploy, events.new_event("placement.changed", data, source="skyfuse://attacker"), runtime)
+        [status] = [e.get_data() for e in runtime.emitted if e.get_data()["state"] == "failed"]
+        assert "outside the fleet's stores" in status["reason"] or "segment '..'" in status["reason"], status
+        assert not open_store(fleet.clouds["gcp"].store).exists("serving/current.json")

@@ -94,6 +94,23 @@ class Runtime:
         """Whether the work of `key` completed."""
         return (self.idempotency().status(key) or {}).get("status") == "completed"
 
+    @cached_property
+    def store_roots(self) -> dict[str, str]:
+        from skyfuse.storage.confine import store_root
+
+        return {name: store_root(c.store) for name, c in self.fleet.clouds.items()}
+
+    def fetch(self, uri: str, sha256: str | None) -> bytes:
+        """The object at `uri`, a URI from an event: refused unless it lies inside one of the fleet's
+        stores and comes with the digest it must have (`skyfuse.storage.confine`)."""
+        from skyfuse.storage import StoreError
+        from skyfuse.storage.confine import locate
+
+        if not sha256:
+            raise StoreError(f"{uri}: no sha256 came with it, so it cannot be checked; refused")
+        _, root, key = locate(uri, self.store_roots)
+        return open_store(root).get(key, sha256)
+
     def store(self, cloud: str | None = None) -> Store:
         """The object store of `cloud` (default: the cloud this function runs in)."""
         return open_store(self.fleet.clouds[cloud or self.cloud].store)

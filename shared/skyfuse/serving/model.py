@@ -32,7 +32,7 @@ MODELS_PREFIX = "serving/models/"
 LINEAGE_KEY = "skyfuse.lineage"
 OUTPUT = "prob"
 WARMUP_BATCHES = (1, 64)
-_ID = re.compile(r"^[^\s/]{1,128}$")
+_ID = re.compile(r"^(?!\.\.?$)[^\s/]{1,128}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 log = logging.getLogger("skyfuse.serving")

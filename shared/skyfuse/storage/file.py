@@ -11,8 +11,7 @@ from skyfuse.storage.base import NotFound, ObjectInfo, Store, StoreError, sha256
 class FileStore(Store):
     def __init__(self, uri: str):
         path = uri.removeprefix("file://")
-        self.root = Path(path).resolve()  # relative paths are relative to the working directory
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(path).resolve()  # relative paths are relative to the working directory; made on first write
         self.uri = self.root.as_uri()
 
     @staticmethod
