@@ -42,7 +42,8 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
         body = event.body or ""
         if event.is_base64_encoded:
             body = base64.b64decode(body)
-        return _answer(handler.predict(body))
+        content_type = next((v for k, v in (event.headers or {}).items() if k.lower() == "content-type"), None)
+        return _answer(handler.predict(body, content_type))
 
     @app.get("/health")
     def health() -> Response:

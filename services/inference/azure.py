@@ -21,7 +21,7 @@ def _answer(result: tuple[int, bytes]) -> func.HttpResponse:
 
 @app.route(route="predict", methods=[func.HttpMethod.POST])
 def predict(req: func.HttpRequest) -> func.HttpResponse:
-    return _answer(handler.predict(req.get_body()))
+    return _answer(handler.predict(req.get_body(), req.headers.get("Content-Type")))
 
 
 @app.route(route="health", methods=[func.HttpMethod.GET])

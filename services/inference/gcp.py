@@ -25,7 +25,23 @@ def _predict(request):
     limit = handler.max_body_bytes()
     if request.content_length is not None and request.content_length > limit:
         return handler.too_large(request.content_length)  # refused before reading the body
-    return handler.predict(request.get_data(cache=False))
+    body = _read_at_most(request.stream, limit)  # a chunked body has no length: count while reading
+    if body is None:
+        return handler.too_large(None)
+    return handler.predict(body, request.content_type)
+
+
+def _read_at_most(stream, limit: int, chunk: int = 65536) -> bytes | None:
+    """The body, or None as soon as it passes `limit` bytes (the rest is never read)."""
+    parts, size = [], 0
+    while True:
+        part = stream.read(min(chunk, limit + 1 - size))
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            return None
 
 
 @functions_framework.http

@@ -106,9 +106,12 @@ class Service:
         self.runtime.emit("metrics.sampled", data)
         del self.runtime.emitted[:-16]  # a server runs for days: keep only the last few
 
-    def predict(self, body: bytes | str) -> api.Result:
+    def predict(self, body: bytes | str, content_type: str | None = None) -> api.Result:
         started = time.perf_counter()
-        status, out = api.predict(body, self.slot, self.limits)
+        if not api.is_json(content_type):
+            status, out = api.unsupported_media_type(content_type or "")
+        else:
+            status, out = api.predict(body, self.slot, self.limits)
         self.recorder.record(time.perf_counter() - started, status >= 500)
         return status, out
 
@@ -157,8 +160,8 @@ def max_body_bytes() -> int:
     return service().limits.max_body_bytes
 
 
-def predict(body: bytes | str) -> api.Result:
-    return service().predict(body)
+def predict(body: bytes | str, content_type: str | None = None) -> api.Result:
+    return service().predict(body, content_type)
 
 
 def too_large(size: int | None) -> api.Result:

@@ -142,6 +142,34 @@ def test_bad_request_is_named(served, client, case):
     assert client.call("POST", "/predict", {"instances": [[1, 2, 3, 4]]})[0] == 200  # connection still in sync
 
 
+@pytest.mark.parametrize("content_type, status", [
+    ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("multipart/form-data; boundary=x", 415),
+    ("application/json; charset=utf-8", 200), ("application/vnd.skyfuse+json", 200), (None, 200)])
+def test_only_json_bodies_are_taken(served, content_type, status):
+    conn = http.client.HTTPConnection("127.0.0.1", urlsplit(served.host.url).port, timeout=10)
+    headers = {"Content-Type": content_type} if content_type else {}
+    conn.request("POST", urlsplit(served.host.url).path + "/predict", body=b'{"instances": [[1, 2, 3, 4]]}',
+                 headers=headers)
+    response = conn.getresponse()
+    doc = orjson.loads(response.read())
+    conn.close()
+    assert response.status == status, doc
+    if status == 415:
+        assert doc["detail"]["code"] == "unsupported_media_type" and "application/json" in doc["error"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_reading(served):
+    """No Content-Length to refuse on: the host counts while reading and stops at the limit."""
+    conn = http.client.HTTPConnection("127.0.0.1", urlsplit(served.host.url).port, timeout=30)
+    chunk = b"[" + b"1.0," * 16383 + b"1.0]"  # 64 KiB a chunk, 2 MiB in all: twice the limit
+    conn.request("POST", urlsplit(served.host.url).path + "/predict", body=iter([chunk] * 32),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = conn.getresponse()
+    doc = orjson.loads(response.read())
+    conn.close()
+    assert response.status == 413 and doc["detail"]["code"] == "body_too_large", doc
+
+
 def test_unknown_route_and_wrong_method(served, client):
     status, doc, _ = client.call("GET", "/nowhere")
     assert status == 404 and doc["detail"]["code"] == "not_found"

@@ -162,7 +162,7 @@ def test_openapi_document():
     assert status == 200
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/predict", "/health", "/metadata", "/openapi.json"}
-    assert set(doc["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "503"}
+    assert set(doc["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "503"}
     assert doc["servers"] == [{"url": "https://example.test"}]
     refs = {v for v in _walk(doc) if isinstance(v, str) and v.startswith("#/")}
     for ref in refs:  # every $ref resolves

@@ -172,3 +172,14 @@ print(json.dumps({{"status": status, "heavy": heavy, "ort": "onnxruntime" in sys
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"status": 200, "heavy": [], "ort": True}
 
+
+
+def test_the_gcp_entry_point_stops_reading_a_body_at_the_limit():
+    import io
+
+    from services.inference import gcp
+
+    stream = io.BytesIO(b"x" * (64 << 20))  # a 64 MiB chunked upload
+    assert gcp._read_at_most(stream, 1 << 20) is None
+    assert stream.tell() <= (1 << 20) + 1  # read no further than the limit
+    assert gcp._read_at_most(io.BytesIO(b"{}"), 1 << 20) == b"{}"

@@ -79,6 +79,19 @@ def too_large(size: int | None, limit: int = MAX_BODY_BYTES) -> Result:
                  "body_too_large", size=size, max_body_bytes=limit)
 
 
+def is_json(content_type: str | None) -> bool:
+    """JSON or no content type at all (many clients send none); anything else is refused."""
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def unsupported_media_type(content_type: str) -> Result:
+    return error(415, f"content type {content_type!r} is not accepted; send the body as application/json",
+                 "unsupported_media_type", content_type=content_type, accepted="application/json")
+
+
 def no_model(slot: ModelSlot) -> Result:
     last = slot.last_error
     message = f"no model is loaded yet: this instance serves the model named by the pointer {slot.source}"
@@ -264,6 +277,7 @@ def _openapi(server_url: str | None, limits: Limits) -> bytes:
                                              {"$ref": "#/components/schemas/PredictCompact"}]}}}},
                     "400": _error_response("The body is not a valid request; `error` says what is wrong"),
                     "413": _error_response(f"The body is over {limits.max_body_bytes} bytes"),
+                    "415": _error_response("The content type is not JSON"),
                     "503": _error_response("No model is loaded yet"),
                 }}},
             "/health": {"get": {
