@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from skyfuse import contracts
 from skyfuse.bus.base import Bus, Headers
+from skyfuse.redact import redact
 
 PREFIX = "skyfuse_dlq_"
 
@@ -12,7 +13,7 @@ PREFIX = "skyfuse_dlq_"
 def write(bus: Bus, function: str, cloud: str, key: bytes | None, value: bytes | None, headers: Headers,
           reason: str, *, topic: str = "", partition: int | None = None, offset: int | None = None,
           attempts: int = 0) -> None:
-    context = {"reason": reason, "function": function, "cloud": cloud, "topic": topic,
+    context = {"reason": redact(reason), "function": function, "cloud": cloud, "topic": topic,
                "partition": "" if partition is None else str(partition),
                "offset": "" if offset is None else str(offset), "attempts": str(attempts)}
     extra = [(PREFIX + name, text.encode()) for name, text in context.items()]

@@ -20,6 +20,7 @@ from cloudevents.http import CloudEvent
 from skyfuse import config as fleet_config
 from skyfuse import events
 from skyfuse.bus import Bus, open_bus
+from skyfuse.redact import redact
 from skyfuse.runtime import deadletter
 from skyfuse.storage import Store, open_store
 
@@ -34,7 +35,7 @@ class JsonFormatter(logging.Formatter):
         doc.update({k: v for k, v in vars(record).items() if k not in self.skip})
         if record.exc_info:
             doc["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc, default=str).decode()
+        return redact(orjson.dumps(doc, default=str).decode())
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from skyfuse.redact import redact
 from skyfuse.serving.onnx_refs import refuse_external_data
 from skyfuse.storage import NotFound, Store, StoreError, fetch, sha256_of
 
@@ -225,7 +226,7 @@ class ModelSlot:
 
     def fail(self, error: str, version: str | None = None, uri: str | None = None) -> None:
         with self._write:
-            self.last_error = {"at": _iso(time.time()), "version": version, "uri": uri, "error": error}
+            self.last_error = {"at": _iso(time.time()), "version": version, "uri": uri, "error": redact(error)}
 
     def status(self) -> dict:
         model = self.model

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 
 class StoreError(Exception):
-    pass
+    """Its message is redacted when made: store errors travel into logs, events and HTTP answers."""
+
+    def __init__(self, message: object = ""):
+        from skyfuse.redact import redact
+
+        super().__init__(redact(str(message)))
 
 
 class NotFound(StoreError):
