@@ -38,7 +38,7 @@ KAFKA_FUNCTIONS = {"trainer": trainer, "exporter": exporter, "fuser": fuser,
                    "scheduler": scheduler, "deployer": deployer}
 TIMER_SCHEDULE = "0 */1 * * * *"  # NCRONTAB (with seconds): every minute
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 for _name, _handle in KAFKA_FUNCTIONS.items():
     register_kafka_triggers(app, _name, _handle)

@@ -36,14 +36,19 @@ def _answer(result: tuple[int, bytes]) -> Response:
 def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
     """The inference routes on a Powertools resolver; each reads `app.current_event`."""
 
+    def header(name: str) -> str | None:
+        return next((v for k, v in (app.current_event.headers or {}).items() if k.lower() == name), None)
+
     @app.post("/predict")
     def predict() -> Response:
+        denied = handler.authorize(header)
+        if denied:
+            return _answer(denied)
         event = app.current_event
         body = event.body or ""
         if event.is_base64_encoded:
             body = base64.b64decode(body)
-        content_type = next((v for k, v in (event.headers or {}).items() if k.lower() == "content-type"), None)
-        return _answer(handler.predict(body, content_type))
+        return _answer(handler.predict(body, header("content-type")))
 
     @app.get("/health")
     def health() -> Response:
@@ -51,7 +56,7 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
 
     @app.get("/metadata")
     def metadata() -> Response:
-        return _answer(handler.metadata())
+        return _answer(handler.authorize(header) or handler.metadata())
 
     @app.get("/openapi.json")
     def openapi() -> Response:

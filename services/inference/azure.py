@@ -1,6 +1,8 @@
 """Azure Functions entry point of inference: a v2 `FunctionApp` with one HTTP trigger per route.
 
-Anonymous auth level; under the Functions host the routes get its `api/` prefix:
+Function auth level (a function key in `x-functions-key` or `?code=` before the request reaches the
+code; skyfuse's own API keys, `INFERENCE_API_KEY_HASHES`, come on top); under the Functions host the
+routes get its `api/` prefix:
 
     POST /api/predict   GET /api/health   GET /api/metadata   GET /api/openapi.json
 
@@ -11,7 +13,7 @@ import azure.functions as func
 
 from services.inference import handler
 
-app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
 def _answer(result: tuple[int, bytes]) -> func.HttpResponse:
@@ -21,6 +23,9 @@ def _answer(result: tuple[int, bytes]) -> func.HttpResponse:
 
 @app.route(route="predict", methods=[func.HttpMethod.POST])
 def predict(req: func.HttpRequest) -> func.HttpResponse:
+    denied = handler.authorize(req.headers.get)
+    if denied:
+        return _answer(denied)
     return _answer(handler.predict(req.get_body(), req.headers.get("Content-Type")))
 
 
@@ -31,7 +36,7 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 
 @app.route(route="metadata", methods=[func.HttpMethod.GET])
 def metadata(req: func.HttpRequest) -> func.HttpResponse:
-    return _answer(handler.metadata())
+    return _answer(handler.authorize(req.headers.get) or handler.metadata())
 
 
 @app.route(route="openapi.json", methods=[func.HttpMethod.GET])

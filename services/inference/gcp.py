@@ -15,13 +15,16 @@ from services.inference import handler
 _JSON = {"Content-Type": "application/json"}
 _ROUTES = {
     "/health": ("GET", lambda request: handler.health()),
-    "/metadata": ("GET", lambda request: handler.metadata()),
+    "/metadata": ("GET", lambda request: handler.authorize(request.headers.get) or handler.metadata()),
     "/openapi.json": ("GET", lambda request: handler.openapi()),
     "/predict": ("POST", lambda request: _predict(request)),
 }
 
 
 def _predict(request):
+    denied = handler.authorize(request.headers.get)
+    if denied:
+        return denied
     limit = handler.max_body_bytes()
     if request.content_length is not None and request.content_length > limit:
         return handler.too_large(request.content_length)  # refused before reading the body

@@ -20,6 +20,7 @@ Settings (environment; not `SKYFUSE_*`, whose names are fleet config keys):
 | `INFERENCE_MAX_BODY_BYTES` | `1048576` | largest request body (more: 413) |
 | `INFERENCE_METRICS_S` | `30` | seconds between `metrics.sampled` events; `0` turns them off |
 | `INFERENCE_THREADS` | `1` | onnxruntime intra-op threads of the session |
+| `INFERENCE_API_KEY_HASHES` | (none) | comma-separated sha256 hex digests of the API keys `/predict` and `/metadata` take (in `X-API-Key` or `Authorization: Bearer`); when set, a request without a valid key gets 401. Keys themselves are never stored: `skyfuse.serving.api.key_hash(key)` makes a digest |
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Settings:
     max_body_bytes: int = api.MAX_BODY_BYTES
     metrics_s: float = 30.0
     threads: int = 1
+    api_key_hashes: str = ""
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -80,6 +82,7 @@ class Service:
         self.runtime = runtime
         self.settings = settings = settings or Settings.from_env()
         self.limits = api.Limits(settings.max_rows, settings.max_body_bytes)
+        self.key_hashes = api.parse_key_hashes(settings.api_key_hashes)
         if runtime.cloud not in runtime.fleet.clouds:
             raise RuntimeError(f"SKYFUSE_CLOUD={runtime.cloud!r} is not under [clouds] of the fleet config; "
                                f"configured: {', '.join(runtime.fleet.clouds)}")
@@ -154,6 +157,12 @@ def reset() -> None:
         if _service is not None and _pid == os.getpid():
             _service.close()
         _service, _pid = None, None
+
+
+def authorize(header) -> api.Result | None:
+    """None when the request may go on, else the 401 to answer; `header(name)` reads a request
+    header (any case)."""
+    return api.authorize(service().key_hashes, header)
 
 
 def max_body_bytes() -> int:

@@ -325,3 +325,47 @@ def test_stop_ends_the_server(served):
     with pytest.raises(OSError):
         Client(served.host.url).call("GET", "/health")
     client.close()
+
+
+@pytest.fixture(scope="module", params=hosts.PROVIDERS)
+def guarded(request, tmp_path_factory):
+    """A host with API keys configured (as digests)."""
+    from skyfuse.serving.api import key_hash
+
+    provider = request.param
+    root = tmp_path_factory.mktemp(f"guarded-{provider}")
+    (root / "skyfuse.toml").write_text("")
+    store_uri = f"file://{root}/store"
+    env = {"SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
+           f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri, "SKYFUSE_BUS__BACKEND": "embedded",
+           "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"), "INFERENCE_POLL_S": "0.05", "INFERENCE_METRICS_S": "0",
+           "INFERENCE_API_KEY_HASHES": f"{key_hash('old-key-123')},{key_hash('new-key-456')}"}
+    from skyfuse.serving.model import publish
+
+    publish(open_store(store_uri), "v1", testing.classifier(seed=1))
+    host = hosts.start(provider, env=env, log_dir=root)
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 401), ({"X-API-Key": "wrong"}, 401), ({"Authorization": "Bearer wrong"}, 401),
+    ({"Authorization": "Basic old-key-123"}, 401), ({"X-API-Key": "old-key-123"}, 200),
+    ({"Authorization": "Bearer new-key-456"}, 200), ({"x-api-key": "new-key-456"}, 200)])
+def test_api_keys_guard_predict_and_metadata_but_not_health(guarded, headers, status):
+    port, base = urlsplit(guarded.url).port, urlsplit(guarded.url).path
+    answers = {}
+    for method, path, body in (("POST", "/predict", b'{"instances": [[1, 2, 3, 4]]}'), ("GET", "/metadata", None),
+                               ("GET", "/health", None)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(method, base + path, body=body, headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        answers[path] = (response.status, orjson.loads(response.read()))
+        conn.close()
+    assert answers["/predict"][0] == answers["/metadata"][0] == status, answers
+    assert answers["/health"][0] == 200
+    if status == 401:
+        assert answers["/predict"][1]["detail"]["code"] == "unauthorized"
+        assert "X-API-Key" in answers["/predict"][1]["error"]

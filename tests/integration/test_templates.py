@@ -166,7 +166,7 @@ def test_azure_app_lists_every_function_with_bindings():
             assert binding["consumerGroup"] == f"%SKYFUSE_CLOUD%.{fn}"
     routes = {b[0]["route"]: b for name, b in functions.items() if b[0]["type"] == "httpTrigger"}
     assert set(routes) == {"predict", "health", "metadata", "openapi.json"}
-    assert all(b[0]["authLevel"] == "ANONYMOUS" and b[1]["type"] == "http" for b in routes.values())
+    assert all(b[0]["authLevel"] == "FUNCTION" and b[1]["type"] == "http" for b in routes.values())
     for name in ("monitor_timer", "fuser_quorum_timer"):
         (binding,) = functions[name]
         assert binding["type"] == "timerTrigger" and binding["schedule"] == "0 */1 * * * *"

@@ -162,7 +162,7 @@ def test_openapi_document():
     assert status == 200
     assert doc["openapi"].startswith("3.1")
     assert set(doc["paths"]) == {"/predict", "/health", "/metadata", "/openapi.json"}
-    assert set(doc["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "413", "415", "503"}
+    assert set(doc["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "503"}
     assert doc["servers"] == [{"url": "https://example.test"}]
     refs = {v for v in _walk(doc) if isinstance(v, str) and v.startswith("#/")}
     for ref in refs:  # every $ref resolves
@@ -180,3 +180,15 @@ def _walk(node):
             yield from _walk(v)
     else:
         yield node
+
+
+def test_api_keys_are_configured_as_digests_and_a_key_itself_is_refused():
+    from skyfuse.serving.api import authorize, key_hash, parse_key_hashes
+
+    hashes = parse_key_hashes(f" {key_hash('k-1')} ,{key_hash('k-2').upper()}")
+    assert authorize(hashes, {"x-api-key": "k-2"}.get) is None
+    assert authorize(hashes, {"authorization": "Bearer k-1"}.get) is None
+    assert authorize(hashes, {}.get)[0] == 401 and authorize((), {}.get) is None
+    with pytest.raises(ValueError, match="INFERENCE_API_KEY_HASHES: entry 1 is not a sha256 hex digest") as caught:
+        parse_key_hashes("my-plain-key")
+    assert "my-plain" not in str(caught.value)

@@ -21,6 +21,8 @@ over `max_body_bytes`, 503 while no model is loaded.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -77,6 +79,39 @@ def too_large(size: int | None, limit: int = MAX_BODY_BYTES) -> Result:
     said = f"{size} bytes" if size is not None else "larger than the limit"
     return error(413, f"body is {said}; the limit is {limit} bytes (max_body_bytes): send fewer rows per request",
                  "body_too_large", size=size, max_body_bytes=limit)
+
+
+def key_hash(key: str) -> str:
+    """The digest of an API key, as `INFERENCE_API_KEY_HASHES` lists it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_key_hashes(text: str) -> tuple[str, ...]:
+    hashes = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    bad = [i for i, h in enumerate(hashes, 1) if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+    if bad:  # never echo the value: it may be a key pasted by mistake
+        raise ValueError(f"INFERENCE_API_KEY_HASHES: entry {bad[0]} is not a sha256 hex digest (64 hex "
+                         "characters); list sha256(key) digests, never the keys")
+    return hashes
+
+
+def authorize(key_hashes: tuple[str, ...], header) -> Result | None:
+    """None when no keys are configured or the request carries one of them (compared in constant
+    time, by digest); otherwise 401."""
+    if not key_hashes:
+        return None
+    presented = header("x-api-key") or ""
+    if not presented:
+        scheme, _, token = (header("authorization") or "").partition(" ")
+        presented = token.strip() if scheme.lower() == "bearer" else ""
+    digest = key_hash(presented) if presented else ""
+    matched = False
+    for known in key_hashes:  # no early exit: the time does not tell which key came close
+        matched |= hmac.compare_digest(digest, known)
+    if matched:
+        return None
+    return error(401, "a valid API key is needed: send it in X-API-Key or as Authorization: Bearer KEY",
+                 "unauthorized")
 
 
 def is_json(content_type: str | None) -> bool:
@@ -277,6 +312,7 @@ def _openapi(server_url: str | None, limits: Limits) -> bytes:
                                              {"$ref": "#/components/schemas/PredictCompact"}]}}}},
                     "400": _error_response("The body is not a valid request; `error` says what is wrong"),
                     "413": _error_response(f"The body is over {limits.max_body_bytes} bytes"),
+                    "401": _error_response("API keys are configured and none was given"),
                     "415": _error_response("The content type is not JSON"),
                     "503": _error_response("No model is loaded yet"),
                 }}},
