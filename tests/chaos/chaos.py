@@ -315,7 +315,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=None, help="stop killing after this many (default: no limit)")
     parser.add_argument("--broker-restart", action="store_true", help="restart the broker once, early in the run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--deadline", type=float, default=900.0, help="seconds before giving up")
+    parser.add_argument("--deadline", type=float, default=1200.0, help="seconds before giving up")
     parser.add_argument("--bootstrap", default=os.environ.get("SKYFUSE_TEST_KAFKA", "127.0.0.1:9092"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="skyfuse-chaos-") as tmp:
