@@ -5,7 +5,9 @@ this cloud's store, check its sha256, load and warm it exactly as the servers wi
 (`skyfuse.serving.model.LoadedModel`), then point `serving/current.json` at it. The inference servers of this cloud watch that pointer
 and swap sessions atomically. Any failure leaves the pointer, and so the old model, as it was, and
 deployment.status says why. A placement that drops this cloud drains it. Each decision is applied
-once per cloud through the idempotency layer; its statuses have ids derived from it.
+once per cloud through the idempotency layer; its statuses have ids derived from it. A decision
+older (by the scheduler's `sequence`) than the last one applied here is skipped: decisions about different model
+versions travel in different partitions, so a late one must not roll serving back.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from skyfuse.runtime.function import Runtime
 from skyfuse.serving.model import POINTER_KEY as POINTER
 from skyfuse.serving.model import LoadedModel, ModelError, publish
 from skyfuse.storage import StoreError
+
+APPLIED = "serving/decision.json"  # the newest decision applied here, so an older one arriving late is skipped
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -36,13 +40,28 @@ def _key(runtime: Runtime, data: dict) -> str:
 def _apply(runtime: Runtime, event: CloudEvent, data: dict) -> None:
     weights = {p["cloud"]: p["weight"] for p in data["placements"]}
     was_serving = any(p["cloud"] == runtime.cloud and p["weight"] > 0 for p in data["previous"])
+    if not (weights.get(runtime.cloud, 0) > 0 or was_serving or runtime.cloud in weights):
+        runtime.received(event, "skipped: placement does not involve this cloud")
+        return
+    applied = _applied(runtime)
+    if applied and data.get("sequence") is not None and applied.get("sequence", 0) > data["sequence"]:
+        # decisions for different versions travel in different partitions: a late one must not undo a newer one
+        runtime.received(event, f"skipped: superseded by decision {applied['decision_id']} "
+                                f"(scheduler sequence {applied['sequence']} > {data['sequence']})")
+        return
     if weights.get(runtime.cloud, 0) > 0:
         deploy(runtime, event, data)
-    elif was_serving or runtime.cloud in weights:
+    else:
         _status(runtime, event, data, "draining", reason="placement moved away from this cloud")
         _status(runtime, event, data, "removed", reason="no traffic is routed here any more")
-    else:
-        runtime.received(event, "skipped: placement does not involve this cloud")
+    if data.get("sequence") is not None:
+        runtime.store().put(APPLIED, orjson.dumps({"decision_id": data["decision_id"], "sequence": data["sequence"]}))
+
+
+def _applied(runtime: Runtime) -> dict | None:
+    """The newest decision this cloud's deployer applied."""
+    store = runtime.store()
+    return orjson.loads(store.get(APPLIED)) if store.exists(APPLIED) else None
 
 
 def deploy(runtime: Runtime, event: CloudEvent, data: dict) -> None:

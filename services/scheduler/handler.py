@@ -97,9 +97,9 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
             runtime.received(event, "skipped: already handled (redelivery)")
             return
         work = copy.deepcopy(current)  # the event works on a copy: a failure leaves `current` as it was
+        work.seq += 1
         note = _on_event(runtime, event, kind, data, work)
         work.handled = [*work.handled[-(REMEMBERED_EVENTS - 1):], event["id"]]
-        work.seq += 1
         store = runtime.store()
         if not store.create(_snapshot_key(work.seq), orjson.dumps(work.to_data())):
             _schedulers.pop(runtime.cloud, None)
@@ -168,5 +168,6 @@ def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Sched
 def _announce(scheduler: Scheduler, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp) -> None:
     data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"], trigger=trigger)
     data["clock"] = stamp.to_data()
+    data["sequence"] = scheduler.seq  # the snapshot that records this decision
     scheduler.outbox.append({"data": data, "key": f"{data['decision_id']}/{event['id']}",
                              "traceparent": event.get("traceparent")})

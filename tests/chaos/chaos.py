@@ -180,6 +180,7 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
             if data["shard_id"] not in {str(i) for i in range(shards)} or data["round"] != 0:
                 unexpected.append(f"{name} for shard {data['shard_id']} round {data['round']}")
             ids[(name, data["shard_id"])].add(event["id"])
+    last = None  # the decision in force for the fused version
     for name, keyof in (("placement.changed", lambda d: (d["decision_id"],)),
                         ("deployment.status", lambda d: (d["decision_id"], d["cloud"], d["state"]))):
         for record in bus.read(contracts.event_type(name).topic, 10_000_000):
@@ -187,6 +188,8 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
             data = event.get_data()
             if data["model_version"] in runs_versions:
                 ids[(name, *keyof(data))].add(event["id"])
+                if name == "placement.changed":
+                    last = data
     for function in ("trainer", "exporter", "fuser", "scheduler", "deployer"):
         for record in bus.read(contracts.dlq_topic(function), 10_000_000):
             try:
@@ -212,7 +215,6 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
         control = open_store(fleet.clouds["aws"].store)
         if not control.exists(f"runs/{run_id}/fused/{fused['version']}.onnx"):
             missing.append("stored fused model")
-        last = _last_decision(bus, fused["version"])
         placed = [p["cloud"] for p in (last or {}).get("placements", []) if p["weight"] > 0]
         pointers = {}
         for cloud in placed:
@@ -230,15 +232,6 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
                 unexpected.append(f"claim {record['key']} left {record.get('status')} in {cloud}")
     return {"shards": shards, "missing": missing, "duplicated": duplicated, "unexpected": unexpected,
             "fused": fused is not None, "served": served, "version": fused and fused["version"]}
-
-
-def _last_decision(bus, version: str) -> dict | None:
-    found = None
-    for record in bus.read(contracts.event_type("placement.changed").topic, 10_000_000):
-        data = orjson.loads(record.value)
-        if data.get("model_version") == version:
-            found = data
-    return found
 
 
 # -- the whole ----------------------------------------------------------------------------------

@@ -178,3 +178,26 @@ def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, t
         [status] = [e.get_data() for e in runtime.emitted if e.get_data()["state"] == "failed"]
         assert "outside the fleet's stores" in status["reason"] or "segment '..'" in status["reason"], status
         assert not open_store(fleet.clouds["gcp"].store).exists("serving/current.json")
+
+
+def test_an_older_decision_arriving_late_does_not_roll_serving_back(fleet):
+    from services.deployer.handler import handle as deploy
+    from skyfuse import contracts, events
+    from skyfuse.runtime.function import Runtime, hosted, run_handler
+
+    store = open_store(fleet.clouds["aws"].store)
+    runtime = Runtime("gcp", "deployer", fleet)
+
+    def decision(version, sequence):
+        saved = store.put(f"runs/r1/fused/{version}.onnx", classifier(seed=len(version)))
+        data = {**contracts.sample("placement.changed"), "decision_id": f"d-{version}", "sequence": sequence,
+                "model_version": version, "model_uri": saved.uri, "sha256": saved.sha256, "source_cloud": "aws",
+                "placements": [{"cloud": "gcp", "weight": 1.0, "replicas": 1}], "previous": []}
+        with hosted(runtime):
+            run_handler(deploy, events.new_event("placement.changed", data, source="skyfuse://aws/scheduler"), runtime)
+
+    decision("v-new", 12)
+    decision("v-old", 11)  # redelivered from another partition, after the newer one
+    pointer = orjson.loads(open_store(fleet.clouds["gcp"].store).get("serving/current.json"))
+    assert pointer["version"] == "v-new"
+    assert [e.get_data()["state"] for e in runtime.emitted] == ["deploying", "serving"]
