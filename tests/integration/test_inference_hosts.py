@@ -283,7 +283,8 @@ def test_corrupted_model_is_never_served(served, client, kind):
     assert health["status"] == "ok" and health["model_version"] == good
     words = {"bytes-changed": "sha256", "sha256-mismatch": "sha256", "not-onnx": "not a loadable ONNX model",
              "missing-object": "cannot be read"}[kind]
-    assert words in health["last_error"]["error"]
+    assert health["last_error"]["error"] == "see GET /metadata"  # /health is open: no error text there
+    assert words in client.call("GET", "/metadata")[1]["last_error"]["error"]
     for _ in range(20):  # ... and is still the only model answering, through retries of the bad one
         status, doc, _ = client.call("POST", "/predict", {"instances": ROWS[:2]})
         assert status == 200 and doc["model_version"] == good

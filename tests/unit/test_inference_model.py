@@ -173,7 +173,8 @@ def test_watcher_keeps_the_old_model_on_a_bad_one(store, model_a, corruption):
     if corruption != "bad-pointer":
         assert slot.last_error["version"] == "bad"
     status = slot.status()
-    assert status["status"] == "ok" and status["model_version"] == "good" and status["last_error"]["error"]
+    assert status["status"] == "ok" and status["model_version"] == "good" and slot.last_error["error"]
+    assert status["last_error"]["error"] == "see GET /metadata"  # what /health shows: no error text
     assert watcher.check_once() is False  # the same bad pointer is not retried at once
     publish(store, "fixed", model_a)  # a good pointer clears the error
     assert watcher.check_once() is True

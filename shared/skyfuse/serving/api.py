@@ -281,7 +281,8 @@ def metadata(slot: ModelSlot, limits: Limits = DEFAULT_LIMITS) -> Result:
     model = slot.model
     if model is None:
         return no_model(slot)
-    return 200, orjson.dumps({**model.describe(), "formats": list(FORMATS), "limits": asdict(limits)})
+    return 200, orjson.dumps({**model.describe(), "formats": list(FORMATS), "limits": asdict(limits),
+                              "last_error": slot.last_error})
 
 
 def openapi(server_url: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Result:

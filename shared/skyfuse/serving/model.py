@@ -238,7 +238,10 @@ class ModelSlot:
             "swaps": self.swaps,
             "pointer": self.source,
             "pointer_found": self.pointer_seen,
-            "last_error": self.last_error,
+            # /health is open to anyone: when and which version failed, never the error's text
+            # (GET /metadata, behind the API keys, has it)
+            "last_error": ({k: self.last_error[k] for k in ("at", "version")} | {"error": "see GET /metadata"}
+                           if self.last_error else None),
         }
 
 
