@@ -87,13 +87,7 @@ class KafkaBus(Bus):
                              enable_auto_commit=False, request_timeout_ms=self.request_timeout_ms)
 
     def end_offsets(self, topic: str) -> dict[int, int]:
-        reader = self._reader()
-        try:
-            partitions = reader.partitions_for_topic(topic) or set()
-            ends = reader.end_offsets([KafkaTP(topic, p) for p in partitions])
-            return {tp.partition: offset for tp, offset in ends.items()}
-        finally:
-            reader.close()
+        return self.end_offsets_of([topic])[topic]
 
     def end_offsets_of(self, topics: Iterable[str]) -> dict[str, dict[int, int]]:
         reader = self._reader()
