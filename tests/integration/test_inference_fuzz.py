@@ -15,17 +15,14 @@ from schemathesis import GenerationMode
 from skyfuse.serving import hosts, testing
 from skyfuse.serving.model import publish
 from skyfuse.storage import open_store
+from tests.integration.test_inference_hosts import host_env
 
 @pytest.fixture(scope="module", params=hosts.PROVIDERS)
 def host(request, tmp_path_factory):
     provider = request.param
     root = tmp_path_factory.mktemp(f"fuzz-{provider}")
-    (root / "skyfuse.toml").write_text("")
-    store_uri = f"file://{root}/store"
+    store_uri, env = host_env(provider, root, INFERENCE_METRICS_S="0")
     publish(open_store(store_uri), "v1", testing.classifier(seed=1))
-    env = {"SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
-           f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri, "SKYFUSE_BUS__BACKEND": "embedded",
-           "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"), "INFERENCE_METRICS_S": "0", "WORKERS": "1"}
     server = hosts.start(provider, env=env, log_dir=root)
     try:
         yield provider, server

@@ -78,17 +78,22 @@ class Served:
         return self.wait_for(lambda d: d["model_version"] is not None, "a model")["model_version"]
 
 
-@pytest.fixture(scope="module", params=hosts.PROVIDERS)
-def served(request, tmp_path_factory):
-    provider = request.param
-    root = tmp_path_factory.mktemp(f"inference-{provider}")
+def host_env(provider: str, root, **extra: str) -> tuple[str, dict[str, str]]:
+    """(store URI, environment) of an inference host of `provider` whose files live under `root`."""
     (root / "skyfuse.toml").write_text("")  # the defaults, whatever the working directory holds
     store_uri = f"file://{root}/store"
     env = {"SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
            f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri,
            "SKYFUSE_BUS__BACKEND": "embedded", "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"),
-           "INFERENCE_POLL_S": "0.05", "INFERENCE_RETRY_FAILED_S": "0.3", "INFERENCE_METRICS_S": "0.5",
-           "WORKERS": "1", "THREADS": "4"}
+           "INFERENCE_POLL_S": "0.05", "WORKERS": "1", **extra}
+    return store_uri, env
+
+
+@pytest.fixture(scope="module", params=hosts.PROVIDERS)
+def served(request, tmp_path_factory):
+    provider = request.param
+    root = tmp_path_factory.mktemp(f"inference-{provider}")
+    store_uri, env = host_env(provider, root, INFERENCE_RETRY_FAILED_S="0.3", INFERENCE_METRICS_S="0.5", THREADS="4")
     host = hosts.start(provider, env=env, log_dir=root)
     s = Served(provider, host, open_store(store_uri), str(root / "bus"))
     try:
@@ -333,15 +338,12 @@ def guarded(request, tmp_path_factory):
     """A host with API keys configured (as digests)."""
     from skyfuse.serving.api import key_hash
 
+    from skyfuse.serving.model import publish
+
     provider = request.param
     root = tmp_path_factory.mktemp(f"guarded-{provider}")
-    (root / "skyfuse.toml").write_text("")
-    store_uri = f"file://{root}/store"
-    env = {"SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
-           f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri, "SKYFUSE_BUS__BACKEND": "embedded",
-           "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"), "INFERENCE_POLL_S": "0.05", "INFERENCE_METRICS_S": "0",
-           "INFERENCE_API_KEY_HASHES": f"{key_hash('old-key-123')},{key_hash('new-key-456')}"}
-    from skyfuse.serving.model import publish
+    store_uri, env = host_env(provider, root, INFERENCE_METRICS_S="0",
+                              INFERENCE_API_KEY_HASHES=f"{key_hash('old-key-123')},{key_hash('new-key-456')}")
 
     publish(open_store(store_uri), "v1", testing.classifier(seed=1))
     host = hosts.start(provider, env=env, log_dir=root)
