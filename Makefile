@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+KAFKA_TLS_DIR ?= .skyfuse/kafka-tls
+KAFKA_TLS := $(KAFKA_TLS_DIR)/ca.pem
 
-.PHONY: help install run run-emulated test test-clock-shift test-unit chaos bench kafka-up kafka-down emulators-up emulators-down status clean
+.PHONY: help install run run-emulated test test-clock-shift test-unit chaos bench kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -22,7 +24,7 @@ install: $(STAMP)  ## create .venv and install skyfuse with its test tools
 run: install  ## the main job: train on breast cancer split over three clouds, fuse, compare with centralized
 	$(BIN)/skyfuse demo
 
-run-emulated: install  ## the main job on Apache Kafka and the cloud emulators (LocalStack S3, fake-gcs-server, Azurite)
+run-emulated: install $(KAFKA_TLS)  ## the main job on Apache Kafka and the cloud emulators (LocalStack S3, fake-gcs-server, Azurite)
 	bash infra/kafka/kafka.sh up
 	bash infra/emulators/emulators.sh up || { bash infra/kafka/kafka.sh down; exit 1; }
 	$(BIN)/skyfuse demo --emulate; rc=$$?; bash infra/emulators/emulators.sh down; bash infra/kafka/kafka.sh down; exit $$rc
@@ -31,7 +33,7 @@ run-emulated: install  ## the main job on Apache Kafka and the cloud emulators (
 CLOCK_TESTS := tests/unit/test_scheduling.py tests/unit/test_scheduling_clock.py tests/unit/test_inference_metrics.py \
                tests/integration/test_scheduler_time.py tests/integration/test_placement.py
 
-test: install  ## every test, against a real Kafka broker and the storage emulators started (and stopped) here
+test: install $(KAFKA_TLS)  ## every test, against a real Kafka broker and the storage emulators started (and stopped) here
 	bash infra/kafka/kafka.sh up
 	bash infra/emulators/emulators.sh up || { bash infra/kafka/kafka.sh down; exit 1; }
 	$(BIN)/pytest $(PYTEST_ARGS) && $(MAKE) --no-print-directory test-clock-shift; rc=$$?; \
@@ -43,7 +45,7 @@ test-clock-shift: install  ## the scheduler, placement and metrics tests with th
 test-unit: install  ## the tests that need no server
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-chaos: install  ## 30 shards on Apache Kafka while hosts are SIGKILLed every few seconds and the broker restarts; a ledger checks every effect
+chaos: install $(KAFKA_TLS)  ## 30 shards on Apache Kafka while hosts are SIGKILLed every few seconds and the broker restarts; a ledger checks every effect
 	bash infra/kafka/kafka.sh up
 	$(BIN)/python -m tests.chaos.chaos --shards 30 --broker-restart; rc=$$?; bash infra/kafka/kafka.sh down; exit $$rc
 
@@ -59,7 +61,12 @@ emulators-up: install  ## install (first time) and start LocalStack (S3), fake-g
 emulators-down:  ## stop the storage emulators (their objects live in memory only)
 	bash infra/emulators/emulators.sh down
 
-kafka-up:  ## install (first time) and start the single-node Apache Kafka broker on 127.0.0.1:9092
+$(KAFKA_TLS):
+	bash infra/kafka/kafka.sh certs
+
+kafka-tls: $(KAFKA_TLS)  ## the broker's local CA, TLS certificate and SCRAM password, in .skyfuse/kafka-tls (infra/kafka/SECURITY.md)
+
+kafka-up: $(KAFKA_TLS)  ## install (first time) and start the single-node Apache Kafka broker: 127.0.0.1:9092, SASL_SSL on :9094
 	bash infra/kafka/kafka.sh up
 
 kafka-down:  ## stop the broker (its data stays in .skyfuse/kafka)

@@ -49,6 +49,29 @@ def shifted_wall_clock(request):
         yield target
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_keys():
+    """The signing keys of the default fleet under ./.skyfuse/keys, as `make test` runs with signing
+    on (tests with other clouds make theirs with `signing.ensure_local_keys`)."""
+    from skyfuse import signing
+
+    signing.ensure_local_keys(config.Fleet())
+
+
+def signed_event(type_name: str, data: dict, by: str, fleet=None, time: str | None = None, event_id: str | None = None):
+    """An event of `type_name` emitted by principal `by` (`aws/scheduler`, `cli`), signed with its
+    key in the fleet's keys folder (made there if missing), as that producer would publish it;
+    `time`: the event's own time attribute."""
+    from skyfuse import events, signing
+
+    fleet = fleet or config.Fleet()
+    event = events.new_event(type_name, data, source=signing.source_of(by), subject=data.get("cloud"), event_id=event_id)
+    if time is not None:
+        event["time"] = time
+    signing.init_keys(fleet.signing.keys_dir, [by])
+    return signing.load_signer(fleet.signing.keys_dir, by).sign(event)
+
+
 @pytest.fixture
 def uid() -> str:
     return uuid.uuid4().hex[:10]

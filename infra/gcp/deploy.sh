@@ -21,7 +21,11 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 # ";"-separated (gcloud's ^;^ delimiter), since the bootstrap list has commas
-ENV_VARS="SKYFUSE_CLOUD=gcp;SKYFUSE_BUS__BACKEND=kafka;SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP};SKYFUSE_CLOUDS__GCP__STORE=${STORE};SKYFUSE_CLOUDS__GCP__REGION=${REGION};SKYFUSE_EVENTS_DIR=/workspace/events"
+ENV_VARS="SKYFUSE_CLOUD=gcp;SKYFUSE_BUS__BACKEND=kafka;SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP};SKYFUSE_CLOUDS__GCP__STORE=${STORE};SKYFUSE_CLOUDS__GCP__REGION=${REGION};SKYFUSE_EVENTS_DIR=/workspace/events;SKYFUSE_SIGNING__KEYS_DIR=/workspace/.skyfuse/keys"
+# each function's event-signing key, from Secret Manager: skyfuse-signing-gcp-<fn> holds the PEM that
+# `skyfuse keys init` wrote to .skyfuse/keys/private/gcp.<fn>.pem (infra/README.md, "Signed events");
+# the source upload carries only .skyfuse/keys/trust.json of .skyfuse (see .gcloudignore)
+signing_key() { echo "SKYFUSE_SIGNING_KEY=skyfuse-signing-gcp-$1:latest"; }
 PROJECT_NUMBER=PROJECT_NUMBER
 if [[ "$RUN" == 1 ]]; then
   PROJECT_NUMBER="$(gcloud projects describe "$PROJECT" --format 'value(projectNumber)')"
@@ -53,7 +57,7 @@ for fn in trainer exporter fuser scheduler deployer; do
   run gcloud run deploy "skyfuse-${fn}" --project "$PROJECT" --region "$REGION" \
     --source "$REPO" --function "$fn" --base-image python312 \
     --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=services/${fn}/gcp.py" \
-    --set-env-vars "^;^${ENV_VARS}" \
+    --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key "$fn")" \
     --service-account "$SERVICE_ACCOUNT" --memory "${MEMORY[$fn]}" --cpu 2 --timeout 900 \
     --concurrency 1 --no-allow-unauthenticated
   # Kafka records already are binary-mode CloudEvents (ce_* headers): one Eventarc Kafka source
@@ -75,7 +79,7 @@ if [[ "$ALLOW_UNAUTHENTICATED" == 1 ]]; then AUTH_FLAG=--allow-unauthenticated; 
 run gcloud run deploy skyfuse-inference --project "$PROJECT" --region "$REGION" \
   --source "$REPO" --function inference --base-image python312 \
   --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=services/inference/gcp.py" \
-  --set-env-vars "^;^${ENV_VARS}" \
+  --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key inference)" \
   --service-account "$SERVICE_ACCOUNT" --memory 2Gi --cpu 2 --concurrency 8 "$AUTH_FLAG"
 
 # --- timer cores: HTTP functions in infra/gcp/timers.py, called every minute by Cloud Scheduler
@@ -84,7 +88,7 @@ for target in monitor_timer fuser_quorum_timer; do
   run gcloud run deploy "$svc" --project "$PROJECT" --region "$REGION" \
     --source "$REPO" --function "$target" --base-image python312 \
     --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=infra/gcp/timers.py" \
-    --set-env-vars "^;^${ENV_VARS}" \
+    --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key "${target%%_*}")" \
     --service-account "$SERVICE_ACCOUNT" --memory 4Gi --timeout 900 --no-allow-unauthenticated
   run gcloud scheduler jobs create http "$svc" --project "$PROJECT" --location "$REGION" \
     --schedule "* * * * *" --http-method POST \

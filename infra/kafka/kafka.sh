@@ -6,10 +6,22 @@
 #   bash infra/kafka/kafka.sh down          stop the broker, keep its data
 #   bash infra/kafka/kafka.sh down --purge  stop the broker and delete $KAFKA_STATE_DIR
 #   bash infra/kafka/kafka.sh status        exit 0 if running, 3 if not
+#   bash infra/kafka/kafka.sh certs         make the TLS files and SCRAM password if missing (`up` does too)
+#
+# Listeners: PLAINTEXT (no auth; what the tests and the demo use) and SASL_SSL (TLS with a local
+# CA, then a SCRAM-SHA-256/512 or OAUTHBEARER login), both on 127.0.0.1. SASL_SSL clients find
+# what they need in $KAFKA_TLS_DIR (git-ignored; made by `make kafka-tls`, or here when missing):
+#   ca.pem                      the local CA to trust (ca.key, which signs, stays in the folder)
+#   broker.pem                  the broker's key and certificate chain (SAN localhost, 127.0.0.1)
+#   scram-user, scram-password  the SCRAM login ($KAFKA_SCRAM_USER, a generated password)
+#   client.properties           for the Java tools (--command-config): SCRAM-SHA-512 over SASL_SSL
 #
 # Knobs (environment):
 #   KAFKA_PORT=9092             PLAINTEXT listener, 127.0.0.1 only
 #   KAFKA_CONTROLLER_PORT=9093  KRaft controller listener, 127.0.0.1 only
+#   KAFKA_SASL_SSL_PORT=9094    SASL_SSL listener (SCRAM-SHA-256/512, OAUTHBEARER), 127.0.0.1 only
+#   KAFKA_TLS_DIR=<repo>/.skyfuse/kafka-tls   certificates and the SCRAM password
+#   KAFKA_SCRAM_USER=skyfuse    the SCRAM user, used when the TLS folder is made
 #   KAFKA_STATE_DIR=<repo>/.skyfuse/kafka   config, data, pid file, logs
 #   KAFKA_LOG_DIR=$KAFKA_STATE_DIR/logs     server.log, kafka.out
 #   KAFKA_HEAP_OPTS="-Xms256m -Xmx512m"
@@ -24,6 +36,9 @@ REPO="$(cd "$HERE/../.." && pwd)"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_SASL_SSL_PORT="${KAFKA_SASL_SSL_PORT:-9094}"
+KAFKA_TLS_DIR="${KAFKA_TLS_DIR:-$REPO/.skyfuse/kafka-tls}"
+KAFKA_SCRAM_USER="${KAFKA_SCRAM_USER:-skyfuse}"
 KAFKA_STATE_DIR="${KAFKA_STATE_DIR:-$REPO/.skyfuse/kafka}"
 KAFKA_LOG_DIR="${KAFKA_LOG_DIR:-$KAFKA_STATE_DIR/logs}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
@@ -48,12 +63,15 @@ PIDFILE="$KAFKA_STATE_DIR/kafka.pid"
 OUTFILE="$KAFKA_LOG_DIR/kafka.out"
 SERVER_LOG="$KAFKA_LOG_DIR/server.log"
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+SECURE_BOOTSTRAP="127.0.0.1:$KAFKA_SASL_SSL_PORT"
+SCRAM_MARK="$KAFKA_STATE_DIR/scram.sha256"   # which user:password the metadata log holds
+STARTED_WITH="$KAFKA_STATE_DIR/started-with" # TLS files and SASL_SSL port of the running broker
 
 say() { echo "kafka: $*"; }
 die() { echo "kafka: $*" >&2; exit 1; }
 
 usage() {
-  echo "usage: $0 up | down [--purge] | status" >&2
+  echo "usage: $0 up | down [--purge] | status | certs" >&2
   exit 2
 }
 
@@ -99,6 +117,50 @@ run_tool() { "${TOOL_JAVA[@]}" "$@"; }
 broker_answers() {
   timeout 30 "${TOOL_JAVA[@]}" org.apache.kafka.tools.BrokerApiVersionsCommand \
     --bootstrap-server "$BOOTSTRAP" >/dev/null 2>&1
+}
+
+# The same through the SASL_SSL listener: TLS to our CA, then a SCRAM-SHA-512 login.
+secure_broker_answers() {
+  timeout 30 "${TOOL_JAVA[@]}" org.apache.kafka.tools.BrokerApiVersionsCommand \
+    --bootstrap-server "$SECURE_BOOTSTRAP" --command-config "$KAFKA_TLS_DIR/client.properties" >/dev/null 2>&1
+}
+
+# -------------------------------------------------------------------- TLS ---
+
+certs_ok() {   # complete, and the broker certificate good for another day (when openssl can tell)
+  local f
+  for f in ca.pem broker.pem scram-user scram-password client.properties; do
+    [[ -s "$KAFKA_TLS_DIR/$f" ]] || return 1
+  done
+  ! command -v openssl >/dev/null || openssl x509 -checkend 86400 -noout -in "$KAFKA_TLS_DIR/broker.pem" >/dev/null 2>&1
+}
+
+# The CA, broker certificate and SCRAM login (make-certs.sh), made in a temporary folder and
+# renamed into place, so that a half-made set is never used.
+make_certs() {
+  if certs_ok; then
+    return 0
+  fi
+  command -v openssl >/dev/null || die "openssl not found; it is needed once to make the broker's TLS certificates"
+  mkdir -p "$(dirname "$KAFKA_TLS_DIR")"
+  local tmp out
+  tmp="$(mktemp -d "${KAFKA_TLS_DIR%/}.tmp.XXXXXX")"
+  if ! out="$(bash "$HERE/make-certs.sh" "$tmp" "$KAFKA_TLS_DIR" "$KAFKA_SCRAM_USER" 2>&1)"; then
+    echo "$out" >&2
+    rm -rf "$tmp"
+    die "openssl could not make the TLS files for $KAFKA_TLS_DIR (see the output above)"
+  fi
+  rm -rf "$KAFKA_TLS_DIR"   # an incomplete or expiring set
+  mv -T "$tmp" "$KAFKA_TLS_DIR"
+  say "made a local CA, the broker certificate and a SCRAM password for '$KAFKA_SCRAM_USER' in $KAFKA_TLS_DIR"
+}
+
+scram_user() { tr -d '[:space:]' <"$KAFKA_TLS_DIR/scram-user"; }
+scram_password() { tr -d '[:space:]' <"$KAFKA_TLS_DIR/scram-password"; }
+scram_hash() { printf '%s:%s' "$(scram_user)" "$(scram_password)" | sha256sum | cut -d' ' -f1; }
+started_with() {
+  printf '%s:%s' "$(cat "$KAFKA_TLS_DIR/broker.pem" "$KAFKA_TLS_DIR/scram-password" | sha256sum | cut -d' ' -f1)" \
+    "$KAFKA_SASL_SSL_PORT"
 }
 
 # ---------------------------------------------------------------- process ---
@@ -164,11 +226,21 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+# SASL_SSL: TLS with the broker certificate of $KAFKA_TLS_DIR (clients show none), then a SCRAM
+# login checked against the credentials in the metadata log, or OAUTHBEARER with Kafka's
+# development validator (unsigned JWTs: it tests token providers; a real cluster checks them).
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_TLS_DIR/broker.pem
+listener.name.sasl_ssl.ssl.client.auth=none
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;
 log.dirs=$DATA
 num.partitions=3
 default.replication.factor=1
@@ -195,28 +267,68 @@ format_storage() {
   local id out
   id="$(run_tool kafka.tools.StorageTool random-uuid | tail -n 1 | tr -d '[:space:]')"
   [[ -n "$id" ]] || die "StorageTool random-uuid printed no cluster id"
-  if ! out="$(run_tool kafka.tools.StorageTool format --standalone -t "$id" -c "$PROPS" 2>&1)"; then
-    echo "$out" >&2
+  # The SCRAM credentials go into the first metadata records: SASL logins work from the start.
+  # (The password is on this short-lived tool's command line: a local, generated one.)
+  local user pw m scram=()
+  user="$(scram_user)" pw="$(scram_password)"
+  for m in SCRAM-SHA-256 SCRAM-SHA-512; do scram+=(--add-scram "$m=[name=$user,password=$pw]"); done
+  if ! out="$(run_tool kafka.tools.StorageTool format --standalone -t "$id" -c "$PROPS" "${scram[@]}" 2>&1)"; then
+    echo "${out//$pw/<redacted>}" >&2
     die "formatting the KRaft storage in $DATA failed"
   fi
-  say "formatted storage in $DATA (cluster id $id)"
+  scram_hash >"$SCRAM_MARK"
+  say "formatted storage in $DATA (cluster id $id, SCRAM user $user)"
+}
+
+# Storage formatted before the SASL_SSL listener existed, or a TLS folder made anew since: set
+# the SCRAM credentials through the local, unauthenticated PLAINTEXT listener (an upsert), then
+# wait until a SCRAM login over SASL_SSL works.
+ensure_scram_users() {
+  local want
+  want="$(scram_hash)"
+  if [[ -f "$SCRAM_MARK" && "$(cat "$SCRAM_MARK")" == "$want" ]]; then
+    return 0
+  fi
+  local out user pw m
+  user="$(scram_user)" pw="$(scram_password)"
+  for m in SCRAM-SHA-256 SCRAM-SHA-512; do   # one mechanism per request: the broker refuses two
+    if ! out="$(run_tool org.apache.kafka.tools.ConfigCommand --bootstrap-server "$BOOTSTRAP" --alter \
+        --entity-type users --entity-name "$user" --add-config "$m=[password=$pw]" 2>&1)"; then
+      echo "${out//$pw/<redacted>}" >&2
+      return 1
+    fi
+  done
+  local deadline=$((SECONDS + KAFKA_START_TIMEOUT))
+  until secure_broker_answers; do
+    ((SECONDS < deadline)) || { say "a SCRAM login on $SECURE_BOOTSTRAP still fails" >&2; return 1; }
+    sleep 1
+  done
+  echo "$want" >"$SCRAM_MARK"
+  say "set the SCRAM credentials of '$user' (the storage had other or none)"
 }
 
 # --------------------------------------------------------------- commands ---
 
 cmd_up() {
   local pid
+  with_certs_lock make_certs
   if pid="$(broker_pid)"; then
-    say "already running (pid $pid, $BOOTSTRAP)"
+    say "already running (pid $pid, $BOOTSTRAP, SASL_SSL $SECURE_BOOTSTRAP)"
+    # Started by an older kafka.sh (no SASL_SSL) or before the TLS folder was made anew: say so
+    # rather than restart a broker someone may be using.
+    if [[ ! -f "$STARTED_WITH" || "$(cat "$STARTED_WITH")" != "$(started_with)" ]]; then
+      say "warning: it runs with other TLS/SASL settings than $KAFKA_TLS_DIR; restart it to apply them:" \
+        "bash infra/kafka/kafka.sh down && bash infra/kafka/kafka.sh up" >&2
+    fi
     return 0
   fi
   rm -f "$PIDFILE"
 
   local port holder
-  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for port in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_SSL_PORT"; do
     if port_open "$port"; then
       holder="$(who_listens "$port")"
-      die "port 127.0.0.1:$port is already taken by another process${holder:+ ($holder)}; stop it or set KAFKA_PORT / KAFKA_CONTROLLER_PORT"
+      die "port 127.0.0.1:$port is already taken by another process${holder:+ ($holder)}; stop it or set KAFKA_PORT / KAFKA_CONTROLLER_PORT / KAFKA_SASL_SSL_PORT"
     fi
   done
 
@@ -240,6 +352,7 @@ cmd_up() {
     </dev/null >>"$OUTFILE" 2>&1 9>&- &
   pid=$!
   echo "$pid" >"$PIDFILE"
+  started_with >"$STARTED_WITH"
   printf 'kafka: starting (pid %s) ' "$pid"
 
   local deadline=$((SECONDS + KAFKA_START_TIMEOUT))
@@ -250,9 +363,15 @@ cmd_up() {
       show_log_tail
       die "broker exited during startup"
     fi
-    if port_open "$KAFKA_PORT" && broker_answers; then
+    if port_open "$KAFKA_PORT" && port_open "$KAFKA_SASL_SSL_PORT" && broker_answers; then
       echo
-      say "up on $BOOTSTRAP (pid $pid, ready in $((SECONDS - t0)) s; logs in $KAFKA_LOG_DIR)"
+      if ! ensure_scram_users; then
+        say "SCRAM logins on $SECURE_BOOTSTRAP do not work (see $SERVER_LOG); stopping the broker"
+        stop_pid "$pid"
+        rm -f "$PIDFILE"
+        exit 1
+      fi
+      say "up on $BOOTSTRAP and SASL_SSL $SECURE_BOOTSTRAP (pid $pid, ready in $((SECONDS - t0)) s; logs in $KAFKA_LOG_DIR)"
       return 0
     fi
     printf '.'
@@ -296,7 +415,7 @@ cmd_down() {
   else
     say "not running"
   fi
-  rm -f "$PIDFILE"
+  rm -f "$PIDFILE" "$STARTED_WITH"
   if ((purge)); then
     case "$KAFKA_STATE_DIR" in
       "" | / | "$REPO" | "$HOME") die "refusing to purge KAFKA_STATE_DIR=$KAFKA_STATE_DIR" ;;
@@ -320,6 +439,16 @@ cmd_status() {
   return 3
 }
 
+with_certs_lock() {   # two callers at once make one set, not two
+  mkdir -p "$(dirname "$KAFKA_TLS_DIR")"
+  if command -v flock >/dev/null; then
+    exec 8>"${KAFKA_TLS_DIR%/}.lock"
+    flock -w 120 8 || die "another kafka.sh holds ${KAFKA_TLS_DIR%/}.lock"
+  fi
+  "$@"
+  if command -v flock >/dev/null; then exec 8>&-; fi
+}
+
 with_lock() {   # serialise up/down against concurrent callers
   if [[ "$1" == cmd_up ]]; then mkdir -p "$KAFKA_STATE_DIR"; fi
   if [[ -d "$KAFKA_STATE_DIR" ]] && command -v flock >/dev/null; then
@@ -333,5 +462,6 @@ case "${1:-}" in
   up) shift; [[ $# -eq 0 ]] || usage; with_lock cmd_up ;;
   down) shift; [[ $# -le 1 ]] || usage; with_lock cmd_down "$@" ;;
   status) shift; [[ $# -eq 0 ]] || usage; cmd_status ;;
+  certs) shift; [[ $# -eq 0 ]] || usage; with_certs_lock make_certs ;;
   *) usage ;;
 esac

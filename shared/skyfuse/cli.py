@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from skyfuse import config as fleet_config
-from skyfuse import contracts, events
+from skyfuse import contracts, events, signing
 from skyfuse.bus import Bus, open_bus
 from skyfuse.runtime import deadletter
 from skyfuse.runtime.fleet import Fabric, build_hosts, event_functions
@@ -59,8 +59,11 @@ def connect(fleet: fleet_config.Fleet) -> Bus:
         try:
             bus.topics()
         except Exception as exc:
-            fail(f"cannot reach Kafka at {fleet.bus.kafka.bootstrap_servers} ({type(exc).__name__}: {exc}); "
-                 "start the local broker with `make kafka-up`, or set bus.backend = \"embedded\"")
+            local_broker = all(s.strip().startswith(("127.0.0.1:", "localhost:"))
+                               for s in fleet.bus.kafka.bootstrap_servers.split(","))
+            fail(f"cannot reach Kafka at {fleet.bus.kafka.bootstrap_servers} ({type(exc).__name__}: {exc})"
+                 + ("; start the local broker with `make kafka-up`, or set bus.backend = \"embedded\""
+                    if local_broker else ""))
     return bus
 
 
@@ -73,8 +76,15 @@ def publish_event(bus: Bus, event) -> object:
     return bus.publish(events.topic_of(event), value, key, headers)
 
 
-def cli_event(type_name: str, data: dict):
-    return events.new_event(type_name, data, source="skyfuse://cli", subject=data.get("cloud"))
+def event_as(fleet: fleet_config.Fleet, who: str, type_name: str, data: dict):
+    """An event emitted by principal `who` (`cli`, or `cloud/function` of a local fleet), signed with
+    its key when signing is on."""
+    event = events.new_event(type_name, data, source=signing.source_of(who), subject=data.get("cloud"))
+    try:
+        signer = signing.signer_for(fleet, who)
+    except signing.KeySetupError as exc:
+        fail(str(exc))
+    return signer.sign(event) if signer else event
 
 
 @app.command()
@@ -82,8 +92,10 @@ def publish(
     event_type: Annotated[str, typer.Argument(help="Event type, e.g. shard.ready (see `skyfuse events`).")],
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="The event data as JSON, or @FILE to read it from a file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Publish the shipped sample data of this type.")] = False,
+    as_: Annotated[str, typer.Option("--as", help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
+                                                  "its key must be in signing.keys_dir, as in a local fleet).")] = signing.CLI,
 ):
-    """Validate event data against its schema, then publish it as a CloudEvent."""
+    """Validate event data against its schema, then publish it as a signed CloudEvent."""
     try:
         kind = contracts.event_type(event_type)
     except contracts.ContractError as exc:
@@ -105,9 +117,13 @@ def publish(
             err.print(f"  • {line}", highlight=False)
         raise typer.Exit(2)
     fleet = load_fleet()
+    refusal = contracts.producer_error(kind.name, as_, payload, fleet.control_cloud or next(iter(fleet.clouds)))
+    if fleet.signing.enabled and refusal:
+        fail(f"{refusal}, so every consumer would dead-letter it; sign as an allowed producer with --as "
+             f"{sample_producer(fleet, kind.name, dict(payload))}")
     with connect(fleet) as bus:
         bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
-        event = cli_event(kind.name, payload)
+        event = event_as(fleet, as_, kind.name, payload)
         record = publish_event(bus, event)
     out.print(f"published [bold]{kind.name}[/] id={event['id']} → {record.topic}[{record.partition}]@{record.offset}",
               highlight=False)
@@ -293,10 +309,34 @@ def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letter
     out.print(table)
 
 
+def sample_producer(fleet: fleet_config.Fleet, type_name: str, data: dict) -> str:
+    """The first producer the catalog allows for `type_name` that may send `data` in this fleet (it
+    may set `data`'s cloud field to a configured cloud)."""
+    kind = contracts.event_type(type_name)
+    function, _, where = kind.producers[0].partition("@")
+    if function == signing.CLI:
+        return signing.CLI
+    cloud = fleet.control_cloud or next(iter(fleet.clouds))
+    if kind.cloud_field:
+        if where == "control" or data.get(kind.cloud_field) not in fleet.clouds:
+            data[kind.cloud_field] = cloud
+        cloud = data[kind.cloud_field]
+    return signing.principal(cloud, function)
+
+
+def sample_event(fleet: fleet_config.Fleet, type_name: str):
+    """The sample of `type_name` as its first allowed producer in this local fleet would emit it."""
+    data = contracts.sample(type_name)
+    return event_as(fleet, sample_producer(fleet, type_name, data), type_name, data)
+
+
 @app.command()
 def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0):
     """Publish the sample of every event type and show it reaching its function in every cloud."""
+    from skyfuse import local
+
     fleet = load_fleet()
+    local.prepare(fleet)
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
     published: dict[str, str] = {}  # event id → type
@@ -315,7 +355,7 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
     started = time.monotonic()
     with Fabric(hosts):
         for name in contracts.catalog():
-            event = cli_event(name, contracts.sample(name))
+            event = sample_event(fleet, name)
             with lock:  # before publishing: a host may deliver it before publish() returns
                 published[event["id"]] = name
             publish_event(bus, event)
@@ -366,6 +406,7 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
 
     from skyfuse import local, training
 
+    local.prepare(fleet)
     prepared = training.prepare(fleet, dataset, plan)
     err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
               f"{len(prepared.validation)} / test {len(prepared.test)}; {len(plan.clouds)} shards ({plan.partition}) "
@@ -398,7 +439,7 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
             endpoints = {c: s.url for c, s in own.servers.items()}
         with bars:
             progress = training.follow(bus, prepared, show, timeout, until_served=bool(endpoints))
-        serving = training.check_serving(progress, endpoints, prepared.test) if endpoints and progress.deployed else {}
+        serving = training.check_serving(progress, endpoints, prepared.test, local.api_key(fleet)) if endpoints and progress.deployed else {}
     finally:
         if own:
             own.stop()
@@ -568,11 +609,62 @@ def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's en
     body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
     parts = urlsplit(endpoints[cloud])
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    conn.request("POST", f"{parts.path}/predict", body, {"content-type": "application/json"})
+    headers = {"content-type": "application/json", "x-api-key": local.api_key(load_fleet())}
+    conn.request("POST", f"{parts.path}/predict", body, headers)
     response = conn.getresponse()
     print(response.read().decode())
     if response.status >= 300:
         raise typer.Exit(1)
+
+
+keys_app = typer.Typer(help="The fleet's event-signing keys and the local inference API key (under signing.keys_dir).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("init")
+def keys_init():
+    """Make a signing key for every function in every cloud and for the CLI, where none exists yet,
+    and the local inference API key; `skyfuse up` and `make run` do this themselves."""
+    from skyfuse import local
+
+    fleet = load_fleet()
+    made = signing.ensure_local_keys(fleet)
+    local.api_key(fleet)
+    out.print(f"{len(made)} new signing key(s) in {fleet.signing.keys_dir}; trust file "
+              f"{Path(fleet.signing.keys_dir) / 'trust.json'} lists {len(signing.trusted(fleet.signing.keys_dir))}",
+              highlight=False)
+
+
+@keys_app.command("list")
+def keys_list():
+    """The trusted public keys: which principal each one signs for."""
+    fleet = load_fleet()
+    table = Table("key id", "principal", title=f"trusted keys ({Path(fleet.signing.keys_dir) / 'trust.json'})")
+    for entry in signing.trusted(fleet.signing.keys_dir):
+        table.add_row(entry["id"], entry["principal"])
+    out.print(table)
+
+
+@keys_app.command("rotate")
+def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aws/scheduler), or cli.")]):
+    """A new key for WHO: it signs from now on; the old one stays trusted until `skyfuse keys retire`."""
+    fleet = load_fleet()
+    if who not in signing.fleet_principals(fleet):
+        fail(f"{who!r} is not a principal of this fleet; expected cli or cloud/function, e.g. "
+             f"{signing.principal(next(iter(fleet.clouds)), 'scheduler')}")
+    out.print(f"new key {signing.rotate(fleet.signing.keys_dir, who)} for {who}; retire the old one after "
+              f"signing.max_age_s ({fleet.signing.max_age_s:.0f} s)", highlight=False)
+
+
+@keys_app.command("retire")
+def keys_retire(key_id: Annotated[str, typer.Argument(help="A key id from `skyfuse keys list`.")]):
+    """Stop trusting a key: events signed with it are dead-lettered from now on."""
+    try:
+        signing.retire(load_fleet().signing.keys_dir, key_id)
+    except signing.KeySetupError as exc:
+        fail(str(exc))
+    out.print(f"retired {key_id}", highlight=False)
 
 
 @app.command()

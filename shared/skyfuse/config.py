@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor")
 PROVIDERS = ("aws", "gcp", "azure")
 ENV_PREFIX = "SKYFUSE_"
-ENV_NOT_KEYS = {"SKYFUSE_CONFIG", "SKYFUSE_EVENTS_DIR", "SKYFUSE_CLOUD", "SKYFUSE_FUNCTION"}
+ENV_NOT_KEYS = {"SKYFUSE_CONFIG", "SKYFUSE_EVENTS_DIR", "SKYFUSE_CLOUD", "SKYFUSE_FUNCTION", "SKYFUSE_SIGNING_KEY"}
 
 
 class Section(BaseModel):
@@ -55,7 +55,82 @@ class KafkaBus(Section):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers.")
     client_id: str = Field("skyfuse", description="Prefix of client ids seen by the broker.")
     session_timeout_ms: int = Field(10_000, ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")
-    request_timeout_ms: int = Field(30_000, ge=1000, description="How long a produce or admin request may take.")
+    request_timeout_ms: int = Field(
+        30_000, ge=1000, description="How long connecting to the brokers, or a produce or admin request, may take.")
+    # TLS and SASL: infra/kafka/SECURITY.md shows them for the local broker, MSK, Confluent Cloud, Event Hubs.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT (neither TLS nor login), SSL (TLS), SASL_PLAINTEXT (login without "
+                                 "TLS) or SASL_SSL (TLS, then a login).")
+    ssl_cafile: str = Field("", description="PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs.")
+    ssl_certfile: str = Field("", description="PEM client certificate (chain) for mutual TLS, the key too unless ssl_keyfile; empty: none.")
+    ssl_keyfile: str = Field("", description="PEM private key of ssl_certfile, when it is not in that file.")
+    ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names the host connected to.")
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = Field(
+        "", description="The login of SASL_SSL/SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (user and "
+                        "password) or OAUTHBEARER (a token from sasl_oauth_token_provider, e.g. MSK IAM).")
+    sasl_username: str = Field("", description="User of a PLAIN or SCRAM login.")
+    sasl_password: str = Field(
+        "", repr=False, description="Password of a PLAIN or SCRAM login. Set it in the environment, "
+                                    "SKYFUSE_BUS__KAFKA__SASL_PASSWORD, not in a file: a secret-looking name, so "
+                                    "log lines and errors show <redacted> instead of its value.")
+    sasl_oauth_token_provider: str = Field(
+        "", description="For OAUTHBEARER: `package.module:callable` that returns a kafka-python AbstractTokenProvider "
+                        "(an instance is used as it is); called once per bus.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_are_strings(cls, data):
+        # Checked before pydantic's own type check, whose message would quote the value.
+        for key in ("sasl_username", "sasl_password"):
+            if isinstance(data, dict) and not isinstance(data.get(key, ""), str):
+                raise ValueError(f"{key} must be a string, not a TOML {type(data[key]).__name__}: quote it (in "
+                                 f"the environment too: SKYFUSE_BUS__KAFKA__{key.upper()}='\"...\"')")
+        return data
+
+    @model_validator(mode="after")
+    def _security(self) -> KafkaBus:
+        protocol, mechanism = self.security_protocol, self.sasl_mechanism
+        tls, sasl = protocol in ("SSL", "SASL_SSL"), protocol.startswith("SASL_")
+        problems = []
+        if sasl and not mechanism:
+            problems.append(f"security_protocol {protocol} needs sasl_mechanism: set it to SCRAM-SHA-512, "
+                            "SCRAM-SHA-256, PLAIN or OAUTHBEARER")
+        if mechanism and not sasl:
+            problems.append(f"sasl_mechanism {mechanism} needs security_protocol SASL_SSL (or SASL_PLAINTEXT), "
+                            f"not {protocol}: set security_protocol = \"SASL_SSL\"")
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            if not self.sasl_username:
+                problems.append(f"sasl_mechanism {mechanism} needs sasl_username: set it")
+            if not self.sasl_password:
+                problems.append(f"sasl_mechanism {mechanism} needs sasl_password: set the environment variable "
+                                "SKYFUSE_BUS__KAFKA__SASL_PASSWORD")
+        elif self.sasl_username or self.sasl_password:  # a login meant, but none would be sent
+            problems.append(f"sasl_username/sasl_password are set but sasl_mechanism is {mechanism or 'empty'}: "
+                            "set sasl_mechanism = \"SCRAM-SHA-512\" (or SCRAM-SHA-256, PLAIN), or remove them")
+        provider = self.sasl_oauth_token_provider
+        if mechanism == "OAUTHBEARER" and not provider:
+            problems.append("sasl_mechanism OAUTHBEARER needs sasl_oauth_token_provider: set it to "
+                            "\"package.module:callable\" returning a kafka-python AbstractTokenProvider")
+        if provider and mechanism != "OAUTHBEARER":
+            problems.append(f"sasl_oauth_token_provider is set but sasl_mechanism is {mechanism or 'empty'}: "
+                            "set sasl_mechanism = \"OAUTHBEARER\"")
+        module, _, attr = provider.partition(":")
+        if provider and not (module and attr and all(p.isidentifier() for p in (*module.split("."), *attr.split(".")))):
+            problems.append(f"sasl_oauth_token_provider {provider!r} is not \"package.module:callable\"")
+        files = {k: v for k, v in (("ssl_cafile", self.ssl_cafile), ("ssl_certfile", self.ssl_certfile),
+                                   ("ssl_keyfile", self.ssl_keyfile)) if v}
+        if files and not tls:  # TLS meant, but the connection would be in clear text
+            problems.append(f"{', '.join(files)} {'is' if len(files) == 1 else 'are'} set but security_protocol "
+                            f"{protocol} has no TLS: set security_protocol = \"SSL\" or \"SASL_SSL\"")
+        for key, path in files.items():
+            if not Path(path).is_file():
+                problems.append(f"{key} {path!r}: no such file (relative paths start at {os.getcwd()}); "
+                                "give the path of the PEM file")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            problems.append("ssl_keyfile needs ssl_certfile, the client certificate it belongs to: set it")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class Bus(Section):
@@ -75,6 +150,22 @@ class Delivery(Section):
         120.0, gt=0, description="How long a function's idempotency claim on a piece of work lasts: after this, "
                                  "another instance takes the work over (its holder is presumed dead). Set it "
                                  "above the longest handler run.")
+
+
+class Signing(Section):
+    enabled: bool = Field(
+        True, description="Sign every event emitted (Ed25519, the emitter's own key) and dead-letter every event "
+                          "that is unsigned, wrongly signed, too old, or from a producer events/catalog.toml does "
+                          "not allow for its type. Off only on a bus nobody else can write to.")
+    keys_dir: str = Field(
+        ".skyfuse/keys", description="Folder of `trust.json` (the public keys every consumer trusts) and, locally, "
+                                     "`private/<cloud>.<function>.pem`; `skyfuse keys init` makes them. In a cloud "
+                                     "the function's private key comes from the SKYFUSE_SIGNING_KEY environment "
+                                     "variable (PEM) instead, set from the cloud's secret store.")
+    max_age_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="An event signed longer ago than this is refused as a replay. Default: "
+                                           "Kafka's default retention, so nothing still on the bus is refused.")
+    max_skew_s: float = Field(300.0, ge=0, description="How far in the future an event's signed time may be (clock skew).")
 
 
 class Function(Section):
@@ -103,6 +194,7 @@ class Fleet(Section):
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
     control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
     training: "Training" = Field(default_factory=lambda: Training())
+    signing: Signing = Signing()
 
     @model_validator(mode="before")
     @classmethod
@@ -162,7 +254,7 @@ def _env_overrides(environ: dict[str, str]) -> dict:
     """`SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=x` → {"bus": {"kafka": {"bootstrap_servers": "x"}}}."""
     tree: dict = {}
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS or name.startswith(("SKYFUSE_TEST_", "SKYFUSE_SIGNING_KEY")):
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         node = tree

@@ -27,6 +27,8 @@ class EventType:
     key: str  # the data field that becomes the Kafka key (same key: same partition, in order)
     consumers: tuple[str, ...]
     description: str
+    producers: tuple[str, ...] = ()  # "function" (any cloud's), "function@control" (the control cloud's), "cli"
+    cloud_field: str | None = None  # data field naming the cloud the event speaks for: the signer's own
 
     @property
     def ce_type(self) -> str:
@@ -53,6 +55,8 @@ def catalog() -> dict[str, EventType]:
             key=entry["key"],
             consumers=tuple(entry.get("consumers", ())),
             description=entry.get("description", ""),
+            producers=tuple(entry.get("producers", ())),
+            cloud_field=entry.get("cloud_field"),
         )
         for name, entry in raw.items()
     }
@@ -65,6 +69,21 @@ def event_type(name: str) -> EventType:
     if name not in types:
         raise ContractError(name, [f"unknown event type; expected one of: {', '.join(sorted(types))}"])
     return types[name]
+
+
+def producer_error(name: str, signer: str, data: dict, control_cloud: str) -> str | None:
+    """Why `signer` (`cloud/function` or `cli`, a verified signer) may not emit this event, or None."""
+    kind = event_type(name)
+    cloud, _, function = signer.rpartition("/")  # "cli": no cloud
+    allowed = {p for p in kind.producers if p.partition("@")[0] == function}
+    if not allowed:
+        return f"{signer} may not emit {kind.name}: events/catalog.toml allows only {', '.join(kind.producers)}"
+    if cloud and allowed == {f"{function}@control"} and cloud != control_cloud:
+        return f"{signer} may not emit {kind.name}: only the control cloud's ({control_cloud}) {function} may"
+    claimed = (data or {}).get(kind.cloud_field) if cloud and kind.cloud_field else cloud
+    if claimed != cloud:
+        return f"{signer} may not speak for cloud {str(claimed)[:40]!r} ({kind.cloud_field}): only for its own"
+    return None
 
 
 def topics_for(function: str) -> list[str]:

@@ -16,10 +16,32 @@ from skyfuse.bus.base import Bus
 from skyfuse.config import Fleet
 from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.host import Listener
+from skyfuse.serving import api
 from skyfuse.storage import open_store
 
 ENDPOINTS = Path(".skyfuse/endpoints.json")
 FIRST_PORT = 8101
+
+
+def api_key(fleet: Fleet) -> str:
+    """The API key of the local fleet's inference servers, made on first use: `<keys_dir>/inference-api-key`
+    (mode 0600). The servers get only its digest; `skyfuse predict` and the demo send it."""
+    import secrets
+
+    from skyfuse import signing
+
+    path = Path(fleet.signing.keys_dir) / "inference-api-key"
+    if not path.exists():
+        signing.write_secret(path, f"sfk_{secrets.token_urlsafe(32)}".encode())
+    return path.read_text().strip()
+
+
+def prepare(fleet: Fleet) -> None:
+    """What a local fleet needs before it starts: its signing keys and its inference API key."""
+    from skyfuse import signing
+
+    signing.ensure_local_keys(fleet)
+    api_key(fleet)
 
 
 def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
@@ -31,7 +53,13 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
         env[f"SKYFUSE_CLOUDS__{name.upper()}__STORE"] = open_store(store).uri if store.startswith("file://") else store
     env["SKYFUSE_BUS__BACKEND"] = fleet.bus.backend
     env["SKYFUSE_BUS__EMBEDDED__PATH"] = str(Path(fleet.bus.embedded.path).resolve())
-    env["SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS"] = fleet.bus.kafka.bootstrap_servers
+    for key, value in fleet.bus.kafka.model_dump().items():  # brokers, TLS and SASL alike, as TOML values
+        if key.startswith("ssl_") and key.endswith("file") and value:
+            value = str(Path(value).resolve())
+        env[f"SKYFUSE_BUS__KAFKA__{key.upper()}"] = orjson.dumps(value).decode()
+    env["SKYFUSE_SIGNING__ENABLED"] = str(fleet.signing.enabled).lower()
+    env["SKYFUSE_SIGNING__KEYS_DIR"] = str(Path(fleet.signing.keys_dir).resolve())
+    env["INFERENCE_API_KEY_HASHES"] = api.key_hash(api_key(fleet))
     if os.environ.get("SKYFUSE_CONFIG"):
         env["SKYFUSE_CONFIG"] = str(Path(os.environ["SKYFUSE_CONFIG"]).resolve())
     return env
@@ -48,6 +76,7 @@ class LocalFleet:
     def start(self) -> "LocalFleet":
         from skyfuse.serving import hosts
 
+        prepare(self.fleet)
         if self.serve:
             try:
                 for i, cloud in enumerate(self.clouds):

@@ -15,7 +15,7 @@ from typing import Callable
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse import contracts, events
+from skyfuse import contracts, events, signing
 from skyfuse.bus import Bus
 from skyfuse.config import Fleet
 from skyfuse.runtime import deadletter
@@ -47,8 +47,9 @@ class Prepared:
     validation: object
     test: object
     shards: list  # (cloud, Dataset)
-    shard_events: list[CloudEvent]
+    shard_events: list[CloudEvent]  # signed, when signing is on
     seconds: float
+    fleet: Fleet
 
 
 def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
@@ -81,6 +82,7 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     manifest = {"expected_members": len(parts), "clouds": plan.clouds, "quorum": len(parts) // 2 + 1,
                 "timeout_s": plan.timeout_s or settings.quorum_timeout_s, "fusion": plan.fusion, "rounds": plan.rounds}
     shard_events = []
+    signer = signing.signer_for(fleet, signing.CLI)
     for i, (cloud, part) in enumerate(zip(plan.clouds, parts)):
         saved = open_store(fleet.clouds[cloud].store).put(f"runs/{plan.run_id}/shards/{i}.csv", mldata.to_csv_bytes(part))
         shard_events.append(events.new_event("shard.ready", {
@@ -88,9 +90,11 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
             "sha256": saved.sha256, "bytes": saved.size, "rows": len(part), "features": dataset.features,
             "target": dataset.target, "task": task, "classes": dataset.classes, "partition": plan.partition,
             "manifest": manifest, "model": model,
-        }, source="skyfuse://cli", subject=cloud))
+        }, source=signing.source_of(signing.CLI), subject=cloud))
+        if signer:
+            signer.sign(shard_events[-1])
     return Prepared(plan, train, validation, test, list(zip(plan.clouds, parts)), shard_events,
-                    time.monotonic() - started)
+                    time.monotonic() - started, fleet)
 
 
 @dataclass
@@ -143,14 +147,14 @@ def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], 
         while time.monotonic() - started < timeout_s and not (
                 progress.fused and (not until_served or progress.deployed)):
             for record in consumer.poll(0.2, 100):
-                _note(record, plan.run_id, progress, time.monotonic() - started)
+                _note(prepared.fleet, record, plan.run_id, progress, time.monotonic() - started)
             on_change(progress)
             if len({f["shard_id"] for f in progress.failures if f.get("round", 0) == 0}) == progress.shards:
                 break  # every shard failed: nothing will be fused
     return progress
 
 
-def _note(record, run_id: str, progress: Progress, now: float) -> None:
+def _note(fleet: Fleet, record, run_id: str, progress: Progress, now: float) -> None:
     if record.topic.endswith(".dlq"):
         context = deadletter.describe(record.headers)
         try:
@@ -164,7 +168,8 @@ def _note(record, run_id: str, progress: Progress, now: float) -> None:
         return
     try:
         event = events.decode(record.key, record.value, record.headers)
-    except events.MalformedEvent:
+        signing.check(fleet, event)  # the functions dead-letter what fails this; here it is just not shown
+    except (events.MalformedEvent, signing.Untrusted):
         return
     data = event.get_data()
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
@@ -249,7 +254,8 @@ def load(run_id: str | None = None) -> dict:
     return orjson.loads((RUNS_DIR / run_id / "summary.json").read_bytes())
 
 
-def check_serving(progress: Progress, endpoints: dict[str, str], test, timeout_s: float = 30) -> dict[str, dict]:
+def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: str | None = None,
+                  timeout_s: float = 30) -> dict[str, dict]:
     """POST the test rows to every placed cloud's endpoint; compare with the fused model run here."""
     import http.client
     from urllib.parse import urlsplit
@@ -266,7 +272,8 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, timeout_s
         deadline, answer = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:  # the servers swap within their pointer poll interval
             conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-            conn.request("POST", f"{url.path}/predict", body, {"content-type": "application/json"})
+            conn.request("POST", f"{url.path}/predict", body,
+                         {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})})
             response = conn.getresponse()
             answer = (response.status, orjson.loads(response.read()))
             conn.close()

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from skyfuse import config, contracts, events
+from skyfuse import config, contracts, events, signing
 from skyfuse.bus import open_bus
 from skyfuse.ml import data as mldata
 from skyfuse.runtime import deadletter
@@ -60,6 +60,7 @@ def fleet_env(workdir: Path, bootstrap: str) -> dict[str, str]:
         "SKYFUSE_TRAINING__EPOCHS": "5", "SKYFUSE_TRAINING__HIDDEN": "[16]", "SKYFUSE_TRAINING__TIMER_S": "1",
     }
     env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{workdir}/stores/{c}" for c in CLOUDS})
+    env["SKYFUSE_SIGNING__KEYS_DIR"] = str(workdir / "keys")
     return env
 
 
@@ -82,6 +83,7 @@ def prepare(fleet, run_id: str, shards: int, seed: int) -> list:
     manifest = {"expected_members": shards, "clouds": list(CLOUDS), "quorum": shards, "timeout_s": 3600,
                 "fusion": "wavg", "rounds": 1}
     out = []
+    signer = signing.signer_for(fleet, signing.CLI)  # the run is started as `skyfuse train` starts it
     for i in range(shards):
         cloud = CLOUDS[i % len(CLOUDS)]
         saved = open_store(fleet.clouds[cloud].store).put(
@@ -90,7 +92,9 @@ def prepare(fleet, run_id: str, shards: int, seed: int) -> list:
             "run_id": run_id, "round": 0, "shard_id": str(i), "cloud": cloud, "uri": saved.uri,
             "sha256": saved.sha256, "bytes": saved.size, "rows": ROWS_PER_SHARD,
             "features": [f"f{i}" for i in range(FEATURES)], "target": "label", "task": "binary", "classes": [0, 1],
-            "partition": "iid", "manifest": manifest, "model": {"seed": seed}}, source="skyfuse://chaos", subject=cloud))
+            "partition": "iid", "manifest": manifest, "model": {"seed": seed}}, source=signing.source_of(signing.CLI),
+            subject=cloud))
+        signer.sign(out[-1])
     return out
 
 
@@ -240,6 +244,7 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
         deadline_s: float, bootstrap: str, workdir: Path, log=print) -> dict:
     env = fleet_env(workdir, bootstrap)
     fleet = config.load(environ=env)
+    signing.ensure_local_keys(fleet)
     bus = open_bus(fleet)
     run_id = f"chaos-{seed}-{os.urandom(3).hex()}"
     hosts = Hosts(workdir, env)

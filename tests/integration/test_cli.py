@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from skyfuse import contracts
+from skyfuse import config, contracts
+from skyfuse.cli import sample_producer
 from tests.conftest import fleet_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +39,14 @@ def test_publish_refuses_unknown_types_and_bad_json(env):
     assert run.returncode == 2 and "not valid JSON" in run.stderr
 
 
+def test_publish_refuses_to_sign_what_the_catalog_does_not_let_the_signer_emit(env):
+    run = cli(env, "publish", "placement.changed", "--sample")
+    assert run.returncode == 2
+    assert "cli may not emit placement.changed" in run.stderr and "--as aws/scheduler" in run.stderr, run.stderr
+    run = cli(env, "publish", "metrics.sampled", "--sample", "--as", "aws/inference")  # the sample speaks for gcp
+    assert run.returncode == 2 and "may not speak for cloud 'gcp'" in run.stderr, run.stderr
+
+
 def test_bad_config_names_the_key(env, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[delivery]\nmax_atempts = 3\n')
@@ -60,8 +69,9 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         dead_before = json.loads(cli(env, "status", "--json").stdout)["dead_letters"]  # the broker is shared
         types = ["shard.ready", "round.started", "model.ready", "onnx.ready", "fused.ready", "metrics.sampled",
                  "placement.changed", "deployment.status"]
-        for name in types:
-            run = cli(env, "publish", name, "--sample")
+        for name in types:  # each signed as the producer the catalog allows
+            producer = sample_producer(config.Fleet(), name, contracts.sample(name))
+            run = cli(env, "publish", name, "--sample", "--as", producer)
             assert run.returncode == 0 and f"published {name}" in run.stdout, run.stderr
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

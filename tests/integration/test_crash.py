@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from skyfuse import contracts, events
-from tests.conftest import fleet_env
+from tests.conftest import fleet_env, signed_event
 
 REPO = Path(__file__).resolve().parents[2]
 COUNT = 150
@@ -40,8 +40,8 @@ def test_sigkill_mid_batch_then_restart_loses_nothing(backend, bus, tmp_path, ui
     bus.ensure_topics([topic], 3)
     ids = []
     for i in range(COUNT):
-        event = events.new_event("shard.ready", {**contracts.sample("shard.ready"), "shard_id": f"s{i}",
-                                                 "run_id": f"run{i % 9}"}, source="skyfuse://test")
+        event = signed_event("shard.ready", {**contracts.sample("shard.ready"), "shard_id": f"s{i}",
+                                             "run_id": f"run{i % 9}"}, "cli")
         key, value, headers = events.encode(event)
         bus.publish(topic, value, key, headers)
         ids.append(event["id"])

@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.kafka, pytest.mark.emulators]
 
 
-def post(url, path, body):
+def post(url, path, body, api_key=None):
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    conn.request("POST", parts.path + path, body, {"content-type": "application/json"})
+    conn.request("POST", parts.path + path, body,
+                 {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})})
     response = conn.getresponse()
     return response.status, orjson.loads(response.read())
 
@@ -48,6 +49,7 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
             path = tmp_path / ".skyfuse" / "endpoints.json"
             info = json.loads(path.read_text()) if path.exists() else {}
         endpoints = info["clouds"]
+        api_key = (tmp_path / ".skyfuse" / "keys" / "inference-api-key").read_text().strip()  # made by `up`
         run = subprocess.run([*skyfuse, "demo", "--emulate", "--json"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -69,7 +71,8 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
                      "previous": [], "lambda": 1.0, "reason": "manual placement in every cloud",
                      "scores": [{"cloud": c, "cost": 1.0, "performance": 1.0, "total": 2.0, "eligible": True} for c in endpoints],
                      "policy": {"margin": 0.15, "dwell_s": 900, "min_replicas": 1}}
-        published = subprocess.run([*skyfuse, "publish", "placement.changed", "--data", json.dumps(placement)],
+        published = subprocess.run([*skyfuse, "publish", "placement.changed", "--data", json.dumps(placement),
+                                    "--as", "aws/scheduler"],  # signed with the local control scheduler's key
                                    cwd=tmp_path, env={**env, "SKYFUSE_BUS__BACKEND": "kafka"}, capture_output=True, text=True)
         assert published.returncode == 0, published.stderr
         test = mldata.split(mldata.sample_dataset("breast_cancer"), seed=0)[2]
@@ -78,7 +81,7 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
         for cloud, url in endpoints.items():
             deadline, answer = time.monotonic() + 60, None
             while time.monotonic() < deadline:
-                answer = post(url, "/predict", body)
+                answer = post(url, "/predict", body, api_key)
                 if answer[0] == 200 and answer[1]["model_version"] == fused["version"]:
                     break
                 time.sleep(0.5)
@@ -88,9 +91,11 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
         # and the AWS function as a user calls it in AWS: through API Gateway (LocalStack's)
         gateway = info["gateways"]["aws"]
         status, doc = post(gateway, "/predict", body)
+        assert status == 401 and doc["detail"]["code"] == "unauthorized", (status, doc)  # the local fleet runs with API keys
+        status, doc = post(gateway, "/predict", body, api_key)
         assert status == 200 and doc["model_version"] == fused["version"], (status, doc)
         assert [str(c) for c in doc["predictions"]] == expected
-        status, doc = post(gateway, "/predict", b'{"instances": [[1, 2]]}')
+        status, doc = post(gateway, "/predict", b'{"instances": [[1, 2]]}', api_key)
         assert status == 400 and "expected 30" in doc["error"]  # the function's own 4xx, through the gateway
     finally:
         up.terminate()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from skyfuse import contracts, events
+from tests.conftest import signed_event
 from skyfuse.bus.base import TopicPartition
 from skyfuse.config import Function
 from skyfuse.runtime.clouds.aws import LambdaInvoker
@@ -34,8 +35,7 @@ def probe_invoker(provider, topic):
 
 
 def shard_event(shard_id, run_id="r1"):
-    return events.new_event("shard.ready", {**contracts.sample("shard.ready"), "shard_id": shard_id,
-                                            "run_id": run_id}, source="skyfuse://test")
+    return signed_event("shard.ready", {**contracts.sample("shard.ready"), "shard_id": shard_id, "run_id": run_id}, "cli")
 
 
 def publish(bus, topic, event):

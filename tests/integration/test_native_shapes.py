@@ -10,6 +10,7 @@ import pytest
 from aws_lambda_powertools.utilities.parser.models import KafkaMskEventModel, KafkaSelfManagedEventModel
 
 from skyfuse import contracts, events
+from tests.conftest import signed_event
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event
 from skyfuse.runtime.clouds.azure import decode_payload, kafka_trigger_functions, trigger_payload
@@ -25,7 +26,7 @@ def golden(name):
 
 
 def sample_record(offset=15, **data_changes):
-    event = events.new_event("shard.ready", {**contracts.sample("shard.ready"), **data_changes}, source="skyfuse://test")
+    event = signed_event("shard.ready", {**contracts.sample("shard.ready"), **data_changes}, "cli")
     key, value, headers = events.encode(event)
     return event, Record("skyfuse.shard.ready", 0, offset, key, value, headers, 1795737600000)
 
@@ -34,8 +35,11 @@ def sample_record(offset=15, **data_changes):
 def runtime(tmp_path):
     from skyfuse import config
 
+    # the golden files are the clouds' documented shapes around one fixed, unsigned event; signatures
+    # are tested on their own (test_signing) and through every shape by the host tests
     fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
-                                 "SKYFUSE_CLOUDS__AWS__STORE": f"file://{tmp_path}/stores/aws"})
+                                 "SKYFUSE_CLOUDS__AWS__STORE": f"file://{tmp_path}/stores/aws",
+                                 "SKYFUSE_SIGNING__ENABLED": "false"})
     with hosted(Runtime("aws", "trainer", fleet)) as rt:
         yield rt
 
@@ -146,8 +150,7 @@ def test_published_event_reaches_the_trainer_in_every_cloud_in_its_native_shape(
 
     hosts = build_hosts(fleet, bus, seen, functions=["trainer"])
     bus.ensure_topics(contracts.topics_for("trainer") + ["trainer.dlq"], fleet.bus.partitions)
-    event = events.new_event("shard.ready", {**contracts.sample("shard.ready"), "run_id": f"e2e-{time.time_ns()}"},
-                             source="skyfuse://test")
+    event = signed_event("shard.ready", {**contracts.sample("shard.ready"), "run_id": f"e2e-{time.time_ns()}"}, "cli")
     key, value, headers = events.encode(event)
     with Fabric(hosts):
         bus.publish("skyfuse.shard.ready", value, key, headers)

@@ -9,14 +9,14 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from skyfuse import config, events
+from skyfuse import config
 from skyfuse.bus import open_bus
 from skyfuse.local import serving_env
 from skyfuse.runtime.function import Runtime, hosted, run_handler
 from skyfuse.serving import hosts
 from skyfuse.serving.testing import classifier
 from skyfuse.storage import open_store
-from tests.conftest import fleet_env
+from tests.conftest import fleet_env, signed_event
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 
@@ -42,7 +42,8 @@ class Loop:
         self.scheduler = Runtime("aws", "scheduler", fleet, bus_factory=lambda: self.bus)
 
     def send(self, type_name, data):
-        event = events.new_event(type_name, data, source="skyfuse://test")
+        by = "aws/fuser" if type_name == "fused.ready" else f"{data['cloud']}/inference"
+        event = signed_event(type_name, data, by, self.fleet)
         with hosted(self.scheduler):
             run_handler(self.schedule, event, self.scheduler)
         for decision in self.scheduler.emitted[len(getattr(self, "_seen", [])):]:
@@ -158,9 +159,11 @@ def test_a_model_with_external_data_is_never_deployed(fleet):
 
 def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, tmp_path):
     """The review's attack: a placement.changed naming file:///…/anywhere/evil.onnx, with the right
-    sha256 (the digest comes from the same unauthenticated event)."""
+    sha256. Unsigned, it is dead-lettered before the deployer sees it (test_signing); here it is
+    signed with the control scheduler's own key, as if that key had leaked, and confinement still
+    refuses it."""
     from services.deployer.handler import handle as deploy
-    from skyfuse import contracts, events
+    from skyfuse import contracts
     from skyfuse.runtime.function import Runtime, hosted, run_handler
     from skyfuse.storage import sha256_of
 
@@ -174,7 +177,7 @@ def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, t
         data["decision_id"] = f"forged-{abs(hash(uri))}"
         runtime = Runtime("gcp", "deployer", fleet)
         with hosted(runtime):
-            run_handler(deploy, events.new_event("placement.changed", data, source="skyfuse://attacker"), runtime)
+            run_handler(deploy, signed_event("placement.changed", data, "aws/scheduler", fleet), runtime)
         [status] = [e.get_data() for e in runtime.emitted if e.get_data()["state"] == "failed"]
         assert "outside the fleet's stores" in status["reason"] or "segment '..'" in status["reason"], status
         assert not open_store(fleet.clouds["gcp"].store).exists("serving/current.json")
@@ -182,7 +185,7 @@ def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, t
 
 def test_an_older_decision_arriving_late_does_not_roll_serving_back(fleet):
     from services.deployer.handler import handle as deploy
-    from skyfuse import contracts, events
+    from skyfuse import contracts
     from skyfuse.runtime.function import Runtime, hosted, run_handler
 
     store = open_store(fleet.clouds["aws"].store)
@@ -194,7 +197,7 @@ def test_an_older_decision_arriving_late_does_not_roll_serving_back(fleet):
                 "model_version": version, "model_uri": saved.uri, "sha256": saved.sha256, "source_cloud": "aws",
                 "placements": [{"cloud": "gcp", "weight": 1.0, "replicas": 1}], "previous": []}
         with hosted(runtime):
-            run_handler(deploy, events.new_event("placement.changed", data, source="skyfuse://aws/scheduler"), runtime)
+            run_handler(deploy, signed_event("placement.changed", data, "aws/scheduler", fleet), runtime)
 
     decision("v-new", 12)
     decision("v-old", 11)  # redelivered from another partition, after the newer one

@@ -7,7 +7,6 @@ from datetime import timedelta
 import pytest
 
 from services.scheduler import handler
-from skyfuse import events
 from skyfuse.runtime.function import hosted, run_handler
 from tests.integration.test_scheduler_time import T0, Scheduler, moves, serving
 
@@ -47,10 +46,10 @@ def test_a_redelivered_sample_is_not_counted_twice(tmp_path):
     scheduler.model("v1", T0)
 
     def sample(at):
-        return events.new_event("metrics.sampled", {
+        return scheduler.event("metrics.sampled", {
             "cloud": "gcp", "source": "inference", "window_s": 60, "sampled_at": at, "requests": 60,
             "requests_per_s": 1.0, "latency_ms": {"p50": 10, "p99": 30}, "error_rate": 0.0, "load": 0.1,
-            "price": {"per_hour": 0.05, "per_million_requests": 0.2, "currency": "USD"}}, source="skyfuse://test")
+            "price": {"per_hour": 0.05, "per_million_requests": 0.2, "currency": "USD"}})
 
     def deliver(event):
         with hosted(scheduler.runtime):
@@ -84,12 +83,11 @@ def test_a_decision_whose_publish_failed_is_published_by_the_retry(tmp_path, mon
     sent = []
     for minute in range(20):
         for cloud, price in rising.items():
-            event = events.new_event("metrics.sampled", {
+            event = scheduler.event("metrics.sampled", {
                 "cloud": cloud, "source": "inference", "window_s": 60,
                 "sampled_at": (t + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z"), "requests": 3000,
                 "requests_per_s": 50.0, "latency_ms": {"p50": 13.3, "p99": 40.0}, "error_rate": 0.0, "load": 0.2,
-                "capacity_rps": 500, "price": {"per_hour": price, "per_million_requests": 0.2, "currency": "USD"}},
-                source="skyfuse://test")
+                "capacity_rps": 500, "price": {"per_hour": price, "per_million_requests": 0.2, "currency": "USD"}})
             for _attempt in range(2):  # the host retries a failed delivery
                 try:
                     with hosted(scheduler.runtime):
@@ -126,11 +124,11 @@ def test_two_scheduler_instances_never_both_advance_the_state(tmp_path, monkeypa
     store = scheduler.runtime.store()
 
     def sample(cloud, minute):
-        return events.new_event("metrics.sampled", {
+        return scheduler.event("metrics.sampled", {
             "cloud": cloud, "source": "inference", "window_s": 60,
             "sampled_at": (T0 + timedelta(minutes=minute)).isoformat().replace("+00:00", "Z"), "requests": 60,
             "requests_per_s": 1.0, "latency_ms": {"p50": 10, "p99": 30}, "error_rate": 0.0, "load": 0.1,
-            "price": {"per_hour": 0.05, "per_million_requests": 0.2, "currency": "USD"}}, source="skyfuse://test")
+            "price": {"per_hour": 0.05, "per_million_requests": 0.2, "currency": "USD"}})
 
     def deliver(event):
         with hosted(scheduler.runtime):

@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import time_machine
 
-from skyfuse import config, events
+from skyfuse import config, signing
 from skyfuse.bus import open_bus
 from skyfuse.runtime.function import Runtime, hosted, run_handler
 from skyfuse.storage import open_store
-from tests.conftest import fleet_env
+from tests.conftest import fleet_env, signed_event
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
 CLOUDS = ("aws", "gcp", "azure")
@@ -28,17 +28,24 @@ class Scheduler:
         from services.scheduler.handler import _schedulers, handle
 
         _schedulers.clear()  # a fresh scheduler process
-        env = fleet_env("embedded", tmp_path)
+        # events carry T0-based times whatever today is: the replay window (tested in test_signing)
+        # is opened wide, so that only the scheduler's own use of time is under test here
+        env = fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__KEYS_DIR=tmp_path / "keys",
+                        SKYFUSE_SIGNING__MAX_AGE_S=1e12, SKYFUSE_SIGNING__MAX_SKEW_S=1e12)
         env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in CLOUDS})
         self.fleet = config.load(environ=env)
+        signing.ensure_local_keys(self.fleet)
         self.bus = open_bus(self.fleet)
         self.handle = handle
         self.runtime = Runtime("aws", "scheduler", self.fleet, bus_factory=lambda: self.bus)
 
+    def event(self, type_name: str, data: dict, at: datetime | None = None):
+        """As its producer signs it: the control cloud's fuser, or the sampled cloud's inference function."""
+        by = "aws/fuser" if type_name == "fused.ready" else f"{data['cloud']}/inference"
+        return signed_event(type_name, data, by, self.fleet, time=stamp(at) if at else None)
+
     def send(self, type_name: str, data: dict, at: datetime | None = None) -> None:
-        event = events.new_event(type_name, data, source="skyfuse://test")
-        if at is not None:
-            event["time"] = stamp(at)
+        event = self.event(type_name, data, at)
         with hosted(self.runtime):
             run_handler(self.handle, event, self.runtime)
 

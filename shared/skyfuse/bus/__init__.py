@@ -13,11 +13,12 @@ def open_bus(fleet: Fleet) -> Bus:
     """The backend the fleet config names."""
     settings = fleet.bus
     if settings.backend == "kafka":
-        from skyfuse.bus.kafka import KafkaBus
+        from skyfuse.bus.kafka import KafkaBus, security_options
 
         k = settings.kafka
         return KafkaBus(k.bootstrap_servers, client_id=k.client_id, session_timeout_ms=k.session_timeout_ms,
-                        request_timeout_ms=k.request_timeout_ms, default_partitions=settings.partitions)
+                        request_timeout_ms=k.request_timeout_ms, default_partitions=settings.partitions,
+                        security=security_options(k))
     from skyfuse.bus.embedded import EmbeddedBus
 
     return EmbeddedBus(Path(settings.embedded.path), default_partitions=settings.partitions,

@@ -2,29 +2,83 @@
 
 Producer with acks=all (a publish returns once the record is durably in the log); consumers with
 auto-commit off, committing only what the host says is done; session timeout at least 6 s, the
-broker's minimum.
+broker's minimum. TLS and SASL settings (`security_options`) go to every client alike.
 """
 from __future__ import annotations
 
+import importlib
+import socket
+import ssl
 import threading
-from typing import Iterable
+from typing import Any, Iterable
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from kafka.net.sasl.oauth import AbstractTokenProvider
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTP
 
+from skyfuse import config
 from skyfuse.bus.base import Bus, Consumer, Headers, Record, RevokeListener, TopicPartition
+from skyfuse.redact import MARK, redact
+
+
+class KafkaUnavailable(ConnectionError):
+    """No client could connect to the brokers; the message says which step failed and which key to check."""
+
+
+def security_options(settings: config.KafkaBus) -> dict[str, Any]:
+    """kafka-python's keyword arguments for the TLS and SASL settings of `settings` (the same for the
+    producer, consumers and admin client)."""
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        options.update(ssl_cafile=settings.ssl_cafile or None, ssl_certfile=settings.ssl_certfile or None,
+                       ssl_keyfile=settings.ssl_keyfile or None, ssl_check_hostname=settings.ssl_check_hostname)
+    if settings.sasl_mechanism == "OAUTHBEARER":
+        options.update(sasl_mechanism="OAUTHBEARER",
+                       sasl_oauth_token_provider=token_provider(settings.sasl_oauth_token_provider))
+    elif settings.sasl_mechanism:
+        options.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
+                       sasl_plain_password=_Password(settings.sasl_password))
+    return options
+
+
+class _Password(str):
+    """The password as kafka-python needs it (a str), shown as <redacted> wherever a config dict is
+    printed: KafkaAdminClient logs its whole configuration at DEBUG."""
+
+    def __repr__(self) -> str:
+        return repr(MARK)
+
+
+def token_provider(spec: str) -> AbstractTokenProvider:
+    """The AbstractTokenProvider named by `package.module:callable`: the object itself if it is one, else what
+    calling it returns. Checked here: kafka-python would only fail at connect time, as a bootstrap timeout."""
+    key = "bus.kafka.sasl_oauth_token_provider"
+    module, _, attr = spec.partition(":")
+    try:
+        target = importlib.import_module(module)
+        for part in attr.split("."):
+            target = getattr(target, part)
+        provider = target if isinstance(target, AbstractTokenProvider) else target()
+    except Exception as exc:  # noqa: BLE001 - whatever the user's code raises, say which key it came from
+        raise config.ConfigError(redact(f"{key}: cannot load {spec!r} ({type(exc).__name__}: {exc}); it must be "
+                                        "`package.module:callable`, importable here")) from None
+    if not isinstance(provider, AbstractTokenProvider):
+        raise config.ConfigError(f"{key}: {spec!r} gave a {type(provider).__name__}, not a kafka-python "
+                                 "kafka.net.sasl.oauth.AbstractTokenProvider: subclass it and implement token()")
+    return provider
 
 
 class KafkaBus(Bus):
     backend = "kafka"
 
     def __init__(self, bootstrap_servers: str, *, client_id: str = "skyfuse", session_timeout_ms: int = 10_000,
-                 request_timeout_ms: int = 30_000, default_partitions: int = 3):
+                 request_timeout_ms: int = 30_000, default_partitions: int = 3, security: dict[str, Any] | None = None):
         self.bootstrap = bootstrap_servers
+        self.security = dict(security or {"security_protocol": "PLAINTEXT"})  # from `security_options`
         self.client_id = client_id
         self.session_timeout_ms = session_timeout_ms
         self.request_timeout_ms = request_timeout_ms
@@ -34,22 +88,64 @@ class KafkaBus(Bus):
         self._lock = threading.Lock()
         self._admin_lock = threading.RLock()  # KafkaAdminClient is not safe to share between threads
 
+    def connect(self, client_class, **options):
+        """A kafka-python client with this bus's brokers, timeouts, TLS and SASL settings: the one place
+        every producer, consumer and admin client is made. kafka-python retries a refused login or TLS
+        handshake until bootstrap_timeout_ms and then says only "Unable to bootstrap"; that becomes a
+        `KafkaUnavailable` saying which step failed."""
+        try:
+            return client_class(bootstrap_servers=self.bootstrap, request_timeout_ms=self.request_timeout_ms,
+                                bootstrap_timeout_ms=self.request_timeout_ms, **self.security, **options)
+        except KafkaTimeoutError as exc:
+            raise KafkaUnavailable(redact(
+                f"cannot connect to Kafka at {self.bootstrap} over {self.security['security_protocol']} within "
+                f"{self.request_timeout_ms / 1000:g} s (bus.kafka.request_timeout_ms): {self._diagnose()}")) from exc
+
+    def _diagnose(self) -> str:
+        """Why the first broker did not take us: the TCP and TLS steps tried again with the standard library."""
+        host, _, port = self.bootstrap.split(",")[0].strip().rpartition(":")
+        where, protocol = f"{host}:{port}", self.security["security_protocol"]
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=5)
+        except (OSError, ValueError) as exc:
+            return (f"nothing accepts connections at {where} ({exc}): is the broker up, is "
+                    "bus.kafka.bootstrap_servers right?")
+        with sock:
+            if protocol in ("SSL", "SASL_SSL"):
+                try:
+                    _tls_context(self.security).wrap_socket(sock, server_hostname=host).close()
+                except ssl.SSLCertVerificationError as exc:
+                    fix = ("bus.kafka.ssl_check_hostname" if "mismatch" in str(exc.verify_message)
+                           else "bus.kafka.ssl_cafile: the PEM file of the CA that signed it")
+                    return f"the TLS certificate of {where} is not trusted ({exc.verify_message}): check {fix}"
+                except (ssl.SSLError, OSError) as exc:
+                    return (f"the TLS handshake with {where} failed ({exc}): is it a TLS listener, is "
+                            "bus.kafka.security_protocol right?")
+        # TCP (and TLS) work, so the Kafka session itself failed: with SASL, almost always the login.
+        mechanism = self.security.get("sasl_mechanism")
+        reached = f"{where} accepts {'TLS' if protocol.endswith('SSL') else 'the connection'}"
+        if mechanism == "OAUTHBEARER":
+            return (f"{reached} but most likely refused the OAUTHBEARER login: check the token that "
+                    "bus.kafka.sasl_oauth_token_provider gives")
+        if mechanism:
+            return (f"{reached} but most likely refused the {mechanism} login: check the user "
+                    f"{self.security.get('sasl_plain_username')!r} (bus.kafka.sasl_username) and its password "
+                    "(SKYFUSE_BUS__KAFKA__SASL_PASSWORD)")
+        return (f"{reached} but does not answer as a {protocol} Kafka listener: does it need TLS or a login "
+                "(bus.kafka.security_protocol)?")
+
     @property
     def producer(self) -> KafkaProducer:
         with self._lock:
             if self._producer is None:
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all",
-                    linger_ms=0, request_timeout_ms=self.request_timeout_ms,
-                )
+                self._producer = self.connect(KafkaProducer, client_id=self.client_id, acks="all", linger_ms=0)
             return self._producer
 
     @property
     def admin(self) -> KafkaAdminClient:
         with self._lock:
             if self._admin is None:
-                self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-admin",
-                                               request_timeout_ms=self.request_timeout_ms)
+                self._admin = self.connect(KafkaAdminClient, client_id=f"{self.client_id}-admin")
             return self._admin
 
     def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
@@ -83,8 +179,7 @@ class KafkaBus(Bus):
         return {name: described[name] for name in sorted(described) if not name.startswith("__")}
 
     def _reader(self) -> KafkaConsumer:
-        return KafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-reader",
-                             enable_auto_commit=False, request_timeout_ms=self.request_timeout_ms)
+        return self.connect(KafkaConsumer, client_id=f"{self.client_id}-reader", enable_auto_commit=False)
 
     def end_offsets(self, topic: str) -> dict[int, int]:
         return self.end_offsets_of([topic])[topic]
@@ -150,6 +245,20 @@ def _record(r) -> Record:
     return Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp)
 
 
+def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The context kafka-python 3 builds from these options (kafka.net.transport), for `_diagnose`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = options.get("ssl_check_hostname", True)
+    if options.get("ssl_cafile"):
+        ctx.load_verify_locations(options["ssl_cafile"])
+    else:
+        ctx.load_default_certs()
+    if options.get("ssl_certfile"):
+        ctx.load_cert_chain(options["ssl_certfile"], options.get("ssl_keyfile"))
+    return ctx
+
+
 class _Revoke(ConsumerRebalanceListener):
     def __init__(self, callback: RevokeListener | None):
         self.callback = callback
@@ -164,15 +273,14 @@ class _Revoke(ConsumerRebalanceListener):
 
 class KafkaGroupConsumer(Consumer):
     def __init__(self, bus: KafkaBus, group: str, topics: list[str], on_revoke: RevokeListener | None):
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bus.bootstrap,
+        self._consumer = bus.connect(
+            KafkaConsumer,
             client_id=f"{bus.client_id}-{group}",
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=max(6000, bus.session_timeout_ms),
             heartbeat_interval_ms=max(6000, bus.session_timeout_ms) // 3,
-            request_timeout_ms=bus.request_timeout_ms,
         )
         self._join_timeout_s = max(6000, bus.session_timeout_ms) / 1000
         self._consumer.subscribe(topics, listener=_Revoke(on_revoke))

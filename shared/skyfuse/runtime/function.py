@@ -18,7 +18,7 @@ import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import config as fleet_config
-from skyfuse import events
+from skyfuse import events, signing
 from skyfuse.bus import Bus, open_bus
 from skyfuse.redact import redact
 from skyfuse.runtime import deadletter
@@ -64,8 +64,16 @@ class Runtime:
         return logging.getLogger(f"skyfuse.{self.cloud}.{self.function}")
 
     @property
+    def principal(self) -> str:
+        return signing.principal(self.cloud, self.function)
+
+    @property
     def source(self) -> str:
-        return f"skyfuse://{self.cloud}/{self.function}"
+        return signing.source_of(self.principal)
+
+    @cached_property
+    def signer(self) -> signing.Signer | None:
+        return signing.signer_for(self.fleet, self.principal)
 
     def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None,
              dedupe_key: str | None = None, traceparent: str | None = None) -> CloudEvent:
@@ -75,6 +83,8 @@ class Runtime:
         event_id = events.derived_id(self.source, type_name, dedupe_key) if dedupe_key is not None else None
         event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by,
                                  event_id=event_id, traceparent=traceparent)
+        if self.signer:
+            self.signer.sign(event)
         key, value, headers = events.encode(event)
         self.bus.publish(events.topic_of(event), value, key, headers)
         _append_bounded(self.emitted, event)
@@ -184,9 +194,15 @@ class Rejected(Exception):
 
 
 def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
-    """What every entry point does with one event: run the core; dead-letter what it rejects."""
+    """What every entry point does with one event: check who sent it, run the core; dead-letter
+    what is untrusted or what the core rejects."""
     from skyfuse.runtime.idempotency import InProgress
 
+    try:
+        signing.check(runtime.fleet, event)
+    except signing.Untrusted as exc:
+        runtime.reject(event, f"untrusted: {exc}")
+        return
     try:
         handle(event, runtime)
     except Rejected as exc:
