@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,16 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
             if all(f["lag"] == 0 for f in status["functions"]):
                 break
             time.sleep(0.5)
+        # inference runs with the local API key: `predict` sends it (and gets past it), a bare call gets 401
+        endpoint = json.loads((REPO / ".skyfuse" / "endpoints.json").read_text())["clouds"]["aws"]
+        predicted = cli(env, "predict", "--cloud", "aws", "--data", '{"instances": [[1, 2, 3, 4]]}')
+        answer = json.loads(predicted.stdout)  # 503 with no model placed here, 200 or 400 with one
+        assert "predictions" in answer or answer["detail"]["code"] in ("no_model", "row_width"), answer
+        bare = urllib.request.Request(f"{endpoint}/predict", b'{"instances": [[1, 2, 3, 4]]}',
+                                      {"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bare, timeout=10)
+        assert refused.value.code == 401
     finally:
         up.terminate()
         output, _ = up.communicate(timeout=60)
