@@ -52,7 +52,10 @@ def test_arbitrary_records_are_handled_or_dead_lettered_and_nothing_stalls(bus_f
     # the host dead-letters what it cannot decode; the function what is not signed by an allowed producer
     letters = [r for r in bus.read(f"probe-{uid}.dlq", 10_000)]
     reasons = [dict(r.headers)["skyfuse_dlq_reason"].decode() for r in letters]
-    assert all(reasons) and len(letters) == len(dead) + sum(r.startswith("untrusted: ") for r in reasons)
+    untrusted = sum(r.startswith("untrusted: ") for r in reasons)
+    assert all(reasons) and len(letters) == len(dead) + untrusted
+    print(f"{provider}: {len(batch)} records, {len(dead)} malformed, {untrusted} untrusted, "
+          f"{len(batch) - len(dead) - untrusted} handled")
 
 
 @pytest.fixture
