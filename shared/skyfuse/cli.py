@@ -1,4 +1,9 @@
-"""The `skyfuse` command line."""
+"""The `skyfuse` command line.
+
+Exit codes: 0 success; 1 a runtime failure (a server unreachable, no fleet up, nothing fused in
+time, deliveries missing); 2 a usage error (an unknown option, command or value, invalid data, a
+bad config key), with what to change.
+"""
 from __future__ import annotations
 
 import json
@@ -12,6 +17,7 @@ from typing import Annotated, Optional
 
 import orjson
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from rich.console import Console
 from rich.table import Table
 
@@ -23,16 +29,45 @@ from skyfuse.runtime.fleet import Fabric, build_hosts, event_functions
 from skyfuse.runtime.function import JsonFormatter
 from skyfuse.runtime.host import Delivery
 
+# Help shows what to type: options as NAME placeholders (CLOUD, DATA), flags bare, arguments with
+# plain types; typer would print Python type names (<str>, <bool>).
+PLAIN_TYPES = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "NUMBER", "<path>": "PATH", "<bool>": ""}
+
+
+class _PlainHelp:
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperOption) and param.metavar is None:
+                param.metavar = "" if param.is_flag else param.name.strip("_").upper()
+            elif isinstance(param, TyperArgument) and not getattr(param, "_plain", False):
+                param.metavar = param.metavar or param.name.upper()
+                shown = param.display_type_rich(ctx)
+                param.display_type_rich = lambda ctx, shown=shown: PLAIN_TYPES.get(shown, shown)
+                param._plain = True
+        return params
+
+
+class Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class Group(_PlainHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(help="skyfuse: train where the data lives, fuse the sub-models, serve from the best cloud.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=Group)
 out = Console()
 err = Console(stderr=True)
 _config_path: Optional[str] = None
 
 
 @app.callback()
-def main(config: Annotated[Optional[str], typer.Option("--config", "-c", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
-         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs of every delivery on stderr.")] = False):
+def main(config: Annotated[Optional[str], typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs of every delivery on stderr.")] = False,
+         version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                               callback=lambda shown: _version(shown))] = False):
     global _config_path
     _config_path = config
     handler = logging.StreamHandler(sys.stderr)
@@ -41,7 +76,19 @@ def main(config: Annotated[Optional[str], typer.Option("--config", "-c", help="F
     logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python is chatty about reconnects
 
 
-def fail(message: str, code: int = 2) -> None:
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        print(f"skyfuse {version('skyfuse')}")
+        raise typer.Exit()
+
+
+USAGE, FAILURE = 2, 1  # exit codes: see the module docstring
+
+
+def fail(message: str, code: int = USAGE) -> None:
+    """Print the error and exit: USAGE (2) for what the user must change, FAILURE (1) for what went wrong."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
@@ -63,7 +110,7 @@ def connect(fleet: fleet_config.Fleet) -> Bus:
                                for s in fleet.bus.kafka.bootstrap_servers.split(","))
             fail(f"cannot reach Kafka at {fleet.bus.kafka.bootstrap_servers} ({type(exc).__name__}: {exc})"
                  + ("; start the local broker with `make kafka-up`, or set bus.backend = \"embedded\""
-                    if local_broker else ""))
+                    if local_broker else ""), FAILURE)
     return bus
 
 
@@ -83,16 +130,16 @@ def event_as(fleet: fleet_config.Fleet, who: str, type_name: str, data: dict):
     try:
         signer = signing.signer_for(fleet, who)
     except signing.KeySetupError as exc:
-        fail(str(exc))
+        fail(str(exc), FAILURE)
     return signer.sign(event) if signer else event
 
 
-@app.command()
+@app.command(cls=Command)
 def publish(
-    event_type: Annotated[str, typer.Argument(help="Event type, e.g. shard.ready (see `skyfuse events`).")],
+    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="Event type, e.g. shard.ready (see `skyfuse events`).")],
     data: Annotated[Optional[str], typer.Option("--data", "-d", help="The event data as JSON, or @FILE to read it from a file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Publish the shipped sample data of this type.")] = False,
-    as_: Annotated[str, typer.Option("--as", help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
+    as_: Annotated[str, typer.Option("--as", metavar="PRODUCER", help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
                                                   "its key must be in signing.keys_dir, as in a local fleet).")] = signing.CLI,
 ):
     """Validate event data against its schema, then publish it as a signed CloudEvent."""
@@ -115,7 +162,7 @@ def publish(
         err.print(f"[bold red]invalid {kind.name} data[/] ({len(errors)} problem{'s' * (len(errors) > 1)}):")
         for line in errors:
             err.print(f"  • {line}", highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(USAGE)
     fleet = load_fleet()
     refusal = contracts.producer_error(kind.name, as_, payload, fleet.control_cloud or next(iter(fleet.clouds)))
     if fleet.signing.enabled and refusal:
@@ -129,7 +176,7 @@ def publish(
               highlight=False)
 
 
-@app.command("events")
+@app.command("events", cls=Command)
 def list_events():
     """The event types, their topics and the functions they trigger."""
     table = Table("type", "topic", "key", "consumers", "meaning", title="skyfuse events")
@@ -146,7 +193,7 @@ def _print_delivery(delivery: Delivery) -> None:
               f"[dim]{delivery.shape}[/]{reason}", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def up(
     cloud: Annotated[Optional[list[str]], typer.Option("--cloud", help="Only these clouds (repeatable).")] = None,
     function: Annotated[Optional[list[str]], typer.Option("--function", help="Only these functions (repeatable).")] = None,
@@ -167,7 +214,7 @@ def up(
     from skyfuse import local
 
     if serve and local.running():
-        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve")
+        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve", FAILURE)
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
     done = threading.Event()
@@ -258,7 +305,7 @@ def _get_json(url: str) -> dict | None:
         return None
 
 
-@app.command()
+@app.command(cls=Command)
 def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = False):
     """Topics, consumer lag per function and cloud, and dead-letter counts."""
     fleet = load_fleet()
@@ -284,7 +331,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
     out.print(topics, lag, clouds)
 
 
-@app.command()
+@app.command(cls=Command)
 def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letters to show.")],
         limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
         as_json: Annotated[bool, typer.Option("--json")] = False):
@@ -330,7 +377,7 @@ def sample_event(fleet: fleet_config.Fleet, type_name: str):
     return event_as(fleet, sample_producer(fleet, type_name, data), type_name, data)
 
 
-@app.command()
+@app.command(cls=Command)
 def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0):
     """Publish the sample of every event type and show it reaching its function in every cloud."""
     from skyfuse import local
@@ -379,7 +426,7 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
     out.print(table)
     missing = expected - {k for k, d in by_type.items() if d.result == "ok"}
     if missing:
-        fail(f"{len(missing)} deliveries did not arrive within {timeout:g} s: {sorted(missing)}", 1)
+        fail(f"{len(missing)} deliveries did not arrive within {timeout:g} s: {sorted(missing)}", FAILURE)
     out.print(f"[green]every event reached its function in every cloud[/] "
               f"({len(expected)} deliveries, each in its cloud's native event shape)")
 
@@ -449,7 +496,7 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
                   highlight=False)
     if progress.fused is None:
         fail(f"{plan.run_id}: no fused model after {timeout:g} s "
-             f"({len(progress.failures)} event(s) dead-lettered; see `skyfuse dlq trainer`)", 1)
+             f"({len(progress.failures)} event(s) dead-lettered; see `skyfuse dlq trainer`)", FAILURE)
     err.print("training the centralized baseline on all training rows…")
     accuracy, central_s = training.centralized(fleet, prepared)
     t = progress.times
@@ -506,7 +553,7 @@ def print_summary(summary: dict) -> None:
               f"{_pct(summary['shard_mean_accuracy'])}", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
     data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a numeric feature.")],
     target: Annotated[str, typer.Option("--target", "-t", help="The label column.")],
@@ -557,7 +604,7 @@ def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, qu
         fail(str(exc))
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     dataset: Annotated[str, typer.Option(help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
     partition: Annotated[str, typer.Option(help="iid | stratified | kmeans | label-skew:ALPHA")] = "iid",
@@ -577,22 +624,47 @@ def demo(
                       as_json, serve, emulate)
 
 
-@app.command()
-def report(run: Annotated[Optional[str], typer.Option(help="Run id (default: the last run).")] = None,
-           out_dir: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.png and report.html.")] = None):
-    """Draw the last run's accuracies (per shard, per strategy, centralized) as a PNG inside an HTML page."""
+@app.command(cls=Command)
+def report(run: Annotated[Optional[list[str]], typer.Option(help="Run id, repeatable: several runs (seeds) show "
+                                                                  "their mean and spread (default: the last run).")] = None,
+           out_dir: Annotated[Optional[Path], typer.Option("--out", metavar="FOLDER", help="Folder for report.png and report.html.")] = None):
+    """Draw a run's accuracies (per shard, per strategy with the validation score that chose it,
+    centralized), its time per stage and its placement timeline, as a PNG inside an HTML page."""
     from skyfuse import report as reporting
     from skyfuse import training
 
     try:
-        summary = training.load(run)
-    except FileNotFoundError:
-        fail("no training run recorded yet: run `skyfuse demo` or `skyfuse train` first")
-    png, html = reporting.write(summary, out_dir or training.RUNS_DIR / summary["run_id"])
+        summaries = [training.load(r) for r in run] if run else [training.load()]
+    except FileNotFoundError as exc:
+        fail(f"no such training run ({exc.filename}): run `skyfuse demo` or `skyfuse train` first", FAILURE)
+    png, html = reporting.write(summaries, out_dir or training.RUNS_DIR / summaries[0]["run_id"],
+                                placements_of(load_fleet(), {s["run_id"] for s in summaries}))
     out.print(f"wrote {png} and {html}", highlight=False)
 
 
-@app.command()
+def placements_of(fleet: fleet_config.Fleet, run_ids: set[str]) -> list[dict]:
+    """The verified placement.changed decisions for the models of these runs, from the bus."""
+    topic = contracts.event_type("placement.changed").topic
+    try:
+        bus = open_bus(fleet)
+        records = bus.read(topic, 100_000) if topic in bus.topics() else []
+    except Exception:  # the report draws what it has: without the bus, no timeline
+        return []
+    found = []
+    for record in records:
+        try:
+            event = events.decode(record.key, record.value, record.headers)
+            signing.check(fleet, event)
+        except (events.MalformedEvent, signing.Untrusted, signing.KeySetupError):
+            continue
+        data = event.get_data()
+        if any(data["model_version"].startswith(f"{r}-") for r in run_ids):
+            found.append(data)
+    bus.close()
+    return found
+
+
+@app.command(cls=Command)
 def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's endpoint to call.")],
             data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')]):
     """Call a cloud's inference endpoint (`skyfuse up` must be running) and print its answer."""
@@ -603,7 +675,7 @@ def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's en
 
     endpoints = local.running()
     if not endpoints:
-        fail("no fleet is up in this folder: start one with `skyfuse up`")
+        fail("no fleet is up in this folder: start one with `skyfuse up`", FAILURE)
     if cloud not in endpoints:
         fail(f"--cloud {cloud!r} has no endpoint; serving clouds: {', '.join(endpoints)}")
     body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
@@ -614,15 +686,15 @@ def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's en
     response = conn.getresponse()
     print(response.read().decode())
     if response.status >= 300:
-        raise typer.Exit(1)
+        raise typer.Exit(FAILURE)
 
 
 keys_app = typer.Typer(help="The fleet's event-signing keys and the local inference API key (under signing.keys_dir).",
-                       no_args_is_help=True)
+                       no_args_is_help=True, cls=Group)
 app.add_typer(keys_app, name="keys")
 
 
-@keys_app.command("init")
+@keys_app.command("init", cls=Command)
 def keys_init():
     """Make a signing key for every function in every cloud and for the CLI, where none exists yet,
     and the local inference API key; `skyfuse up` and `make run` do this themselves."""
@@ -636,7 +708,7 @@ def keys_init():
               highlight=False)
 
 
-@keys_app.command("list")
+@keys_app.command("list", cls=Command)
 def keys_list():
     """The trusted public keys: which principal each one signs for."""
     fleet = load_fleet()
@@ -646,7 +718,7 @@ def keys_list():
     out.print(table)
 
 
-@keys_app.command("rotate")
+@keys_app.command("rotate", cls=Command)
 def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aws/scheduler), or cli.")]):
     """A new key for WHO: it signs from now on; the old one stays trusted until `skyfuse keys retire`."""
     fleet = load_fleet()
@@ -657,7 +729,7 @@ def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aw
               f"signing.max_age_s ({fleet.signing.max_age_s:.0f} s)", highlight=False)
 
 
-@keys_app.command("retire")
+@keys_app.command("retire", cls=Command)
 def keys_retire(key_id: Annotated[str, typer.Argument(help="A key id from `skyfuse keys list`.")]):
     """Stop trusting a key: events signed with it are dead-lettered from now on."""
     try:
@@ -667,7 +739,7 @@ def keys_retire(key_id: Annotated[str, typer.Argument(help="A key id from `skyfu
     out.print(f"retired {key_id}", highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 def simulate(trace: Annotated[Optional[Path], typer.Argument(help="JSON lines of metrics.sampled data (default: the shipped day).")] = None,
              decisions: Annotated[bool, typer.Option("--decisions", help="Also list the policy's decisions.")] = False,
              as_json: Annotated[bool, typer.Option("--json")] = False):

@@ -227,6 +227,7 @@ def score(prepared: Prepared, progress: Progress, centralized_accuracy: float, t
         "run_id": prepared.plan.run_id,
         "plan": {k: v for k, v in asdict(prepared.plan).items() if k != "run_id"},
         "rows": {"train": len(prepared.train), "validation": len(prepared.validation), "test": len(test)},
+        "classes": [str(c) for c in fused["classes"]],
         "shards": shards,
         "shard_mean_accuracy": sum(scored) / len(scored) if scored else None,
         "strategies": strategies,
