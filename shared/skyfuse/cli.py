@@ -200,6 +200,8 @@ def up(
     seconds: Annotated[Optional[float], typer.Option("--for", help="Stop after this many seconds.")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also run each cloud's inference server.")] = True,
     emulate: Annotated[bool, typer.Option("--emulate", help="Stores in the cloud emulators, the bus on Kafka.")] = False,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", metavar="PORT", help="Serve the function hosts' "
+                                              "Prometheus metrics on 127.0.0.1:PORT/metrics (0: off).")] = 0,
 ):
     """Start every cloud's function hosts, timers and inference server; run until interrupted."""
     from skyfuse import emulation
@@ -219,11 +221,15 @@ def up(
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve) as running:
+    with local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve,
+                          metrics_port=metrics_port) as running:
         out.print(f"[bold]skyfuse up[/]: {len(running.hosts)} function hosts on the {fleet.bus.backend} bus "
                   f"({', '.join(sorted({h.cloud for h in running.hosts}))}); Ctrl-C to stop", highlight=False)
         for host in running.hosts:
             out.print(f"  {host.group:<18} ← {', '.join(host.topics)}  [dim]{host.invoker.shape}[/]", highlight=False)
+        if metrics_port:
+            out.print(f"  {'function hosts':<18} → http://127.0.0.1:{metrics_port}/metrics  [dim]Prometheus[/]",
+                      highlight=False)
         for name, server in running.servers.items():
             out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.argv[2:4])}[/]",
                       highlight=False)

@@ -67,11 +67,14 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
 
 class LocalFleet:
     def __init__(self, fleet: Fleet, bus: Bus, listener: Listener | None = None, *,
-                 functions: list[str] | None = None, clouds: list[str] | None = None, serve: bool = True):
+                 functions: list[str] | None = None, clouds: list[str] | None = None, serve: bool = True,
+                 metrics_port: int = 0):
         self.fleet, self.bus, self.listener = fleet, bus, listener
         self.functions, self.clouds, self.serve = functions, clouds or list(fleet.clouds), serve
+        self.metrics_port = metrics_port  # 0: the function hosts' /metrics is off
         self.servers: dict[str, object] = {}
         self.fabric: Fabric | None = None
+        self._metrics_server = None
 
     def start(self) -> "LocalFleet":
         from skyfuse.serving import hosts
@@ -91,7 +94,14 @@ class LocalFleet:
                 raise
             ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
             ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()}}))
-        self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions, clouds=self.clouds)
+        metrics = None
+        if self.metrics_port:
+            from skyfuse.runtime.metrics import HostMetrics
+
+            metrics = HostMetrics()
+            self._metrics_server, _ = metrics.serve(self.metrics_port)
+        self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions, clouds=self.clouds,
+                                 metrics=metrics)
         timers = build_timers(self.fleet, self.bus, functions=self.functions, clouds=self.clouds)
         self.fabric = Fabric(self.hosts, timers).start()
         return self
@@ -99,6 +109,9 @@ class LocalFleet:
     def stop(self) -> None:
         if self.fabric:
             self.fabric.stop()
+        if self._metrics_server:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         for server in self.servers.values():
             server.stop()
         if self.servers and ENDPOINTS.exists():

@@ -44,12 +44,15 @@ def invoker_for(fleet: Fleet, cloud: str, function: str) -> Invoker:
 
 
 def build_hosts(fleet: Fleet, bus: Bus, listener: Listener | None = None,
-                functions: list[str] | None = None, clouds: list[str] | None = None) -> list[FunctionHost]:
+                functions: list[str] | None = None, clouds: list[str] | None = None, metrics=None) -> list[FunctionHost]:
     hosts = []
     for function in functions or event_functions():
         for cloud in fleet.clouds_for(function):
             if clouds is None or cloud in clouds:
-                hosts.append(FunctionHost(bus, fleet, cloud, function, invoker_for(fleet, cloud, function), listener))
+                hosts.append(FunctionHost(bus, fleet, cloud, function, invoker_for(fleet, cloud, function), listener,
+                                          metrics=metrics))
+    if metrics:
+        metrics.watch(hosts)
     return hosts
 
 

@@ -49,7 +49,7 @@ Listener = Callable[[Delivery], None]
 class FunctionHost:
     def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, invoker: Invoker,
                  listener: Listener | None = None, topics: list[str] | None = None,
-                 settings: FunctionSettings | None = None):
+                 settings: FunctionSettings | None = None, metrics=None):
         self.bus, self.fleet, self.cloud, self.function, self.invoker = bus, fleet, cloud, function, invoker
         self.group = f"{cloud}.{function}"
         self.topics = topics or contracts.topics_for(function)
@@ -61,6 +61,7 @@ class FunctionHost:
         self.backoff = Backoff(self.delivery.backoff_initial_s, self.delivery.backoff_max_s)
         self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus, settings=settings)
         self.listener = listener or (lambda delivery: None)
+        self.metrics = metrics  # a skyfuse.runtime.metrics.HostMetrics, or None
         self.max_buffer = max(100, 4 * invoker.limits.max_records * self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None
         self.consumer = None
@@ -154,10 +155,13 @@ class FunctionHost:
     # -- invoking ---------------------------------------------------------------------------
     def _invoke(self, batch: list[Pending]) -> Outcome:
         with hosted(self.runtime):
+            started = time.monotonic()
             try:
                 outcome = self.invoker.invoke([(p.record, p.event) for p in batch])
             except Exception as exc:  # the adapter itself broke: treat as a failed invocation
                 outcome = Outcome.all_failed(len(batch), f"{type(exc).__name__}: {exc}")
+            if self.metrics:
+                self.metrics.invocation.labels(self.cloud, self.function).observe(time.monotonic() - started)
             if outcome.whole and len(batch) > 1:
                 return self._isolate(batch)
             return outcome
@@ -247,6 +251,8 @@ class FunctionHost:
             "attempts": pending.attempts, "reason": reason,
             "trace_id": events.EventInfo.of(event).trace_id if event is not None else None,
         })
+        if self.metrics:
+            self.metrics.delivered(self.cloud, self.function, result)
         try:
             self.listener(delivery)
         except Exception:  # an observer's bug must not stall deliveries
