@@ -42,7 +42,8 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
     data = event.get_data()
     store = runtime.store()
     base = f"runs/{data['run_id']}/round-{data['round']}"
-    store.put(f"{base}/members/{data['cloud']}-{data['shard_id']}.json", orjson.dumps({**data, "event_id": event["id"]}))
+    store.put(f"{base}/members/{data['cloud']}-{data['shard_id']}.json",
+              orjson.dumps({**data, "event_id": event["id"], "traceparent": event.get("traceparent")}))
     store.create(f"{base}/opened.json", orjson.dumps({"at": time.time(), "manifest": data["manifest"]}))
     if len(store.list(f"{base}/members/")) >= data["manifest"]["expected_members"]:
         complete_round(runtime, data["run_id"], data["round"], caused_by=event)
@@ -127,7 +128,7 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
             "run_id": run_id, "round": round_ + 1, "global_model_uri": global_model.uri,
             "sha256": global_model.sha256, "clouds": clouds, "epochs": runtime.fleet.training.finetune_epochs,
             "manifest": following,
-        }, caused_by=caused_by, dedupe_key=key)
+        }, caused_by=caused_by, traceparent=None if caused_by else members[0].get("traceparent"), dedupe_key=key)
         return
     _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by, key)
 
@@ -168,7 +169,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
         "strategies": {s: b["accuracy"] for s, b in best.items()},
         "candidates": {s: b["uri"] for s, b in best.items()},
         "opset": members[0]["opset"], "features": run["features"], "classes": run["classes"], "task": run["task"],
-    }, caused_by=caused_by, dedupe_key=key)
+    }, caused_by=caused_by, traceparent=None if caused_by else members[0].get("traceparent"), dedupe_key=key)
 
 
 def model_version(run_id: str, strategy: str, sha256: str) -> str:

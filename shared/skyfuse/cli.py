@@ -118,9 +118,13 @@ def all_topics(fleet: fleet_config.Fleet) -> list[str]:
     return [t.topic for t in contracts.catalog().values()] + [contracts.dlq_topic(f) for f in event_functions()]
 
 
-def publish_event(bus: Bus, event) -> object:
-    key, value, headers = events.encode(event)
-    return bus.publish(events.topic_of(event), value, key, headers)
+def publish_event(fleet: fleet_config.Fleet, bus: Bus, event) -> object:
+    """Publish inside a span of its own (the root of a trace, when tracing is on)."""
+    from skyfuse import tracing
+
+    with tracing.producing(event, fleet, "cli", event.get("subject")):
+        key, value, headers = events.encode(event)
+        return bus.publish(events.topic_of(event), value, key, headers)
 
 
 def event_as(fleet: fleet_config.Fleet, who: str, type_name: str, data: dict):
@@ -171,7 +175,7 @@ def publish(
     with connect(fleet) as bus:
         bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
         event = event_as(fleet, as_, kind.name, payload)
-        record = publish_event(bus, event)
+        record = publish_event(fleet, bus, event)
     out.print(f"published [bold]{kind.name}[/] id={event['id']} → {record.topic}[{record.partition}]@{record.offset}",
               highlight=False)
 
@@ -411,7 +415,7 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
             event = sample_event(fleet, name)
             with lock:  # before publishing: a host may deliver it before publish() returns
                 published[event["id"]] = name
-            publish_event(bus, event)
+            publish_event(fleet, bus, event)
         while time.monotonic() - started < timeout:
             with lock:
                 got = {(published[eid], cloud) for eid, cloud in seen}

@@ -168,6 +168,18 @@ class Signing(Section):
     max_skew_s: float = Field(300.0, ge=0, description="How far in the future an event's signed time may be (clock skew).")
 
 
+class Tracing(Section):
+    otlp_endpoint: str = Field(
+        "", description="OTLP/HTTP collector to export spans to, e.g. http://127.0.0.1:4318 (`/v1/traces` is "
+                        "added unless the URL ends with it). Empty: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
+                        "or OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing is off (events still carry their "
+                        "traceparent; no span is recorded). Needs opentelemetry-sdk and "
+                        "opentelemetry-exporter-otlp-proto-http (the `otlp` extra).")
+    service_name: str = Field("skyfuse", min_length=1, description="service.name of every span; which cloud and "
+                                                                    "function made it are span attributes "
+                                                                    "(cloud.provider, faas.name).")
+
+
 class Function(Section):
     ordering: Literal["partition", "key", "unordered"] = Field(
         "partition", description="In order per partition, per key, or not at all (bounded by `concurrency`).")
@@ -195,6 +207,7 @@ class Fleet(Section):
     control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
     training: "Training" = Field(default_factory=lambda: Training())
     signing: Signing = Signing()
+    tracing: Tracing = Tracing()
 
     @model_validator(mode="before")
     @classmethod

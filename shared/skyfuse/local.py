@@ -57,6 +57,8 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
         if key.startswith("ssl_") and key.endswith("file") and value:
             value = str(Path(value).resolve())
         env[f"SKYFUSE_BUS__KAFKA__{key.upper()}"] = orjson.dumps(value).decode()
+    if fleet.tracing.otlp_endpoint:
+        env["SKYFUSE_TRACING__OTLP_ENDPOINT"] = fleet.tracing.otlp_endpoint
     env["SKYFUSE_SIGNING__ENABLED"] = str(fleet.signing.enabled).lower()
     env["SKYFUSE_SIGNING__KEYS_DIR"] = str(Path(fleet.signing.keys_dir).resolve())
     env["INFERENCE_API_KEY_HASHES"] = api.key_hash(api_key(fleet))

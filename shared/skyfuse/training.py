@@ -15,7 +15,7 @@ from typing import Callable
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse import contracts, events, signing
+from skyfuse import contracts, events, signing, tracing
 from skyfuse.bus import Bus
 from skyfuse.config import Fleet
 from skyfuse.runtime import deadletter
@@ -141,9 +141,12 @@ def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], 
     bus.ensure_topics(topics)
     started = time.monotonic()
     with bus.consumer(f"cli.{plan.run_id}", topics) as consumer:
-        for event in prepared.shard_events:
-            key, value, headers = events.encode(event)
-            bus.publish(events.topic_of(event), value, key, headers)
+        # one run, one trace: the shard events are published under one root span
+        with tracing.root(f"cli train {plan.run_id}", prepared.fleet, {"skyfuse.run_id": plan.run_id}):
+            for event in prepared.shard_events:
+                with tracing.producing(event, prepared.fleet, "cli", event.get("subject")):
+                    key, value, headers = events.encode(event)
+                    bus.publish(events.topic_of(event), value, key, headers)
         while time.monotonic() - started < timeout_s and not (
                 progress.fused and (not until_served or progress.deployed)):
             for record in consumer.poll(0.2, 100):

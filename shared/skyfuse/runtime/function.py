@@ -18,7 +18,7 @@ import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import config as fleet_config
-from skyfuse import events, signing
+from skyfuse import events, signing, tracing
 from skyfuse.bus import Bus, open_bus
 from skyfuse.redact import redact
 from skyfuse.runtime import deadletter
@@ -79,14 +79,20 @@ class Runtime:
              dedupe_key: str | None = None, traceparent: str | None = None) -> CloudEvent:
         """Validate, then publish an event; returns it. With `dedupe_key` (what the output is, e.g.
         its idempotency key) its id is derived from it, so doing the same work again publishes the
-        same event again, which consumers drop as a redelivery; without, a fresh id."""
+        same event again, which consumers drop as a redelivery; without, a fresh id.
+
+        It is published in a PRODUCER span (`skyfuse.tracing.producing`) and its traceparent names
+        that span: the trace of `traceparent`, else of `caused_by`, else of the event being handled,
+        goes on (a fresh one only with none of them)."""
         event_id = events.derived_id(self.source, type_name, dedupe_key) if dedupe_key is not None else None
         event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by,
                                  event_id=event_id, traceparent=traceparent)
-        if self.signer:
-            self.signer.sign(event)
-        key, value, headers = events.encode(event)
-        self.bus.publish(events.topic_of(event), value, key, headers)
+        parent = traceparent or (caused_by.get("traceparent") if caused_by is not None else None)
+        with tracing.producing(event, self.fleet, self.function, self.cloud, parent=parent):
+            if self.signer:  # after the traceparent is set; it is not part of the signed bytes
+                self.signer.sign(event)
+            key, value, headers = events.encode(event)
+            self.bus.publish(events.topic_of(event), value, key, headers)
         _append_bounded(self.emitted, event)
         return event
 
@@ -195,20 +201,33 @@ class Rejected(Exception):
 
 def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
     """What every entry point does with one event: check who sent it, run the core; dead-letter
-    what is untrusted or what the core rejects."""
+    what is untrusted or what the core rejects. All of it in a CONSUMER span, child of the span
+    that published the event (`skyfuse.tracing.consuming`), with its outcome."""
     from skyfuse.runtime.idempotency import InProgress
 
     try:
         signing.check(runtime.fleet, event)
+        untrusted = None
     except signing.Untrusted as exc:
-        runtime.reject(event, f"untrusted: {exc}")
-        return
-    try:
-        handle(event, runtime)
-    except Rejected as exc:
-        runtime.reject(event, str(exc))
-    except InProgress as exc:
-        if len(runtime.claimed_elsewhere) >= 1000:  # in a real cloud no local host reads them back
-            runtime.claimed_elsewhere.clear()
-        runtime.claimed_elsewhere[event["id"]] = exc.retry_after_s
-        raise
+        untrusted = exc
+    with tracing.consuming(event, runtime.fleet, runtime.function, runtime.cloud, trusted=untrusted is None) as span:
+        if untrusted is not None:
+            tracing.outcome(span, "untrusted", f"untrusted: {untrusted}")
+            runtime.reject(event, f"untrusted: {untrusted}")
+            return
+        try:
+            handle(event, runtime)
+        except Rejected as exc:
+            tracing.outcome(span, "rejected", str(exc))
+            runtime.reject(event, str(exc))
+            return
+        except InProgress as exc:
+            tracing.outcome(span, "deferred", str(exc))
+            if len(runtime.claimed_elsewhere) >= 1000:  # in a real cloud no local host reads them back
+                runtime.claimed_elsewhere.clear()
+            runtime.claimed_elsewhere[event["id"]] = exc.retry_after_s
+            raise
+        except BaseException as exc:
+            tracing.outcome(span, "failed", exc)
+            raise
+        tracing.outcome(span, "handled")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.kafka_event import KafkaEventRecord
 from cloudevents.http import CloudEvent
 
-from skyfuse import events
+from skyfuse import events, tracing
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
 from skyfuse.runtime.function import Handler, current, run_handler
@@ -150,4 +151,8 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
             raise
 
     processor = BatchProcessor(event_type=EventType.Kafka, raise_on_entire_batch_failure=False)
-    return process_partial_response(event=event, record_handler=handle_record, processor=processor, context=context)
+    try:
+        return process_partial_response(event=event, record_handler=handle_record, processor=processor, context=context)
+    finally:
+        if os.environ.get("AWS_LAMBDA_RUNTIME_API"):  # a real Lambda may freeze before the span batch goes
+            tracing.flush()
