@@ -366,6 +366,9 @@ def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letter
     out.print(table)
 
 
+REACHED = ("ok", "rejected")  # a rejected event reached its function, which refused it
+
+
 def sample_producer(fleet: fleet_config.Fleet, type_name: str, data: dict) -> str:
     """The first producer the catalog allows for `type_name` that may send `data` in this fleet (it
     may set `data`'s cloud field to a configured cloud)."""
@@ -431,10 +434,15 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
             for cloud in fleet.clouds:
                 d = by_type.get((t.name, cloud))
                 cells.append("—" if cloud not in fleet.clouds_for(function) else
-                             f"[green]✓[/] {d.shape.split(' ')[0]}" if d and d.result == "ok" else "[red]✗ missing[/]")
+                             f"[green]✓[/] {d.shape.split(' ')[0]}" + (" [yellow](rejected)[/]" if d.result == "rejected" else "")
+                             if d and d.result in REACHED else "[red]✗ missing[/]")
             table.add_row(t.name, function, *cells)
     out.print(table)
-    missing = expected - {k for k, d in by_type.items() if d.result == "ok"}
+    rejected = sum(d.result == "rejected" for d in by_type.values())
+    if rejected:  # the samples name objects this fleet does not have: the core refuses them, with the reason
+        out.print(f"[yellow]rejected[/]: {rejected} reached their function, which dead-lettered them with the reason "
+                  "(`skyfuse dlq FUNCTION`)", highlight=False)
+    missing = expected - {k for k, d in by_type.items() if d.result in REACHED}
     if missing:
         fail(f"{len(missing)} deliveries did not arrive within {timeout:g} s: {sorted(missing)}", FAILURE)
     out.print(f"[green]every event reached its function in every cloud[/] "

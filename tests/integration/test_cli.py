@@ -105,7 +105,10 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         assert any(uri in reason and "cannot be read" in reason for reason in reasons), reasons
     for cloud in ("aws", "gcp", "azure"):  # every event type delivered in every cloud
         for name in types:
-            assert any(cloud in line and name in line and " ok " in line for line in output.splitlines()), (cloud, name)
+            assert any(cloud in line and name in line and (" ok " in line or " rejected " in line)
+                       for line in output.splitlines()), (cloud, name)
+    # what the trainer refused shows as such, with its reason, not as "ok"
+    assert any("trainer" in line and " rejected " in line and "cannot be read" in line for line in output.splitlines())
     assert "stopping" in output
 
 

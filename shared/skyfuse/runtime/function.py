@@ -50,6 +50,10 @@ class Runtime:
     # event id → seconds until another instance's idempotency claim on its work expires; the local
     # host waits that long instead of spending attempts (a real cloud retries on its own policy)
     claimed_elsewhere: dict[str, float] = field(default_factory=dict)
+    # event id → why this function dead-lettered it itself (untrusted, or refused by the core), one
+    # reason per record (a batch may hold the same id twice): the local host reports those
+    # deliveries as "rejected", not "ok"
+    rejected: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def function_settings(self) -> fleet_config.Function:
@@ -142,6 +146,9 @@ class Runtime:
         then counts as done, so the trigger does not retry it."""
         key, value, headers = events.encode(event)
         deadletter.write(self.bus, self.function, self.cloud, key, value, headers, reason)
+        if len(self.rejected) >= KEEP:  # in a real cloud nothing reads them back
+            self.rejected.clear()
+        self.rejected.setdefault(event["id"], []).append(reason)
         self.log.warning("rejected", extra={"event_id": event["id"], "reason": reason, "cloud": self.cloud,
                                             "function": self.function})
 

@@ -38,7 +38,7 @@ class Delivery:
     record: Record
     event_type: str
     event_id: str
-    result: str  # "ok", "retry" or "dead-lettered"
+    result: str  # "ok", "rejected" (dead-lettered by the function itself), "retry" or "dead-lettered" (by the host)
     attempts: int
     reason: str = ""
 
@@ -156,6 +156,7 @@ class FunctionHost:
     def _invoke(self, batch: list[Pending]) -> Outcome:
         with hosted(self.runtime):
             started = time.monotonic()
+            self._forget_refusals(batch)
             try:
                 outcome = self.invoker.invoke([(p.record, p.event) for p in batch])
             except Exception as exc:  # the adapter itself broke: treat as a failed invocation
@@ -174,6 +175,7 @@ class FunctionHost:
             if lane in stopped:
                 outcome.failed[i] = "not tried: an earlier record of its lane failed"
                 continue
+            self._forget_refusals([pending])  # what the failed whole-batch run noted is void
             try:
                 single = self.invoker.invoke([(pending.record, pending.event)])
             except Exception as exc:  # the adapter broke on this record: it failed, the rest go on
@@ -195,7 +197,8 @@ class FunctionHost:
                 continue
             if i not in outcome.failed:
                 self.tracker.finish(pending)
-                self._tell(pending, "ok")
+                refusal = self._refusal(pending)
+                self._tell(pending, "ok" if refusal is None else "rejected", refusal or "")
                 continue
             blocked.add(lane)
             if i in outcome.permanent:
@@ -203,6 +206,21 @@ class FunctionHost:
                 self._dead_letter(pending, f"{outcome.failed[i]} (permanent: not retried)")
             else:
                 self._fail(pending, outcome.failed[i], now)
+
+    def _forget_refusals(self, batch: list[Pending]) -> None:
+        for pending in batch:
+            if pending.event is not None:
+                self.runtime.rejected.pop(pending.event["id"], None)
+
+    def _refusal(self, pending: Pending) -> str | None:
+        """Why the function dead-lettered this record itself, if it did."""
+        reasons = self.runtime.rejected.get(pending.event["id"]) if pending.event is not None else None
+        if not reasons:
+            return None
+        reason = reasons.pop(0)
+        if not reasons:
+            del self.runtime.rejected[pending.event["id"]]
+        return reason
 
     def _fail(self, pending: Pending, reason: str, now: float) -> None:
         waiting = self.runtime.claimed_elsewhere.pop(pending.event["id"], None) if pending.event is not None else None

@@ -23,7 +23,7 @@ class HostMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.deliveries = Counter("skyfuse_deliveries", "Records a function host finished or retried, by result "
-                                  "(ok, retry, dead-lettered).", [*LABELS, "result"], registry=self.registry)
+                                  "(ok, rejected by the function, retry, dead-lettered by the host).", [*LABELS, "result"], registry=self.registry)
         self.dead_letters = Counter("skyfuse_dead_letters", "Records written to the function's dead-letter topic.",
                                     LABELS, registry=self.registry)
         self.retries = Counter("skyfuse_retries", "Failed deliveries that will be tried again.", LABELS,
@@ -39,7 +39,7 @@ class HostMetrics:
         self.deliveries.labels(cloud, function, result).inc()
         if result == "retry":
             self.retries.labels(cloud, function).inc()
-        elif result == "dead-lettered":
+        elif result in ("dead-lettered", "rejected"):  # by the host, or by the function itself
             self.dead_letters.labels(cloud, function).inc()
 
     def watch(self, hosts: list) -> None:
