@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor")
 PROVIDERS = ("aws", "gcp", "azure")
@@ -199,6 +199,7 @@ class Training(Section):
 
 
 class Fleet(Section):
+    _source: str | None = PrivateAttr(None)  # the file it was loaded from, absolute (None: defaults only)
     clouds: dict[str, Cloud] = Field(default_factory=_default_clouds)
     bus: Bus = Bus()
     delivery: Delivery = Delivery()
@@ -328,7 +329,9 @@ def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None =
         origin += " + SKYFUSE_* environment"
     try:
         defaults = {} if "clouds" in data else {"clouds": {n: c.model_dump() for n, c in _default_clouds().items()}}
-        return Fleet.model_validate(_merge(_merge(defaults, data), overrides))
+        fleet = Fleet.model_validate(_merge(_merge(defaults, data), overrides))
     except ValidationError as exc:
         lines = [_describe(e, origin) for e in exc.errors()]
         raise ConfigError("bad fleet config:\n  " + "\n  ".join(lines)) from None
+    fleet._source = str(Path(chosen).resolve()) if chosen else None
+    return fleet

@@ -62,8 +62,8 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
     env["SKYFUSE_SIGNING__ENABLED"] = str(fleet.signing.enabled).lower()
     env["SKYFUSE_SIGNING__KEYS_DIR"] = str(Path(fleet.signing.keys_dir).resolve())
     env["INFERENCE_API_KEY_HASHES"] = api.key_hash(api_key(fleet))
-    if os.environ.get("SKYFUSE_CONFIG"):
-        env["SKYFUSE_CONFIG"] = str(Path(os.environ["SKYFUSE_CONFIG"]).resolve())
+    if fleet._source:  # the file this fleet came from (--config, $SKYFUSE_CONFIG or ./skyfuse.toml)
+        env["SKYFUSE_CONFIG"] = fleet._source
     return env
 
 

@@ -85,3 +85,18 @@ def api_key_hash(root):
     from skyfuse.serving.api import key_hash
 
     return key_hash((root / ".skyfuse" / "keys" / "inference-api-key").read_text().strip())
+
+
+def test_the_inference_servers_read_the_same_config_file_whatever_their_directory(tmp_path, monkeypatch):
+    """A skyfuse.toml in the working directory naming clouds beyond the defaults (the servers start
+    elsewhere and must not fall back to the defaults)."""
+    from skyfuse import local
+
+    (tmp_path / "skyfuse.toml").write_text('[clouds.aws]\n[clouds.aws-eu]\nprovider = "aws"\n[clouds.gcp]\n'
+                                           '[clouds.azure]\n[clouds.azure-west]\nprovider = "azure"\n')
+    monkeypatch.chdir(tmp_path)
+    fleet = config.load(environ={})
+    env = local.serving_env(fleet, "aws-eu")
+    assert env["SKYFUSE_CONFIG"] == str(tmp_path / "skyfuse.toml")
+    monkeypatch.chdir("/")
+    assert list(config.load(environ=env).clouds) == ["aws", "aws-eu", "gcp", "azure", "azure-west"]
