@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 import orjson
 from cloudevents.http import CloudEvent
 
+from skyfuse import tracing
 from skyfuse.runtime.function import Runtime
 from skyfuse.serving.model import POINTER_KEY as POINTER
 from skyfuse.serving.model import LoadedModel, ModelError, publish
@@ -78,7 +79,7 @@ def deploy(runtime: Runtime, event: CloudEvent, data: dict) -> None:
         _status(runtime, event, data, "failed", reason=f"{exc}; still serving "
                 f"{current['version'] if current else 'nothing'}")
         return
-    publish(store, data["model_version"], model)
+    publish(store, data["model_version"], model, traceparent=tracing.current_traceparent())
     _status(runtime, event, data, "serving", warm_ms=round(loaded.load_ms, 3))
 
 

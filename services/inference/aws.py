@@ -1,36 +1,49 @@
 """AWS entry point of inference: a Lambda behind a Function URL, routed by Powertools.
 
 `lambda_handler(event, context)` takes Function URL events (payload format 2.0) through a
-`LambdaFunctionUrlResolver`. The same four routes are registered on Powertools' ASGI resolver
+`LambdaFunctionUrlResolver`. The same routes are registered on Powertools' ASGI resolver
 `HttpResolverLocal`, which `asgi` (below) serves locally under uvicorn:
 
     uvicorn services.inference.aws:asgi --host 127.0.0.1 --port 8081 --loop uvloop --http httptools
 
-    POST /predict   GET /health   GET /metadata   GET /openapi.json
+    POST /predict   GET /health   GET /metadata   GET /openapi.json   GET /metrics
+    the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`): GET /v2, /v2/health/{live,ready},
+    /v2/models/<name>[/versions/<version>][/ready]; POST /v2/models/<name>[/versions/<version>]/infer
 
 `asgi` puts a small guard in front of the resolver: it refuses bodies over the size limit with
-413 before reading them, and answers bodies that are not UTF-8 (which the Lambda service would
-deliver base64-encoded, and `HttpResolverLocal` cannot decode) with the core's own 400.
+413 before reading them, and hands on a body that is not UTF-8 (binary tensor data, or garbage)
+base64-encoded and flagged so, as the Lambda service delivers one: `HttpResolverLocal` itself
+cannot take it. The guard also counts and times every request for GET /metrics.
 """
 from __future__ import annotations
 
 import base64
+import contextvars
 import os
+import re
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import HttpResolverLocal, LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 
 from services.inference import handler
-from skyfuse.serving.asgi import content_length, lifespan, read_body, replay, send_response
+from skyfuse.serving import oip
+from skyfuse.serving.asgi import content_length, lifespan, noting_status, read_body, replay, send_response
 
 logger = Logger(service="skyfuse-inference")
 JSON = "application/json"
+_BASE64_BODY = contextvars.ContextVar("skyfuse_base64_body", default=False)
 
 
-def _answer(result: tuple[int, bytes]) -> Response:
-    status, body = result
-    return Response(status_code=status, content_type=JSON, body=body.decode())
+def _answer(result: tuple) -> Response:
+    """(status, body[, headers]) as a Response; a body that is not text (binary tensor data) goes as
+    bytes, which Powertools base64-encodes for Lambda."""
+    status, body, *rest = result
+    headers = dict(rest[0]) if rest else {}
+    content_type = headers.pop("Content-Type", JSON)
+    text = content_type.startswith(JSON) or content_type.startswith("text/")
+    return Response(status_code=status, content_type=content_type, body=body.decode() if text else body,
+                    headers=headers or None)
 
 
 def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
@@ -39,16 +52,16 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
     def header(name: str) -> str | None:
         return next((v for k, v in (app.current_event.headers or {}).items() if k.lower() == name), None)
 
+    def body() -> bytes | str:
+        event = app.current_event
+        return base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
+
     @app.post("/predict")
     def predict() -> Response:
         denied = handler.authorize(header)
         if denied:
             return _answer(denied)
-        event = app.current_event
-        body = event.body or ""
-        if event.is_base64_encoded:
-            body = base64.b64decode(body)
-        return _answer(handler.predict(body, header("content-type")))
+        return _answer(handler.predict(body(), header("content-type")))
 
     @app.get("/health")
     def health() -> Response:
@@ -62,16 +75,38 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
     def openapi() -> Response:
         return _answer(handler.openapi())
 
+    @app.get("/metrics")
+    def metrics() -> Response:
+        status, text, content_type = handler.metrics()
+        return _answer((status, text, {"Content-Type": content_type}))
+
+    def v2_view(endpoint: str, method: str):
+        def view(**params) -> Response:
+            return _answer(handler.v2(endpoint, params, header, body() if method == "POST" else b""))
+        return view
+
+    for method, template, endpoint in oip.ROUTES:
+        app.route(re.sub(r"\{(\w+)\}", r"<\1>", template), method)(v2_view(endpoint, method))
+
     @app.not_found
-    def not_found(_exc) -> Response:
+    def not_found(_exc) -> Response:  # also a route's wrong method: Powertools has no 405
         event = app.current_event
         return _answer(handler.not_found(event.http_method, event.path))
 
     return app
 
 
+class _LocalResolver(HttpResolverLocal):
+    """`HttpResolverLocal` that takes a body the guard base64-encoded as a Lambda event does."""
+
+    def _to_proxy_event(self, event: dict):
+        if _BASE64_BODY.get():  # set by LocalHost for this request's task only
+            event = {**event, "isBase64Encoded": True}
+        return super()._to_proxy_event(event)
+
+
 app = add_routes(LambdaFunctionUrlResolver())
-local_app = add_routes(HttpResolverLocal())
+local_app = add_routes(_LocalResolver())
 
 if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # in Lambda: load the model during the init phase
     handler.service()
@@ -79,7 +114,10 @@ if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # in Lambda: load the model duri
 
 @logger.inject_lambda_context
 def lambda_handler(event, context):
-    return app.resolve(event, context)
+    with handler.track(event.get("rawPath") or "/") as tracked:
+        response = app.resolve(event, context)
+        tracked.status = response.get("statusCode", 200)
+    return response
 
 
 class LocalHost:
@@ -94,23 +132,25 @@ class LocalHost:
             return
         if scope["type"] != "http":
             return
-        limit = handler.max_body_bytes()
+        with handler.track(scope["path"]) as tracked:
+            await self._serve(scope, receive, noting_status(send, tracked))
+
+    async def _serve(self, scope, receive, send) -> None:
+        path, limit = scope["path"], handler.max_body_bytes()
         declared = content_length(scope)
         if declared is not None and declared > limit:
-            await send_response(send, *handler.too_large(declared))
+            await send_response(send, *handler.too_large(declared, path))
             return
         body = await read_body(receive, limit)
         if body is None:
-            await send_response(send, *handler.too_large(None))
+            await send_response(send, *handler.too_large(None, path))
             return
         if not body.isascii():
             try:
                 body.decode()
             except UnicodeDecodeError:
-                if scope["method"] == "POST" and scope["path"] == "/predict":
-                    await send_response(send, *handler.predict(body))  # the core's 400: not valid JSON
-                    return
-                body = b""
+                body = base64.b64encode(body)
+                _BASE64_BODY.set(True)
         await self.resolver(scope, replay(body), send)
 
 

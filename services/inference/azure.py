@@ -4,7 +4,13 @@ Function auth level (a function key in `x-functions-key` or `?code=` before the 
 code; skyfuse's own API keys, `INFERENCE_API_KEY_HASHES`, come on top); under the Functions host the
 routes get its `api/` prefix:
 
-    POST /api/predict   GET /api/health   GET /api/metadata   GET /api/openapi.json
+    POST /api/predict   GET /api/health   GET /api/metadata   GET /api/openapi.json   GET /api/metrics
+    the Open Inference Protocol v2 routes: GET /api/v2, /api/v2/health/{live,ready},
+    /api/v2/models/{name}[/versions/{version}][/ready]; POST /api/v2/models/{name}[/versions/{version}]/infer
+
+The v2 routes stay under the prefix like the others (the Functions host serves nothing outside it
+unless host.json sets `routePrefix` to ""): an Open Inference Protocol client takes the base path
+with the address, e.g. `tritonclient.http.InferenceServerClient("host:port/api")`.
 
 Served locally by `services.inference.azure_host` (an ASGI adapter under uvicorn that calls these
 functions with real `azure.functions.HttpRequest` objects).
@@ -12,13 +18,17 @@ functions with real `azure.functions.HttpRequest` objects).
 import azure.functions as func
 
 from services.inference import handler
+from skyfuse.serving import oip
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
-def _answer(result: tuple[int, bytes]) -> func.HttpResponse:
-    status, body = result
-    return func.HttpResponse(body=body, status_code=status, mimetype="application/json", charset="utf-8")
+def _answer(result: tuple) -> func.HttpResponse:
+    """(status, body[, headers]) as an HttpResponse; JSON unless the headers say otherwise."""
+    status, body, *rest = result
+    headers = {"Content-Type": "application/json", **(rest[0] if rest else {})}
+    return func.HttpResponse(body=body, status_code=status, headers=headers, charset="utf-8",
+                             mimetype=headers["Content-Type"].split(";")[0])
 
 
 @app.route(route="predict", methods=[func.HttpMethod.POST])
@@ -42,3 +52,20 @@ def metadata(req: func.HttpRequest) -> func.HttpResponse:
 @app.route(route="openapi.json", methods=[func.HttpMethod.GET])
 def openapi(req: func.HttpRequest) -> func.HttpResponse:
     return _answer(handler.openapi())
+
+
+@app.route(route="metrics", methods=[func.HttpMethod.GET])
+def metrics(req: func.HttpRequest) -> func.HttpResponse:
+    status, text, content_type = handler.metrics()
+    return _answer((status, text, {"Content-Type": content_type}))
+
+
+def _v2_function(endpoint: str):
+    def v2(req: func.HttpRequest) -> func.HttpResponse:
+        return _answer(handler.v2(endpoint, dict(req.route_params), req.headers.get, req.get_body()))
+    return v2
+
+
+for _method, _template, _endpoint in oip.ROUTES:  # one function per route: a Functions route has one template
+    _name = "v2" + _template[3:].replace("/", "_").replace("{", "").replace("}", "")
+    app.function_name(name=_name)(app.route(route=_template.lstrip("/"), methods=[_method])(_v2_function(_endpoint)))

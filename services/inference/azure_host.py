@@ -5,21 +5,23 @@ request into an `azure.functions.HttpRequest`, calls the v2 `FunctionApp` functi
     uvicorn services.inference.azure_host:create_app --factory --host 127.0.0.1 --port 8083 \
         --loop uvloop --http httptools
 
-Routes get the Functions host's default `api/` prefix and match case-insensitively, as there.
-The functions are called on the event loop (the inference core takes tens of microseconds and
-never waits on I/O). Bodies over the inference size limit are refused with 413 before they are
-read; a function that raises answers 500 with the exception named.
+Routes get the Functions host's default `api/` prefix and match case-insensitively, as there;
+`{name}` segments of a route template become the request's `route_params`. Every request is
+counted and timed for GET /api/metrics. The functions are called on the event loop (the inference
+core takes tens of microseconds and never waits on I/O). Bodies over the inference size limit are
+refused with 413 before they are read; a function that raises answers 500 with the exception named.
 """
 from __future__ import annotations
 
 import functools
+import re
 from urllib.parse import parse_qsl
 
 import azure.functions as func
 
 from services.inference import handler
 from skyfuse.serving import api
-from skyfuse.serving.asgi import content_length, lifespan, read_body, send_response
+from skyfuse.serving.asgi import content_length, lifespan, noting_status, read_body, send_response
 
 ROUTE_PREFIX = "api"
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
@@ -41,9 +43,32 @@ def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, 
     return routes
 
 
+def _template(path: str) -> re.Pattern | None:
+    """A matcher for a route with `{param}` segments (constraints like `{id:int}` are not checked)."""
+    if "{" not in path:
+        return None
+    return re.compile("^" + re.sub(r"\\\{(\w+)(?::[^}]*)?\\\}", r"(?P<\1>[^/]+)", re.escape(path)) + "$",
+                      re.IGNORECASE)
+
+
 class AzureFunctionsHost:
     def __init__(self, app: func.FunctionApp, prefix: str = ROUTE_PREFIX):
         self.routes = http_routes(app, prefix)
+        self.prefix = f"/{prefix}" if prefix else ""
+        self.templates = [(pattern, methods) for path, methods in self.routes.items()
+                          if (pattern := _template(path)) is not None]
+
+    def match(self, path: str) -> tuple[dict | None, dict[str, str]]:
+        """(the route's {METHOD: function}, route params) of a request path; (None, {}) for no route."""
+        key = path.rstrip("/").lower()
+        methods = self.routes.get(key)
+        if methods is not None:
+            return methods, {}
+        for pattern, methods in self.templates:
+            found = pattern.match(path.rstrip("/"))
+            if found:
+                return methods, found.groupdict()
+        return None, {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -51,8 +76,12 @@ class AzureFunctionsHost:
             return
         if scope["type"] != "http":
             return
+        with handler.track(scope["path"], self.prefix) as tracked:
+            await self._serve(scope, receive, noting_status(send, tracked))
+
+    async def _serve(self, scope, receive, send) -> None:
         method, path = scope["method"], scope["path"]
-        methods = self.routes.get(path.rstrip("/").lower())
+        methods, route_params = self.match(path)
         if methods is None:
             await send_response(send, *handler.not_found(method, path))
             return
@@ -64,14 +93,14 @@ class AzureFunctionsHost:
         declared = content_length(scope)
         body = None if declared is not None and declared > limit else await read_body(receive, limit)
         if body is None:
-            await send_response(send, *handler.too_large(declared))
+            await send_response(send, *handler.too_large(declared, path))
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
         host = headers.get("host") or "%s:%s" % tuple(scope.get("server") or ("127.0.0.1", 80))
         url = f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
         request = func.HttpRequest(method=method, url=url, headers=headers, params=dict(parse_qsl(query)),
-                                   route_params={}, body=body)
+                                   route_params=route_params, body=body)
         function, arg_name = target
         try:
             response = function(**{arg_name: request})

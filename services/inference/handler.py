@@ -20,19 +20,25 @@ Settings (environment; not `SKYFUSE_*`, whose names are fleet config keys):
 | `INFERENCE_MAX_BODY_BYTES` | `1048576` | largest request body (more: 413) |
 | `INFERENCE_METRICS_S` | `30` | seconds between `metrics.sampled` events; `0` turns them off |
 | `INFERENCE_THREADS` | `1` | onnxruntime intra-op threads of the session |
-| `INFERENCE_API_KEY_HASHES` | (none) | comma-separated sha256 hex digests of the API keys `/predict` and `/metadata` take (in `X-API-Key` or `Authorization: Bearer`); when set, a request without a valid key gets 401. Keys themselves are never stored: `skyfuse.serving.api.key_hash(key)` makes a digest |
+| `INFERENCE_API_KEY_HASHES` | (none) | comma-separated sha256 hex digests of the API keys `/predict`, `/metadata`, and the v2 model metadata and infer routes take (in `X-API-Key` or `Authorization: Bearer`); when set, a request without a valid key gets 401. Keys themselves are never stored: `skyfuse.serving.api.key_hash(key)` makes a digest |
+| `INFERENCE_MODEL_NAME` | `skyfuse` | the model's name on the Open Inference Protocol routes (`/v2/models/{name}/...`; letters, digits, `_.-`) |
+
+Every process also keeps Prometheus metrics (`skyfuse.serving.prometheus`, GET /metrics);
+`PROMETHEUS_MULTIPROC_DIR` makes several worker processes report as one (see there).
 """
 from __future__ import annotations
 
 import atexit
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, fields
 
+from skyfuse import tracing
 from skyfuse.runtime.function import Runtime, current
-from skyfuse.serving import api
+from skyfuse.serving import api, oip, prometheus
 from skyfuse.serving.metrics import LatencyRecorder, MetricsEmitter
 from skyfuse.serving.model import POINTER_KEY, ModelSlot, PointerWatcher
 
@@ -50,6 +56,7 @@ class Settings:
     metrics_s: float = 30.0
     threads: int = 1
     api_key_hashes: str = ""
+    model_name: str = api.MODEL_NAME
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":
@@ -72,6 +79,9 @@ class Settings:
         if settings.max_rows < 1 or settings.max_body_bytes < 1 or settings.threads < 1 or settings.poll_s <= 0:
             raise ValueError("INFERENCE_MAX_ROWS, INFERENCE_MAX_BODY_BYTES, INFERENCE_THREADS must be >= 1 "
                              "and INFERENCE_POLL_S > 0")
+        if not oip.NAME.match(settings.model_name):
+            raise ValueError(f"INFERENCE_MODEL_NAME={settings.model_name!r} must be 1 to 128 letters, digits, "
+                             "'_', '.' or '-' (starting with a letter or digit): it is a segment of the URL path")
         return settings
 
 
@@ -89,14 +99,25 @@ class Service:
         store = runtime.store()
         self.slot = ModelSlot(source=store.uri_for(settings.pointer_key))
         self.recorder = LatencyRecorder()
+        self.metrics = prometheus.Metrics()
+        self.first = tracing.FirstPrediction(runtime.fleet, runtime.cloud)  # closes the run's trace
         self.watcher = PointerWatcher(self.slot, store, settings.pointer_key, settings.poll_s, settings.threads,
-                                      settings.retry_failed_s)
+                                      settings.retry_failed_s, on_swap=self._swapped,
+                                      on_fail=lambda version, error: self.metrics.load_failed())
         self.watcher.check_once()  # the current model, if there is one, before the first answer
         self.watcher.start()
         self.emitter: MetricsEmitter | None = None
         if settings.metrics_s > 0:
             self.emitter = MetricsEmitter(self.recorder, self._publish, self._describe, settings.metrics_s)
             self.emitter.start()
+
+    def _swapped(self, new, old) -> None:
+        self.metrics.swapped(new, old)
+        self.first.arm(new.version, new.traceparent)
+
+    def _served(self, started_ns: int, status: int) -> None:
+        model = self.slot.model
+        self.first.served(model.version if model else None, started_ns, status)
 
     def _describe(self) -> dict:
         cloud = self.runtime.fleet.clouds[self.runtime.cloud]
@@ -110,13 +131,22 @@ class Service:
         del self.runtime.emitted[:-16]  # a server runs for days: keep only the last few
 
     def predict(self, body: bytes | str, content_type: str | None = None) -> api.Result:
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         if not api.is_json(content_type):
             status, out = api.unsupported_media_type(content_type or "")
         else:
             status, out = api.predict(body, self.slot, self.limits)
         self.recorder.record(time.perf_counter() - started, status >= 500)
+        self._served(started_ns, status)
         return status, out
+
+    def infer(self, params: dict, header, body: bytes | str) -> oip.Answer:
+        started, started_ns = time.perf_counter(), time.time_ns()
+        answer = oip.infer(body, self.slot, self.settings.model_name, params["name"], params.get("version"),
+                           self.limits, header(oip.HEADER_LENGTH.lower()), header("content-type"))
+        self.recorder.record(time.perf_counter() - started, answer[0] >= 500)
+        self._served(started_ns, answer[0])
+        return answer
 
     def close(self) -> None:
         self.watcher.stop()
@@ -169,15 +199,64 @@ def max_body_bytes() -> int:
     return service().limits.max_body_bytes
 
 
+def v2(endpoint: str, params: dict[str, str], header, body: bytes | str = b"") -> oip.Answer:
+    """An Open Inference Protocol route (`oip.ROUTES` names the endpoints) → (status, body, headers).
+    Model metadata and infer take the API keys; health and readiness stay open, like /health."""
+    svc = service()
+    name, version = params.get("name"), params.get("version")
+    if endpoint in ("model", "infer"):
+        denied = authorize(header)
+        if denied:
+            return *oip.from_api(denied), {}
+    if endpoint == "infer":
+        return svc.infer(params, header, body)
+    if endpoint == "model":
+        return *oip.model_metadata(svc.slot, svc.settings.model_name, name, version), {}
+    if endpoint == "model_ready":
+        return *oip.model_ready(svc.slot, svc.settings.model_name, name, version), {}
+    if endpoint == "ready":
+        return *oip.ready(svc.slot), {}
+    return *(oip.live() if endpoint == "live" else oip.server()), {}
+
+
+def metrics() -> tuple[int, bytes, str]:
+    """GET /metrics: (status, Prometheus text, its content type). Open, like /health."""
+    return 200, *service().metrics.exposition()
+
+
+_STATIC = {"/predict", "/health", "/metadata", "/openapi.json", "/metrics"}
+_V2_PATH = re.compile(r"^(/api)?/v2(/|$)", re.IGNORECASE)  # /api: the Azure Functions host's route prefix
+
+
+def route_of(path: str, prefix: str = "") -> str:
+    """The route template a request path is counted under ("unmatched" for any other path)."""
+    path = path[len(prefix):] if prefix and path.lower().startswith(prefix) else path
+    path = (path.rstrip("/") or "/").lower()  # Azure matches routes case-insensitively
+    if path in _STATIC:
+        return path
+    matched = oip.match(path) if path.startswith("/v2") else None
+    return matched[1] if matched else "unmatched"
+
+
+def track(path: str, prefix: str = "") -> prometheus.Tracker:
+    """`with track(path) as t: ...; t.status = status` around one request: counted, timed, in flight."""
+    return service().metrics.track(route_of(path, prefix))
+
+
+def _shaped(path: str, result: api.Result) -> api.Result:
+    """An error answer in the shape of the route's protocol (v2 routes: {"error"} only)."""
+    return oip.from_api(result) if _V2_PATH.match(path) else result
+
+
 def predict(body: bytes | str, content_type: str | None = None) -> api.Result:
     return service().predict(body, content_type)
 
 
-def too_large(size: int | None) -> api.Result:
+def too_large(size: int | None, path: str = "") -> api.Result:
     """413 for a body the entry point refused before reading all of it (counted as a request)."""
     svc = service()
     svc.recorder.record(0.0)
-    return api.too_large(size, svc.limits.max_body_bytes)
+    return _shaped(path, api.too_large(size, svc.limits.max_body_bytes))
 
 
 def health() -> api.Result:
@@ -186,18 +265,21 @@ def health() -> api.Result:
 
 def metadata() -> api.Result:
     svc = service()
-    return api.metadata(svc.slot, svc.limits)
+    return api.metadata(svc.slot, svc.limits, svc.settings.model_name)
 
 
 def openapi(server_url: str | None = None) -> api.Result:
-    return api.openapi(server_url, service().limits)
+    svc = service()
+    return api.openapi(server_url, svc.limits, svc.settings.model_name)
 
 
 def not_found(method: str, path: str) -> api.Result:
-    routes = "POST /predict, GET /health, GET /metadata, GET /openapi.json"
-    return api.error(404, f"no route {method} {path}; routes: {routes}", "not_found", method=method, path=path)
+    routes = ("POST /predict, GET /health, GET /metadata, GET /openapi.json, GET /metrics, and the Open Inference "
+              "Protocol v2 routes under /v2 (see GET /openapi.json)")
+    return _shaped(path, api.error(404, f"no route {method} {path}; routes: {routes}", "not_found", method=method,
+                                   path=path))
 
 
 def method_not_allowed(method: str, path: str, allowed: str) -> api.Result:
-    return api.error(405, f"{path} does not take {method}; use {allowed}", "method_not_allowed",
-                     method=method, path=path, allowed=allowed)
+    return _shaped(path, api.error(405, f"{path} does not take {method}; use {allowed}", "method_not_allowed",
+                                   method=method, path=path, allowed=allowed))

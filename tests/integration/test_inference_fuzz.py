@@ -1,6 +1,7 @@
 """schemathesis against each cloud's inference host, driven by the host's own OpenAPI document:
 whatever it generates (valid and invalid bodies, methods, content), no answer is a 5xx and every
-error is a 4xx JSON error naming its problem."""
+error is a 4xx JSON error naming its problem: {"error", "detail": {"code"}}, or on the Open
+Inference Protocol routes (/v2/...) that protocol's {"error"}."""
 import http.client
 import itertools
 from urllib.parse import urlsplit
@@ -43,8 +44,11 @@ def test_no_input_makes_a_host_fail_or_answer_without_a_json_error(host):
     provider, server = host
     schema = schemathesis.openapi.from_dict(openapi_document(server.url))
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/predict", "/health", "/metadata", "/openapi.json"}
-    tried, statuses = 0, {}
+    assert {op.path for op in operations} >= {"/predict", "/health", "/metadata", "/openapi.json", "/metrics", "/v2",
+                                              "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+                                              "/v2/models/{name}/ready", "/v2/models/{name}/infer",
+                                              "/v2/models/{name}/versions/{version}/infer"}
+    tried, statuses, v2_statuses = 0, {}, {}
 
     for operation, mode in itertools.product(operations, GenerationMode):  # valid requests, then invalid ones
         @given(case=operation.as_strategy(mode))
@@ -54,14 +58,22 @@ def test_no_input_makes_a_host_fail_or_answer_without_a_json_error(host):
             response = case.call(base_url=server.url, timeout=10)
             tried += 1
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            if operation.path.endswith("/infer"):
+                v2_statuses[response.status_code] = v2_statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, (operation.path, response.status_code, response.text[:300])
             if response.status_code >= 400:
                 doc = response.json()
-                assert isinstance(doc.get("error"), str) and doc["error"] and doc["detail"]["code"], doc
+                assert isinstance(doc.get("error"), str) and doc["error"], doc
+                if operation.path.startswith("/v2"):
+                    assert set(doc) == {"error"}, doc
+                else:
+                    assert doc["detail"]["code"], doc
 
         try:
             call()
         except Unsatisfiable:  # e.g. no invalid request exists for a GET without parameters
             pass
-    print(f"{provider}: {tried} requests, statuses {dict(sorted(statuses.items()))}")
+    print(f"{provider}: {tried} requests, statuses {dict(sorted(statuses.items()))}; "
+          f"v2 infer {dict(sorted(v2_statuses.items()))}")
     assert tried >= 100 and statuses.get(200) and statuses.get(400)
+    assert v2_statuses.get(200) and v2_statuses.get(400) and v2_statuses.get(404)

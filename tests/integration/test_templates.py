@@ -166,7 +166,10 @@ def test_azure_app_lists_every_function_with_bindings():
             assert binding["cardinality"] == "MANY" and binding["brokerList"] == "KafkaBrokerList"
             assert binding["consumerGroup"] == f"%SKYFUSE_CLOUD%.{fn}"
     routes = {b[0]["route"]: b for name, b in functions.items() if b[0]["type"] == "httpTrigger"}
-    assert set(routes) == {"predict", "health", "metadata", "openapi.json"}
+    from skyfuse.serving import oip
+
+    v2 = {path.removeprefix("/") for _, path, _ in oip.ROUTES}  # the Open Inference Protocol's routes
+    assert set(routes) == {"predict", "health", "metadata", "openapi.json", "metrics"} | v2, set(routes)
     assert all(b[0]["authLevel"] == "FUNCTION" and b[1]["type"] == "http" for b in routes.values())
     for name in ("monitor_timer", "fuser_quorum_timer"):
         (binding,) = functions[name]

@@ -137,6 +137,18 @@ def test_compact_format_equals_records(slot, model_bytes):
                                testing.reference(model_bytes, X), rtol=1e-6, atol=1e-7)
 
 
+def test_answers_are_tf_serving_shaped(slot):
+    """TF-Serving's predict answers {"predictions": [one entry per instance, in order]}: both formats do,
+    beside their own fields."""
+    rows = [ROW, [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
+    for fmt in ("records", "compact"):
+        status, doc = answer(api.predict(orjson.dumps({"instances": rows, "format": fmt}), slot))
+        assert status == 200 and isinstance(doc["predictions"], list) and len(doc["predictions"]) == len(rows)
+    _, records = answer(api.predict(orjson.dumps({"instances": rows}), slot))
+    _, compact = answer(api.predict(orjson.dumps({"instances": rows, "format": "compact"}), slot))
+    assert [p["class"] for p in records["predictions"]] == compact["predictions"]
+
+
 def test_ints_and_str_bodies_are_accepted(slot):
     status, doc = answer(api.predict('{"instances": [[5, 3, 1, 0]]}', slot))
     assert status == 200 and len(doc["predictions"]) == 1
@@ -148,7 +160,7 @@ def test_health_and_metadata(slot, model_bytes):
     assert health["status"] == "ok" and health["model_version"] == "v1" and health["last_error"] is None
     status, meta = answer(api.metadata(slot))
     assert status == 200
-    assert meta["model_version"] == "v1"
+    assert meta["model_version"] == "v1" and meta["model_name"] == "skyfuse"
     assert meta["input"] == {"name": "features", "dtype": "float32", "width": 4,
                              "features": list(testing.IRIS_FEATURES)}
     assert meta["output"]["classes"] == list(testing.IRIS_CLASSES)
@@ -161,7 +173,13 @@ def test_openapi_document():
     doc = json.loads(body)
     assert status == 200
     assert doc["openapi"].startswith("3.1")
-    assert set(doc["paths"]) == {"/predict", "/health", "/metadata", "/openapi.json"}
+    assert set(doc["paths"]) == {"/predict", "/health", "/metadata", "/openapi.json", "/metrics", "/v2",
+                                 "/v2/health/live", "/v2/health/ready", "/v2/models/{name}", "/v2/models/{name}/ready",
+                                 "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}",
+                                 "/v2/models/{name}/versions/{version}/ready",
+                                 "/v2/models/{name}/versions/{version}/infer"}
+    name = doc["paths"]["/v2/models/{name}/infer"]["post"]["parameters"][0]
+    assert name["schema"]["enum"] == ["skyfuse"]  # the fuzz sends the served name, then others
     assert set(doc["paths"]["/predict"]["post"]["responses"]) == {"200", "400", "401", "413", "415", "503"}
     assert doc["servers"] == [{"url": "https://example.test"}]
     refs = {v for v in _walk(doc) if isinstance(v, str) and v.startswith("#/")}

@@ -25,7 +25,9 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 INFERENCE_MODULES = ["services.inference", "services.inference.handler", "services.inference.aws",
                      "services.inference.gcp", "services.inference.azure", "services.inference.azure_host",
                      "skyfuse.serving", "skyfuse.serving.model", "skyfuse.serving.api", "skyfuse.serving.metrics",
-                     "skyfuse.serving.asgi", "skyfuse.serving.hosts"]
+                     "skyfuse.serving.asgi", "skyfuse.serving.hosts", "skyfuse.serving.oip",
+                     "skyfuse.serving.prometheus"]
+V2_INFER = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": ROW * 2}]}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +95,36 @@ def test_lambda_base64_body_and_errors(served):
     assert width["statusCode"] == 400 and "expected 4" in json.loads(width["body"])["error"]
     missing = lambda_handler(function_url_event("GET", "/nowhere"), ctx)
     assert missing["statusCode"] == 404 and json.loads(missing["body"])["detail"]["code"] == "not_found"
-    for path in ("/health", "/metadata", "/openapi.json"):
+    for path in ("/health", "/metadata", "/openapi.json", "/metrics", "/v2", "/v2/models/skyfuse"):
         assert lambda_handler(function_url_event("GET", path), ctx)["statusCode"] == 200
+
+
+def test_lambda_open_inference_protocol(served, model_bytes):
+    from services.inference.aws import lambda_handler
+
+    ctx = LambdaContext("skyfuse-inference")
+    response = lambda_handler(function_url_event("POST", "/v2/models/skyfuse/versions/v1/infer",
+                                                 json.dumps(V2_INFER).encode()), ctx)
+    assert response["statusCode"] == 200, response
+    output = json.loads(response["body"])["outputs"][0]
+    expected = testing.reference(model_bytes, np.array([ROW, ROW]))
+    np.testing.assert_allclose(np.reshape(output["data"], (2, 3)), expected, rtol=1e-6)
+    # binary tensor data: the Lambda service hands a binary body over base64-encoded, and takes one back so
+    raw = np.array([ROW], np.float32).tobytes()
+    head = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 16}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    event = function_url_event("POST", "/v2/models/skyfuse/infer", head + raw, base64_body=True)
+    event["headers"]["inference-header-content-length"] = str(len(head))
+    response = lambda_handler(event, ctx)
+    assert response["statusCode"] == 200 and response["isBase64Encoded"], response
+    body = base64.b64decode(response["body"])
+    n = int(response["headers"]["Inference-Header-Content-Length"])
+    np.testing.assert_allclose(np.frombuffer(body[n:], "<f4"), expected[0], rtol=1e-6)
+    missing = lambda_handler(function_url_event("GET", "/v2/models/nope/ready"), ctx)
+    assert missing["statusCode"] == 404 and set(json.loads(missing["body"])) == {"error"}
+    unknown = lambda_handler(function_url_event("GET", "/v2/repository/index"), ctx)
+    assert unknown["statusCode"] == 404 and set(json.loads(unknown["body"])) == {"error"}  # v2 path: v2 shape
 
 
 def test_functions_framework_app(served):
@@ -116,6 +146,19 @@ def test_functions_framework_app(served):
     assert client.get("/metadata").get_json()["input"]["width"] == 4
     r = client.post("/predict", data=b"x" * (handler.max_body_bytes() + 1))
     assert r.status_code == 413
+    r = client.post("/v2/models/skyfuse/infer", data=json.dumps(V2_INFER), content_type="application/json")
+    assert r.status_code == 200 and r.get_json()["outputs"][0]["shape"] == [2, 3]
+    r = client.get("/v2/models/skyfuse/infer")
+    assert r.status_code == 405 and set(r.get_json()) == {"error"} and "use POST" in r.get_json()["error"]
+    r = client.post("/v2/models/skyfuse/infer", data=b"x" * (handler.max_body_bytes() + 1))
+    assert r.status_code == 413 and set(r.get_json()) == {"error"}
+    assert client.get("/v2/health/live").get_json() == {"live": True}
+    for path in ("/favicon.ico", "/v2/models/%0A/ready"):  # kept from the function by functions-framework
+        r = client.get(path)
+        assert r.status_code == 404 and r.is_json and "no route GET" in r.get_json()["error"], (path, r.data)
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    assert b'skyfuse_inference_requests_total{route="/v2/models/{name}/infer",status="405"} 1.0' in r.data
 
 
 def test_azure_function_app(served):
@@ -124,7 +167,11 @@ def test_azure_function_app(served):
 
     routes = http_routes(entry.app)
     assert {path: sorted(methods) for path, methods in routes.items()} == {
-        "/api/predict": ["POST"], "/api/health": ["GET"], "/api/metadata": ["GET"], "/api/openapi.json": ["GET"]}
+        "/api/predict": ["POST"], "/api/health": ["GET"], "/api/metadata": ["GET"], "/api/openapi.json": ["GET"],
+        "/api/metrics": ["GET"], "/api/v2": ["GET"], "/api/v2/health/live": ["GET"], "/api/v2/health/ready": ["GET"],
+        "/api/v2/models/{name}": ["GET"], "/api/v2/models/{name}/versions/{version}": ["GET"],
+        "/api/v2/models/{name}/ready": ["GET"], "/api/v2/models/{name}/versions/{version}/ready": ["GET"],
+        "/api/v2/models/{name}/infer": ["POST"], "/api/v2/models/{name}/versions/{version}/infer": ["POST"]}
     request = func.HttpRequest("POST", "http://localhost/api/predict", body=json.dumps({"instances": [ROW]}).encode(),
                                headers={"content-type": "application/json"})
     response = entry.predict(request)
@@ -134,6 +181,10 @@ def test_azure_function_app(served):
     assert bad.status_code == 400 and "non-empty array" in json.loads(bad.get_body())["error"]
     health = entry.health(func.HttpRequest("GET", "http://localhost/api/health", body=b""))
     assert json.loads(health.get_body())["status"] == "ok"
+    function, _ = routes["/api/v2/models/{name}/infer"]["POST"]
+    response = function(func.HttpRequest("POST", "http://localhost/api/v2/models/skyfuse/infer",
+                                         body=json.dumps(V2_INFER).encode(), route_params={"name": "skyfuse"}))
+    assert response.status_code == 200 and json.loads(response.get_body())["model_name"] == "skyfuse"
 
 
 def test_service_counts_requests_for_metrics(served):
@@ -148,6 +199,17 @@ def test_settings_from_env():
     assert (s.poll_s, s.max_rows, s.threads, s.metrics_s) == (0.1, 5, 2, 30.0)
     with pytest.raises(ValueError, match="INFERENCE_MAX_ROWS='many' is not a valid int"):
         handler.Settings.from_env({"INFERENCE_MAX_ROWS": "many"})
+    assert handler.Settings.from_env({}).model_name == "skyfuse"
+    assert handler.Settings.from_env({"INFERENCE_MODEL_NAME": "iris-2.1"}).model_name == "iris-2.1"
+    with pytest.raises(ValueError, match="INFERENCE_MODEL_NAME='iris/v2' must be"):
+        handler.Settings.from_env({"INFERENCE_MODEL_NAME": "iris/v2"})
+
+
+def test_route_templates_bound_the_metric_series():
+    assert handler.route_of("/predict/") == "/predict"
+    assert handler.route_of("/API/Predict", "/api") == "/predict"
+    assert handler.route_of("/v2/models/anything/versions/7/ready") == "/v2/models/{name}/versions/{version}/ready"
+    assert handler.route_of("/wp-admin/login.php") == handler.route_of("/v2/x") == "unmatched"
 
 
 def test_no_tensorflow_on_the_inference_path(tmp_path, model_bytes):

@@ -197,3 +197,13 @@ def test_watcher_thread_swaps_in_the_background(store, model_a, model_b):
     finally:
         watcher.stop()
     assert not watcher.is_alive()
+
+
+def test_the_pointer_carries_the_deploys_trace_to_the_loaded_model(tmp_path, model_a):
+    """So the first prediction by a new model is a span of the run's trace (skyfuse.tracing)."""
+    store = open_store(f"file://{tmp_path}")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    pointer = publish(store, "v1", model_a, traceparent=parent)
+    assert pointer.traceparent == parent and json.loads(store.get(POINTER_KEY))["traceparent"] == parent
+    assert load_from_pointer(store).traceparent == parent
+    assert Pointer.parse(publish(store, "v2", model_a).to_json()).traceparent is None  # optional

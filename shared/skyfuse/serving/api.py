@@ -10,9 +10,13 @@ POST /predict
     Class labels are strings (the lineage's `classes`, else "0".."k-1"); probabilities are the
     model's float32 outputs, written at float32 precision. Rows come back in request order.
 GET /health     200 {"status": "ok", "model_version", ...}; 503 {"status": "no_model", ...}
-GET /metadata   200 {"model_version", "sha256", "input": {"width", "features"}, "output": {"classes"},
-                     "lineage", "limits"}; 503 before a model is loaded
-GET /openapi.json   the OpenAPI 3.1 document of these endpoints
+GET /metadata   200 {"model_name", "model_version", "sha256", "input": {"width", "features"},
+                     "output": {"classes"}, "lineage", "limits"}; 503 before a model is loaded
+GET /openapi.json   the OpenAPI 3.1 document of these endpoints, the Open Inference Protocol v2
+                    routes (`skyfuse.serving.oip`) and GET /metrics (Prometheus text)
+
+Both formats answer TF-Serving's way: `predictions` holds one entry per instance, in order (a
+record of named outputs per row, or the row's label).
 
 Every error is `{"error": "<what is wrong, in words>", "detail": {"code": "<stable code>", ...}}`:
 400 for a bad body (the message names the key, row and column at fault), 413 when the body is
@@ -37,6 +41,7 @@ MAX_ROWS = 1000
 MAX_BODY_BYTES = 1 << 20
 FORMATS = ("records", "compact")
 KEYS = ("instances", "format")
+MODEL_NAME = "skyfuse"  # the name the Open Inference Protocol routes serve the model under, unless configured
 CONTENT_TYPE = "application/json"
 _NUMERIC = frozenset((int, float))
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -277,16 +282,16 @@ def health(slot: ModelSlot) -> Result:
     return (200 if slot.model is not None else 503), orjson.dumps(doc)
 
 
-def metadata(slot: ModelSlot, limits: Limits = DEFAULT_LIMITS) -> Result:
+def metadata(slot: ModelSlot, limits: Limits = DEFAULT_LIMITS, model_name: str = MODEL_NAME) -> Result:
     model = slot.model
     if model is None:
         return no_model(slot)
-    return 200, orjson.dumps({**model.describe(), "formats": list(FORMATS), "limits": asdict(limits),
-                              "last_error": slot.last_error})
+    return 200, orjson.dumps({"model_name": model_name, **model.describe(), "formats": list(FORMATS),
+                              "limits": asdict(limits), "last_error": slot.last_error})
 
 
-def openapi(server_url: str | None = None, limits: Limits = DEFAULT_LIMITS) -> Result:
-    return 200, _openapi(server_url, limits)
+def openapi(server_url: str | None = None, limits: Limits = DEFAULT_LIMITS, model_name: str = MODEL_NAME) -> Result:
+    return 200, _openapi(server_url, limits, model_name)
 
 
 def _error_response(text: str) -> dict:
@@ -294,7 +299,9 @@ def _error_response(text: str) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _openapi(server_url: str | None, limits: Limits) -> bytes:
+def _openapi(server_url: str | None, limits: Limits, model_name: str = MODEL_NAME) -> bytes:
+    from skyfuse.serving import oip  # oip builds on this module
+
     number = {"type": "number"}
     labels = {"type": "array", "items": {"type": "string"}}
     doc = {
@@ -332,6 +339,10 @@ def _openapi(server_url: str | None, limits: Limits) -> bytes:
                 "operationId": "openapi", "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3.1", "content": {CONTENT_TYPE: {
                     "schema": {"type": "object"}}}}}}},
+            "/metrics": {"get": {
+                "operationId": "metrics", "summary": "Prometheus metrics of this host (open, like /health)",
+                "responses": {"200": {"description": "Prometheus text exposition format", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}}}}},
         },
         "components": {"schemas": {
             "PredictRequest": {
@@ -363,9 +374,9 @@ def _openapi(server_url: str | None, limits: Limits) -> bytes:
                                "swaps": {"type": "integer"}, "pointer": {"type": "string"},
                                "last_error": {"type": ["object", "null"]}}},
             "Metadata": {
-                "type": "object", "required": ["model_version", "sha256", "input", "output", "lineage"],
+                "type": "object", "required": ["model_name", "model_version", "sha256", "input", "output", "lineage"],
                 "properties": {
-                    "model_version": {"type": "string"}, "sha256": {"type": "string"},
+                    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "sha256": {"type": "string"},
                     "input": {"type": "object", "properties": {
                         "name": {"type": "string"}, "dtype": {"const": "float32"}, "width": {"type": "integer"},
                         "features": {"type": ["array", "null"], "items": {"type": "string"}}}},
@@ -375,6 +386,9 @@ def _openapi(server_url: str | None, limits: Limits) -> bytes:
                                                                  "max_body_bytes": {"type": "integer"}}}}},
         }},
     }
+    paths, schemas = oip.openapi_paths(model_name, limits)
+    doc["paths"].update(paths)
+    doc["components"]["schemas"].update(schemas)
     if server_url:
         doc["servers"] = [{"url": server_url}]
     return orjson.dumps(doc)

@@ -50,6 +50,16 @@ def replay(body: bytes) -> Receive:
     return receive
 
 
+def noting_status(send: Send, tracked) -> Send:
+    """`send`, noting the response's status on `tracked` (a `prometheus.Tracker`) as it starts."""
+    async def noted(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            tracked.status = message["status"]
+        await send(message)
+
+    return noted
+
+
 async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
     await send({"type": "http.response.body", "body": body})

@@ -62,6 +62,7 @@ class Pointer:
     version: str
     uri: str
     sha256: str
+    traceparent: str | None = None  # the deploy's span: the first prediction's span is its child
 
     @classmethod
     def parse(cls, raw: bytes, where: str = POINTER_KEY) -> "Pointer":
@@ -83,10 +84,14 @@ class Pointer:
             raise ModelError(f"serving pointer {where}: uri must be a non-empty string, got {uri!r}")
         if not isinstance(sha, str) or not _SHA256.match(sha):
             raise ModelError(f"serving pointer {where}: sha256 must be 64 lowercase hex digits, got {sha!r}")
-        return cls(version, uri, sha)
+        traceparent = doc.get("traceparent")
+        return cls(version, uri, sha, traceparent if isinstance(traceparent, str) and len(traceparent) <= 64 else None)
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": self.version, "uri": self.uri, "sha256": self.sha256}).encode()
+        doc = {"version": self.version, "uri": self.uri, "sha256": self.sha256}
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
+        return json.dumps(doc).encode()
 
 
 def session_options(threads: int = 1):
@@ -112,7 +117,7 @@ class LoadedModel:
     """
 
     __slots__ = ("version", "sha256", "uri", "size", "session", "input_name", "output_names", "width",
-                 "classes", "labels", "features", "lineage", "metadata", "loaded_at", "load_ms")
+                 "classes", "labels", "features", "lineage", "metadata", "loaded_at", "load_ms", "traceparent")
 
     def __init__(self, data: bytes, version: str, sha256: str | None = None, uri: str | None = None,
                  threads: int = 1):
@@ -122,6 +127,7 @@ class LoadedModel:
             raise ModelError(f"model {version} ({uri or 'bytes'}) has sha256 {digest}, expected {sha256}: "
                              "the object changed or was corrupted after it was announced")
         self.version, self.sha256, self.uri, self.size = version, digest, uri, len(data)
+        self.traceparent: str | None = None  # of the deploy that served it (from the pointer)
         try:
             refuse_external_data(data, f"model {version}")  # before onnxruntime could open any file
         except ValueError as exc:
@@ -245,12 +251,13 @@ class ModelSlot:
         }
 
 
-def publish(store: Store, version: str, data: bytes) -> Pointer:
+def publish(store: Store, version: str, data: bytes, traceparent: str | None = None) -> Pointer:
     """What a deployer does to serve `data` as `version` in this store: write the model at
     `serving/models/<version>.onnx`, then the pointer `serving/current.json` naming it (model first,
     so the pointer never names a missing object). Every instance swaps within its poll interval."""
     info = store.put(model_key(version), data)
-    pointer = Pointer.parse(json.dumps({"version": version, "uri": info.uri, "sha256": info.sha256}).encode())
+    pointer = Pointer.parse(json.dumps({"version": version, "uri": info.uri, "sha256": info.sha256,
+                                        "traceparent": traceparent}).encode())
     store.put(POINTER_KEY, pointer.to_json())
     return pointer
 
@@ -273,7 +280,9 @@ def load_pointer(store: Store, pointer: Pointer, threads: int = 1) -> LoadedMode
         data = read_model(store, pointer)
     except StoreError as exc:
         raise ModelError(f"model {pointer.version} at {pointer.uri} cannot be read: {exc}") from None
-    return LoadedModel(data, pointer.version, pointer.sha256, pointer.uri, threads)
+    model = LoadedModel(data, pointer.version, pointer.sha256, pointer.uri, threads)
+    model.traceparent = pointer.traceparent
+    return model
 
 
 class PointerWatcher(threading.Thread):
@@ -284,11 +293,12 @@ class PointerWatcher(threading.Thread):
 
     def __init__(self, slot: ModelSlot, store: Store, key: str = POINTER_KEY, interval_s: float = 0.5,
                  threads: int = 1, retry_failed_s: float = 30.0,
-                 on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None):
+                 on_swap: Callable[[LoadedModel, LoadedModel | None], None] | None = None,
+                 on_fail: Callable[[str | None, str], None] | None = None):
         super().__init__(name="skyfuse-pointer-watcher", daemon=True)
         self.slot, self.store, self.key = slot, store, key
         self.interval_s, self.threads, self.retry_failed_s = interval_s, threads, retry_failed_s
-        self.on_swap = on_swap
+        self.on_swap, self.on_fail = on_swap, on_fail  # (new, old) after a swap; (version, error) when one fails
         self._stop_event = threading.Event()
         self._settled: bytes | None = None  # pointer bytes that need no more work
         self._failed: tuple[bytes, float] | None = None  # (pointer bytes, retry after monotonic time)
@@ -322,6 +332,8 @@ class PointerWatcher(threading.Thread):
             self._failed = (raw, time.monotonic() + self.retry_failed_s)
             self.slot.fail(str(exc), pointer.version if pointer else None, pointer.uri if pointer else None)
             log.warning("model not swapped in: %s", exc, extra={"pointer": self.slot.source})
+            if self.on_fail:
+                self.on_fail(pointer.version if pointer else None, str(exc))
             return False
         old = self.slot.swap(model)
         self._settled, self._failed = raw, None

@@ -1,0 +1,39 @@
+"""skyfuse.serving.prometheus: the metrics directory gunicorn's workers share, and the series a
+request leaves (route template, status, latency)."""
+import os
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from skyfuse.serving import prometheus
+
+
+def test_one_process_needs_no_directory():
+    environ = {}
+    assert prometheus.prepare_workers(1, environ) is None and environ == {}
+
+
+def test_a_given_directory_is_emptied_of_an_earlier_run(tmp_path):
+    (tmp_path / "counter_123.db").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("kept")
+    environ = {prometheus.MULTIPROC_ENV: str(tmp_path)}
+    assert prometheus.prepare_workers(4, environ) == str(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_a_request_is_counted_under_its_route_and_status():
+    metrics = prometheus.Metrics()
+    with metrics.track("/predict") as tracked:
+        tracked.status = 400
+    try:
+        with metrics.track("/predict"):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    text, content_type = metrics.exposition()
+    assert content_type.startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert samples[("skyfuse_inference_requests_total", (("route", "/predict"), ("status", "400")))] == 1
+    assert samples[("skyfuse_inference_requests_total", (("route", "/predict"), ("status", "500")))] == 1
+    assert samples[("skyfuse_inference_request_duration_seconds_count", (("route", "/predict"),))] == 2
+    assert samples[("skyfuse_inference_requests_in_flight", ())] == 0
