@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 KAFKA_TLS_DIR ?= .skyfuse/kafka-tls
 KAFKA_TLS := $(KAFKA_TLS_DIR)/ca.pem
 
-.PHONY: help install run run-emulated test test-clock-shift test-unit chaos bench kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
+.PHONY: help install run run-emulated test test-clock-shift test-unit test-package chaos bench package kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "skyfuse needs Python >= 3.11; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,test]'
+	$(BIN)/pip install --quiet -e '.[cli,train,otlp,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install skyfuse with its test tools
@@ -55,6 +55,22 @@ bench: install  ## figures: fusion quality over 5 seeds, HTTP serving per cloud,
 	$(BIN)/skyfuse simulate
 	$(BIN)/python bench/micro.py
 
+# Packaging (infra/package/README.md): the wheel and each cloud's inference artifact, in build/package/.
+SAM_VENV := build/tools/sam
+# SAM=sam: the SAM CLI on PATH; SAM=none: infra/package/aws/Makefile without it (no template validation)
+SAM ?= $(SAM_VENV)/bin/sam
+
+$(SAM_VENV)/bin/sam:
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet --upgrade pip
+	$(SAM_VENV)/bin/pip install --quiet aws-sam-cli
+
+package: install $(filter $(SAM_VENV)/bin/sam,$(SAM))  ## build/package/: the wheel; the AWS inference Lambda (sam build), the GCP source folder, the Azure app folder; their sizes
+	$(BIN)/python infra/package/build.py --sam $(SAM)
+
+test-package: install  ## the wheel installed with [serve,aws,local] into a clean venv outside the checkout serves a model
+	$(BIN)/pytest -m package tests/integration/test_package.py $(PYTEST_ARGS)
+
 emulators-up: install  ## install (first time) and start LocalStack (S3), fake-gcs-server and Azurite on 127.0.0.1; create the buckets
 	bash infra/emulators/emulators.sh up
 
@@ -78,4 +94,4 @@ status: install  ## topics, lag per function and cloud, dead letters
 clean:  ## remove the venv, the local bus and stores, the broker's and emulators' data
 	-bash infra/kafka/kafka.sh down --purge
 	-bash infra/emulators/emulators.sh down --purge
-	rm -rf $(VENV) .skyfuse .pytest_cache
+	rm -rf $(VENV) .skyfuse .pytest_cache build/package

@@ -20,11 +20,15 @@ set -euo pipefail
 : "${RUN:=0}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+# What the functions are built from: the repo's code and contracts, the public trust file, and a
+# requirements.txt that installs skyfuse with the extras these functions import (the base install
+# alone has no cloud libraries); the buildpack installs it.
+SOURCE="$REPO/build/gcp-source"
 # ";"-separated (gcloud's ^;^ delimiter), since the bootstrap list has commas
 ENV_VARS="SKYFUSE_CLOUD=gcp;SKYFUSE_BUS__BACKEND=kafka;SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=${KAFKA_BOOTSTRAP};SKYFUSE_CLOUDS__GCP__STORE=${STORE};SKYFUSE_CLOUDS__GCP__REGION=${REGION};SKYFUSE_EVENTS_DIR=/workspace/events;SKYFUSE_SIGNING__KEYS_DIR=/workspace/.skyfuse/keys"
 # each function's event-signing key, from Secret Manager: skyfuse-signing-gcp-<fn> holds the PEM that
 # `skyfuse keys init` wrote to .skyfuse/keys/private/gcp.<fn>.pem (infra/README.md, "Signed events");
-# the source upload carries only .skyfuse/keys/trust.json of .skyfuse (see .gcloudignore)
+# the staged source (below) carries .skyfuse/keys/trust.json, the public keys only
 signing_key() { echo "SKYFUSE_SIGNING_KEY=skyfuse-signing-gcp-$1:latest"; }
 PROJECT_NUMBER=PROJECT_NUMBER
 if [[ "$RUN" == 1 ]]; then
@@ -46,6 +50,14 @@ run() {
   if [[ "$RUN" == 1 ]]; then "$@"; fi
 }
 
+# --- the source folder
+run rm -rf "$SOURCE"
+run mkdir -p "$SOURCE/infra/gcp" "$SOURCE/.skyfuse/keys"
+run cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/shared" "$REPO/services" "$REPO/events" "$SOURCE/"
+run cp "$REPO/infra/gcp/timers.py" "$SOURCE/infra/gcp/"
+run cp "$REPO/.skyfuse/keys/trust.json" "$SOURCE/.skyfuse/keys/"
+if [[ "$RUN" == 1 ]]; then echo ".[train,serve,gcp]" > "$SOURCE/requirements.txt"; else echo "+ echo .[train,serve,gcp] > $SOURCE/requirements.txt"; fi
+
 # --- the store bucket (functions read/write runs/, scheduler/, serving/)
 run gcloud storage buckets create "$STORE" --project "$PROJECT" --location "$REGION" \
   --uniform-bucket-level-access || true
@@ -55,7 +67,7 @@ run gcloud storage buckets add-iam-policy-binding "$STORE" \
 # --- Kafka-triggered functions: Cloud Run functions (functions-framework target = function name)
 for fn in trainer exporter fuser scheduler deployer; do
   run gcloud run deploy "skyfuse-${fn}" --project "$PROJECT" --region "$REGION" \
-    --source "$REPO" --function "$fn" --base-image python312 \
+    --source "$SOURCE" --function "$fn" --base-image python312 \
     --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=services/${fn}/gcp.py" \
     --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key "$fn")" \
     --service-account "$SERVICE_ACCOUNT" --memory "${MEMORY[$fn]}" --cpu 2 --timeout 900 \
@@ -77,7 +89,7 @@ done
 AUTH_FLAG=--no-allow-unauthenticated
 if [[ "$ALLOW_UNAUTHENTICATED" == 1 ]]; then AUTH_FLAG=--allow-unauthenticated; fi
 run gcloud run deploy skyfuse-inference --project "$PROJECT" --region "$REGION" \
-  --source "$REPO" --function inference --base-image python312 \
+  --source "$SOURCE" --function inference --base-image python312 \
   --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=services/inference/gcp.py" \
   --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key inference)" \
   --service-account "$SERVICE_ACCOUNT" --memory 2Gi --cpu 2 --concurrency 8 "$AUTH_FLAG"
@@ -86,7 +98,7 @@ run gcloud run deploy skyfuse-inference --project "$PROJECT" --region "$REGION" 
 for target in monitor_timer fuser_quorum_timer; do
   svc="skyfuse-${target//_/-}"
   run gcloud run deploy "$svc" --project "$PROJECT" --region "$REGION" \
-    --source "$REPO" --function "$target" --base-image python312 \
+    --source "$SOURCE" --function "$target" --base-image python312 \
     --set-build-env-vars "GOOGLE_FUNCTION_SOURCE=infra/gcp/timers.py" \
     --set-env-vars "^;^${ENV_VARS}" --set-secrets "$(signing_key "${target%%_*}")" \
     --service-account "$SERVICE_ACCOUNT" --memory 4Gi --timeout 900 --no-allow-unauthenticated

@@ -9,15 +9,21 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
 
 TYPE_PREFIX = "skyfuse."  # CloudEvent `type` attribute = prefix + event type name
 
 
 def events_dir() -> Path:
-    """`SKYFUSE_EVENTS_DIR`, else the `events/` folder of this checkout."""
+    """`SKYFUSE_EVENTS_DIR`, else the `events/` folder of this checkout (their single source), else
+    the copy an installed wheel carries in the package (`skyfuse/_events`, pyproject.toml)."""
     override = os.environ.get("SKYFUSE_EVENTS_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "events"
+    if override:
+        return Path(override)
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1] / "events"  # shared/skyfuse/ → the repo root's events/
+    if package.parent.name == "shared" and (checkout / "catalog.toml").is_file():
+        return checkout
+    return package / "_events"
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,9 @@ def dlq_topic(function: str) -> str:
 
 
 @cache
-def _validator(name: str) -> Draft202012Validator:
+def _validator(name: str):
+    from jsonschema import Draft202012Validator  # here: not every process validates (cold start)
+
     schema = json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
     return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 

@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from kafka.partitioner.default import murmur2
 
 Headers = list[tuple[str, bytes]]
 
@@ -47,6 +46,8 @@ class Record:
 
 def partition_for(key: bytes | None, partitions: int) -> int:
     """Kafka's default partitioner: murmur2 of the key, or any partition for no key."""
+    from kafka.partitioner.default import murmur2  # here: importing kafka-python costs ~0.1 s of a cold start
+
     if key is None:
         return random.randrange(partitions)
     return (murmur2(key) & 0x7FFFFFFF) % partitions
