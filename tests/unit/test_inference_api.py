@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from skyfuse.serving import api, testing
-from skyfuse.serving.model import LoadedModel, ModelSlot
+from skyfuse.serving.model import ModelSlot
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 
@@ -44,18 +44,6 @@ BAD_CASES = [
     ("too-large", b'{"instances": [' + b"[1, 2, 3, 4]," * 100_000 + b"[1, 2, 3, 4]]}", 413, "body_too_large",
      ["limit is 1048576"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_bytes():
-    return testing.classifier(seed=1)
-
-
-@pytest.fixture(scope="module")
-def slot(model_bytes):
-    slot = ModelSlot("file:///store/serving/current.json")
-    slot.swap(LoadedModel(model_bytes, "v1"))
-    return slot
 
 
 def answer(result):

@@ -6,21 +6,9 @@ import orjson
 import pytest
 
 from skyfuse.serving import api, oip, testing
-from skyfuse.serving.model import LoadedModel, ModelSlot
+from skyfuse.serving.model import ModelSlot
 
 ROWS = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32) * 2
-
-
-@pytest.fixture(scope="module")
-def model_bytes():
-    return testing.classifier(seed=1)
-
-
-@pytest.fixture(scope="module")
-def slot(model_bytes):
-    slot = ModelSlot("file:///store/serving/current.json")
-    slot.swap(LoadedModel(model_bytes, "v1"))
-    return slot
 
 
 def infer(slot, doc, name="skyfuse", version=None, limits=api.DEFAULT_LIMITS, **kw):
