@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             env = {"SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
                    f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri,
                    "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"), "INFERENCE_METRICS_S": "30"}
-            env.setdefault("WORKERS", os.environ.get("WORKERS", "1"))
-            host = hosts.start(provider, env=env, log_dir=root)
+            # every host gets the same number of server processes (uvicorn --workers, gunicorn's WORKERS)
+            host = hosts.start(provider, env=env, log_dir=root, workers=int(os.environ.get("WORKERS", "1")))
             try:
                 url = f"{host.url}/predict"
                 warm = (run_wrk(url, payload, 1, args.connections, root) if args.client == "wrk"
