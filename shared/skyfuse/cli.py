@@ -206,6 +206,9 @@ def up(
     emulate: Annotated[bool, typer.Option("--emulate", help="Stores in the cloud emulators, the bus on Kafka.")] = False,
     metrics_port: Annotated[int, typer.Option("--metrics-port", metavar="PORT", help="Serve the function hosts' "
                                               "Prometheus metrics on 127.0.0.1:PORT/metrics (0: off).")] = 0,
+    router_port: Annotated[int, typer.Option("--router-port", metavar="PORT", help="Serve one front door on "
+                                             "127.0.0.1:PORT that forwards to the placed clouds by their placement "
+                                             "weights (0: off).")] = 8100,
 ):
     """Start every cloud's function hosts, timers and inference server; run until interrupted."""
     from skyfuse import emulation
@@ -226,13 +229,16 @@ def up(
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     with local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve,
-                          metrics_port=metrics_port) as running:
+                          metrics_port=metrics_port, router_port=router_port if serve else 0) as running:
         out.print(f"[bold]skyfuse up[/]: {len(running.hosts)} function hosts on the {fleet.bus.backend} bus "
                   f"({', '.join(sorted({h.cloud for h in running.hosts}))}); Ctrl-C to stop", highlight=False)
         for host in running.hosts:
             out.print(f"  {host.group:<18} ← {', '.join(host.topics)}  [dim]{host.invoker.shape}[/]", highlight=False)
         if metrics_port:
             out.print(f"  {'function hosts':<18} → http://127.0.0.1:{metrics_port}/metrics  [dim]Prometheus[/]",
+                      highlight=False)
+        if running.router:
+            out.print(f"  {'router':<18} → {running.router.url}/predict  [dim]by placement weights; GET /router[/]",
                       highlight=False)
         for name, server in running.servers.items():
             out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.argv[2:4])}[/]",
@@ -683,9 +689,10 @@ def placements_of(fleet: fleet_config.Fleet, run_ids: set[str]) -> list[dict]:
 
 
 @app.command(cls=Command)
-def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's endpoint to call.")],
-            data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')]):
-    """Call a cloud's inference endpoint (`skyfuse up` must be running) and print its answer."""
+def predict(data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')],
+            cloud: Annotated[Optional[str], typer.Option("--cloud", help="Call this cloud's endpoint (default: the "
+                                                                          "router, which follows placement).")] = None):
+    """Call the fleet's inference (`skyfuse up` must be running) and print its answer."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -694,10 +701,13 @@ def predict(cloud: Annotated[str, typer.Option("--cloud", help="Which cloud's en
     endpoints = local.running()
     if not endpoints:
         fail("no fleet is up in this folder: start one with `skyfuse up`", FAILURE)
-    if cloud not in endpoints:
+    if cloud is not None and cloud not in endpoints:
         fail(f"--cloud {cloud!r} has no endpoint; serving clouds: {', '.join(endpoints)}")
+    target = endpoints[cloud] if cloud else local.router()
+    if not target:
+        fail("this fleet runs without a router (skyfuse up --router-port 0): name a cloud with --cloud")
     body = Path(data[1:]).read_bytes() if data.startswith("@") else data.encode()
-    parts = urlsplit(endpoints[cloud])
+    parts = urlsplit(target)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = {"content-type": "application/json", "x-api-key": local.api_key(load_fleet())}
     conn.request("POST", f"{parts.path}/predict", body, headers)

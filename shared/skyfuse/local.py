@@ -70,10 +70,12 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
 class LocalFleet:
     def __init__(self, fleet: Fleet, bus: Bus, listener: Listener | None = None, *,
                  functions: list[str] | None = None, clouds: list[str] | None = None, serve: bool = True,
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, router_port: int = 0):
         self.fleet, self.bus, self.listener = fleet, bus, listener
         self.functions, self.clouds, self.serve = functions, clouds or list(fleet.clouds), serve
         self.metrics_port = metrics_port  # 0: the function hosts' /metrics is off
+        self.router_port = router_port  # 0: no front door (skyfuse.serving.router)
+        self.router = None
         self.servers: dict[str, object] = {}
         self.fabric: Fabric | None = None
         self._metrics_server = None
@@ -91,11 +93,17 @@ class LocalFleet:
                                          log_dir=Path(".skyfuse/logs").resolve())
                     self.servers[cloud] = server
                     settings.endpoint = server.url  # the deployer reports it in deployment.status
+                if self.router_port:
+                    from skyfuse.serving.router import Placement, Router, RouterServer
+
+                    endpoints = {c: s.url for c, s in self.servers.items()}
+                    self.router = RouterServer(Router(endpoints, Placement(self.fleet, self.bus)), self.router_port).start()
             except Exception:
                 self.stop()
                 raise
             ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
-            ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()}}))
+            ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
+                                                **({"router": self.router.url} if self.router else {})}))
         metrics = None
         if self.metrics_port:
             from skyfuse.runtime.metrics import HostMetrics
@@ -114,6 +122,9 @@ class LocalFleet:
         if self._metrics_server:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self.router:
+            self.router.stop()
+            self.router = None
         for server in self.servers.values():
             server.stop()
         if self.servers and ENDPOINTS.exists():
@@ -132,6 +143,11 @@ def record_gateway(cloud: str, url: str) -> None:
     info = orjson.loads(ENDPOINTS.read_bytes())
     info.setdefault("gateways", {})[cloud] = url
     ENDPOINTS.write_bytes(orjson.dumps(info))
+
+
+def router() -> str | None:
+    """The front door of the fleet `skyfuse up` runs from this folder, if it has one."""
+    return orjson.loads(ENDPOINTS.read_bytes()).get("router") if running() else None
 
 
 def running() -> dict[str, str] | None:

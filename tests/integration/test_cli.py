@@ -86,6 +86,9 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         predicted = cli(env, "predict", "--cloud", "aws", "--data", '{"instances": [[1, 2, 3, 4]]}')
         answer = json.loads(predicted.stdout)  # 503 with no model placed here, 200 or 400 with one
         assert "predictions" in answer or answer["detail"]["code"] in ("no_model", "row_width"), answer
+        routed = json.loads(cli(env, "predict", "--data", '{"instances": [[1, 2, 3, 4]]}').stdout)  # the router
+        assert "predictions" in routed or routed["detail"]["code"] in ("no_model", "row_width"), routed
+        assert "router" in json.loads((REPO / ".skyfuse" / "endpoints.json").read_text())
         bare = urllib.request.Request(f"{endpoint}/predict", b'{"instances": [[1, 2, 3, 4]]}',
                                       {"content-type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:
