@@ -228,8 +228,15 @@ def up(
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve,
-                          metrics_port=metrics_port, router_port=router_port if serve else 0) as running:
+    from skyfuse.serving.hosts import HostError
+
+    fabric = local.LocalFleet(fleet, bus, _print_delivery, functions=function, clouds=cloud, serve=serve,
+                              metrics_port=metrics_port, router_port=router_port if serve else 0)
+    try:
+        fabric.start()  # stops what it started when a part fails
+    except (HostError, OSError) as exc:
+        fail(f"the fleet could not start: {exc}", FAILURE)
+    with fabric as running:
         out.print(f"[bold]skyfuse up[/]: {len(running.hosts)} function hosts on the {fleet.bus.backend} bus "
                   f"({', '.join(sorted({h.cloud for h in running.hosts}))}); Ctrl-C to stop", highlight=False)
         for host in running.hosts:

@@ -81,40 +81,45 @@ class LocalFleet:
         self._metrics_server = None
 
     def start(self) -> "LocalFleet":
+        """Start every part; when one fails, stop what started (no orphaned servers) and raise."""
+        prepare(self.fleet)
+        try:
+            if self.serve:
+                self._serve()
+            metrics = None
+            if self.metrics_port:
+                from skyfuse.runtime.metrics import HostMetrics
+
+                metrics = HostMetrics()
+                self._metrics_server, _ = metrics.serve(self.metrics_port)
+            self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions,
+                                     clouds=self.clouds, metrics=metrics)
+            timers = build_timers(self.fleet, self.bus, functions=self.functions, clouds=self.clouds)
+            self.fabric = Fabric(self.hosts, timers).start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _serve(self) -> None:
+        """Each cloud's inference server, then the router in front of them; endpoints.json says where."""
         from skyfuse.serving import hosts
 
-        prepare(self.fleet)
-        if self.serve:
-            try:
-                for i, cloud in enumerate(self.clouds):
-                    settings = self.fleet.clouds[cloud]
-                    port = settings.inference_port or FIRST_PORT + list(self.fleet.clouds).index(cloud)
-                    server = hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
-                                         log_dir=Path(".skyfuse/logs").resolve())
-                    self.servers[cloud] = server
-                    settings.endpoint = server.url  # the deployer reports it in deployment.status
-                if self.router_port:
-                    from skyfuse.serving.router import Placement, Router, RouterServer
+        for cloud in self.clouds:
+            settings = self.fleet.clouds[cloud]
+            port = settings.inference_port or FIRST_PORT + list(self.fleet.clouds).index(cloud)
+            server = hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
+                                 log_dir=Path(".skyfuse/logs").resolve())
+            self.servers[cloud] = server
+            settings.endpoint = server.url  # the deployer reports it in deployment.status
+        if self.router_port:
+            from skyfuse.serving.router import Placement, Router, RouterServer
 
-                    endpoints = {c: s.url for c, s in self.servers.items()}
-                    self.router = RouterServer(Router(endpoints, Placement(self.fleet, self.bus)), self.router_port).start()
-            except Exception:
-                self.stop()
-                raise
-            ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
-            ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
-                                                **({"router": self.router.url} if self.router else {})}))
-        metrics = None
-        if self.metrics_port:
-            from skyfuse.runtime.metrics import HostMetrics
-
-            metrics = HostMetrics()
-            self._metrics_server, _ = metrics.serve(self.metrics_port)
-        self.hosts = build_hosts(self.fleet, self.bus, self.listener, functions=self.functions, clouds=self.clouds,
-                                 metrics=metrics)
-        timers = build_timers(self.fleet, self.bus, functions=self.functions, clouds=self.clouds)
-        self.fabric = Fabric(self.hosts, timers).start()
-        return self
+            endpoints = {c: s.url for c, s in self.servers.items()}
+            self.router = RouterServer(Router(endpoints, Placement(self.fleet, self.bus)), self.router_port).start()
+        ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
+        ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
+                                            **({"router": self.router.url} if self.router else {})}))
 
     def stop(self) -> None:
         if self.fabric:
@@ -132,7 +137,7 @@ class LocalFleet:
         self.servers = {}
 
     def __enter__(self):
-        return self.start()
+        return self if self.fabric else self.start()
 
     def __exit__(self, *exc):
         self.stop()

@@ -25,3 +25,31 @@ def test_the_fuser_alone_keeps_its_quorum_timer_and_everything_starts_every_time
                                                   "gcp.fuser", "gcp.fuser.timer"]
     everything = threads(tmp_path / "c", None)
     assert {"aws.monitor.timer", "aws.fuser.timer"} <= set(everything)
+
+
+def test_a_part_that_cannot_start_stops_what_had_started(tmp_path, monkeypatch):
+    """The servers are up when the router finds its port taken: none is left running."""
+    import socket
+
+    import pytest
+
+    from skyfuse.serving.hosts import free_port
+
+    monkeypatch.chdir(tmp_path)
+    ports = {c: free_port() for c in ("aws", "gcp", "azure")}
+    fleet = config.load(environ=fleet_env("embedded", tmp_path, **{
+        f"SKYFUSE_CLOUDS__{c.upper()}__INFERENCE_PORT": p for c, p in ports.items()}))
+    bus = open_bus(fleet)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with pytest.raises(OSError, match=r"router cannot listen on 127\.0\.0\.1:\d+ .*--router-port"):
+            LocalFleet(fleet, bus, functions=["trainer"], router_port=taken.getsockname()[1]).start()
+    finally:
+        taken.close()
+        bus.close()
+    for cloud, port in ports.items():  # every server it had started was stopped
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert not (tmp_path / ".skyfuse" / "endpoints.json").exists()

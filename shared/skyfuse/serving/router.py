@@ -112,7 +112,11 @@ class RouterServer:
 
     def __init__(self, router: Router, port: int, poll_s: float = 0.5):
         self.router, self.poll_s = router, poll_s
-        self.http = ThreadingHTTPServer(("127.0.0.1", port), _handler(router))
+        try:
+            self.http = ThreadingHTTPServer(("127.0.0.1", port), _handler(router))
+        except OSError as exc:
+            raise OSError(f"the router cannot listen on 127.0.0.1:{port} ({exc.strerror}): choose another port "
+                          "with --router-port, or 0 for none") from None
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self.http.serve_forever, name="skyfuse-router", daemon=True),
