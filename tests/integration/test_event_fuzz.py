@@ -51,7 +51,11 @@ def test_arbitrary_records_are_handled_or_dead_lettered_and_nothing_stalls(bus_f
     dead = [d for d in finals.values() if d.result in ("dead-lettered", "rejected")]
     assert all(d.reason for d in dead)
     letters = bus.read(f"probe-{uid}.dlq", 10_000)
-    assert len(letters) == len(dead) and all(dict(r.headers)["skyfuse_dlq_reason"] for r in letters)
+    assert all(dict(r.headers)["skyfuse_dlq_reason"] for r in letters)
+    if provider == "azure":  # a batch that fails as a whole runs again (README): a refusal may be written twice
+        assert len(letters) >= len(dead)
+    else:
+        assert len(letters) == len(dead)
     rejected = [d for d in dead if d.result == "rejected"]
     assert all(d.reason.startswith("untrusted: ") for d in rejected)
     print(f"{provider}: {len(batch)} records, {len(dead) - len(rejected)} malformed, {len(rejected)} untrusted, "
