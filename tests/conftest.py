@@ -58,6 +58,16 @@ def local_keys():
     signing.ensure_local_keys(config.Fleet())
 
 
+def keyed_fleet(root):
+    """The default fleet with its bus and its own signing keys (made here) under `root`."""
+    from skyfuse import signing
+
+    fleet = config.load(environ={"SKYFUSE_SIGNING__KEYS_DIR": str(root / "keys"),
+                                 "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus")})
+    signing.ensure_local_keys(fleet)
+    return fleet
+
+
 def signed_event(type_name: str, data: dict, by: str, fleet=None, time: str | None = None, event_id: str | None = None):
     """An event of `type_name` emitted by principal `by` (`aws/scheduler`, `cli`), signed with its
     key in the fleet's keys folder (made there if missing), as that producer would publish it;

@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from skyfuse import config, contracts, signing
+from skyfuse import contracts
 from skyfuse.bus import open_bus
 from skyfuse.serving.router import Placement, Router, RouterServer
-from tests.conftest import signed_event
+from tests.conftest import keyed_fleet, signed_event
 
 
 def backend(status: int):
@@ -38,10 +38,7 @@ def backend(status: int):
 
 @pytest.fixture
 def fleet(tmp_path):
-    fleet = config.load(environ={"SKYFUSE_SIGNING__KEYS_DIR": str(tmp_path / "keys"),
-                                 "SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus")})
-    signing.ensure_local_keys(fleet)
-    return fleet
+    return keyed_fleet(tmp_path)
 
 
 def place(bus, fleet, sequence, weights, by="aws/scheduler"):

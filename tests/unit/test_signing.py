@@ -12,16 +12,14 @@ from cloudevents.http import from_http
 
 from skyfuse import config, contracts, events, signing
 from skyfuse.runtime.function import Runtime, hosted, run_handler
+from tests.conftest import keyed_fleet
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
 def fleet(tmp_path):
-    fleet = config.load(environ={"SKYFUSE_SIGNING__KEYS_DIR": str(tmp_path / "keys"),
-                                 "SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus")})
-    signing.ensure_local_keys(fleet)
-    return fleet
+    return keyed_fleet(tmp_path)
 
 
 def make(fleet, type_name, by, data=None, **attrs):
