@@ -90,3 +90,55 @@ def test_routes_by_placement_follows_it_and_fails_over(fleet):
         server.stop()
         failing.shutdown()
         bus.close()
+
+
+def test_keeps_answering_while_the_serving_clouds_server_is_killed(fleet, tmp_path):
+    """Real inference servers (aws and azure entry points) behind the router; the heavier placed
+    cloud's server is SIGKILLed while requests stream in: every request still gets a 200."""
+    import signal
+    import time
+
+    from skyfuse.serving import hosts, testing
+    from skyfuse.serving.model import publish
+    from skyfuse.storage import open_store
+    from tests.integration.test_inference_hosts import host_env
+
+    servers = {}
+    try:
+        for cloud in ("aws", "azure"):
+            (tmp_path / cloud).mkdir()
+            store_uri, env = host_env(cloud, tmp_path / cloud)
+            servers[cloud] = hosts.start(cloud, env=env, log_dir=tmp_path / cloud)
+            publish(open_store(store_uri), "v1", testing.classifier(seed=1))
+        bus = open_bus(fleet)
+        placement = Placement(fleet, bus)
+        router = RouterServer(Router({c: s.url for c, s in servers.items()}, placement, seed=3), 0, poll_s=0.05).start()
+        place(bus, fleet, 1, {"aws": 0.8, "azure": 0.2})
+        placement.refresh()
+        body = b'{"instances": [[1, 2, 3, 4]]}'
+
+        def ask():
+            request = urllib.request.Request(f"{router.url}/predict", body, {"content-type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.headers["x-skyfuse-cloud"]
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.headers["x-skyfuse-cloud"]
+
+        deadline = time.monotonic() + 30
+        answers = []
+        while {c for _, c in answers} != {"aws", "azure"} or any(s != 200 for s, _ in answers):
+            assert time.monotonic() < deadline, f"both servers not answering 200 through the router: {answers[-5:]}"
+            answers = [*answers[-20:], ask()]
+        servers["aws"].process.send_signal(signal.SIGKILL)  # the leader; its group goes below
+        servers["aws"]._signal(signal.SIGKILL)
+        servers["aws"].process.wait(10)
+        after = [ask() for _ in range(40)]
+        assert after == [(200, "azure")] * 40
+        stats = json.loads(urllib.request.urlopen(f"{router.url}/router", timeout=10).read())
+        assert stats["counts"]["aws"]["refused"] >= 1, stats  # aws was drawn, refused, and azure answered instead
+        router.stop()
+        bus.close()
+    finally:
+        for server in servers.values():
+            server.stop()
