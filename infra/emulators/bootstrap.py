@@ -1,9 +1,11 @@
-"""Create the skyfuse buckets in the local emulators (idempotent): run by `emulators.sh up` with the
-project's venv, through each cloud's own Python SDK.
+"""Create the skyfuse buckets in the local emulators, and the Route 53 hosted zone of the router's
+DNS records in LocalStack (idempotent): run by `emulators.sh up` with the project's venv, through
+each cloud's own Python SDK.
 
     python infra/emulators/bootstrap.py [--s3 URL] [--gcs URL] [--azure CONNECTION_STRING]
-                                        [--aws-bucket skyfuse-aws] [--gcp-bucket skyfuse-gcp]
-                                        [--azure-container skyfuse-azure]
+                                        [--route53 URL] [--aws-bucket skyfuse-aws]
+                                        [--gcp-bucket skyfuse-gcp] [--azure-container skyfuse-azure]
+                                        [--dns-zone skyfuse.example.]
 
 Only the emulators named are touched. Exit status 1 (with the reason) when one cannot be set up.
 """
@@ -87,14 +89,33 @@ def azure_container(conn: str, container: str) -> None:
     print(f"bootstrap: az://{container} {_retrying(f'az://{container} at {service.url}', create)} ({service.url})")
 
 
+def route53_zone(endpoint: str, zone: str) -> None:
+    import boto3
+
+    route53 = boto3.client("route53", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                           aws_secret_access_key="test")
+
+    def create():
+        found = route53.list_hosted_zones_by_name(DNSName=zone, MaxItems="1")["HostedZones"]
+        if found and found[0]["Name"] == zone:
+            return "exists"
+        route53.create_hosted_zone(Name=zone, CallerReference=f"skyfuse-bootstrap-{zone}")
+        return "created"
+
+    print(f"bootstrap: route53 zone {zone} {_retrying(f'route53 zone {zone} at {endpoint}', create)} ({endpoint})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--s3", metavar="URL", help="LocalStack endpoint, e.g. http://127.0.0.1:4566")
     p.add_argument("--gcs", metavar="URL", help="GCS emulator endpoint, e.g. http://127.0.0.1:9023")
     p.add_argument("--azure", metavar="CONNECTION_STRING", help="Azurite connection string")
+    p.add_argument("--route53", metavar="URL", help="LocalStack endpoint for the hosted zone, e.g. http://127.0.0.1:4566")
     p.add_argument("--aws-bucket", default="skyfuse-aws")
     p.add_argument("--gcp-bucket", default="skyfuse-gcp")
     p.add_argument("--azure-container", default="skyfuse-azure")
+    p.add_argument("--dns-zone", default="skyfuse.example.", help="the zone `skyfuse up --emulate` sets records in "
+                                                                   "(skyfuse.emulation.DNS_ZONE)")
     args = p.parse_args(argv)
     try:
         if args.s3:
@@ -103,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             gcs_bucket(args.gcs, args.gcp_bucket)
         if args.azure:
             azure_container(args.azure, args.azure_container)
+        if args.route53:
+            route53_zone(args.route53, args.dns_zone.rstrip(".") + ".")
     except ImportError as exc:
         raise SystemExit(f"bootstrap: {exc}: the cloud SDKs are missing from {sys.executable}; "
                          "run `make install`") from None

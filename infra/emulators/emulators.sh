@@ -2,6 +2,7 @@
 # Local stand-ins for the three clouds' object stores, for skyfuse development and CI:
 #
 #   localstack  AWS (S3, SQS, SSM, EventBridge, API Gateway)   http://127.0.0.1:4566    bucket    skyfuse-aws
+#               and Route 53                                                            zone      skyfuse.example.
 #   gcs         Google Cloud Storage (fake-gcs-server)         http://127.0.0.1:9023    bucket    skyfuse-gcp
 #   azurite     Azure Blob Storage (Azurite)                   http://127.0.0.1:10000   container skyfuse-azure
 #
@@ -299,7 +300,7 @@ bootstrap() {   # create the buckets in the emulators named
   local s
   for s in "$@"; do
     case "$s" in
-      localstack) args+=(--s3 "$(url_of localstack)") ;;
+      localstack) args+=(--s3 "$(url_of localstack)" --route53 "$(url_of localstack)") ;;
       gcs) args+=(--gcs "$(url_of gcs)") ;;
       azurite) args+=(--azure "$AZURITE_CONN") ;;
     esac

@@ -8,6 +8,11 @@
 #
 # Without RUN=1 the script only prints the commands (read them first). Run from anywhere; it
 # deploys the repo root (pyproject.toml installs skyfuse and services/). See infra/README.md.
+#
+# With DNS_ZONE (a Cloud DNS managed zone) and DNS_NAME, it also creates the fleet's one DNS name as
+# a weighted round robin record set, one item per cloud: the gcp inference host with all the
+# weight, AWS_INFERENCE_HOST and AZURE_INFERENCE_HOST (when set) with none, to be moved with
+# `gcloud dns record-sets update … --routing-policy-data` (infra/README.md, "DNS front door").
 set -euo pipefail
 
 : "${PROJECT:?set PROJECT to the Google Cloud project id}"
@@ -17,6 +22,11 @@ set -euo pipefail
 : "${SERVICE_ACCOUNT:=skyfuse-functions@${PROJECT}.iam.gserviceaccount.com}"
 : "${ALLOW_UNAUTHENTICATED:=0}"   # 1: the inference function is public
 : "${MESSAGE_BUS:=skyfuse}"       # Eventarc Advanced bus the Kafka sources publish to
+: "${DNS_ZONE:=}"                # Cloud DNS managed zone of the DNS front door; empty: none
+: "${DNS_NAME:=}"                # the name callers use, e.g. api.skyfuse.example.
+: "${DNS_TTL:=60}"
+: "${AWS_INFERENCE_HOST:=}"      # host names (custom domains) of the other clouds' inference endpoints
+: "${AZURE_INFERENCE_HOST:=}"
 : "${RUN:=0}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -107,3 +117,15 @@ for target in monitor_timer fuser_quorum_timer; do
     --uri "https://${svc}-${PROJECT_NUMBER}.${REGION}.run.app/" \
     --oidc-service-account-email "$SERVICE_ACCOUNT"
 done
+
+# --- the DNS front door (optional): Cloud DNS weighted round robin over the clouds' inference hosts
+if [[ -n "$DNS_ZONE" ]]; then
+  : "${DNS_NAME:?set DNS_NAME to the name callers use, e.g. api.skyfuse.example.}"
+  # weight=rrdata items, ";"-separated; a CNAME's target is fully qualified (final dot)
+  wrr="1=skyfuse-inference-${PROJECT_NUMBER}.${REGION}.run.app."
+  for host in "$AWS_INFERENCE_HOST" "$AZURE_INFERENCE_HOST"; do
+    if [[ -n "$host" ]]; then wrr+=";0=${host%.}."; fi
+  done
+  run gcloud dns record-sets create "${DNS_NAME%.}." --project "$PROJECT" --zone "$DNS_ZONE" --type CNAME \
+    --ttl "$DNS_TTL" --routing-policy-type WRR --routing-policy-data "$wrr"
+fi

@@ -28,7 +28,7 @@ from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 
 from services.inference import handler
 from skyfuse.serving import oip
-from skyfuse.serving.asgi import content_length, lifespan, noting_status, read_body, replay, send_response
+from skyfuse.serving.asgi import content_length, counting, lifespan, noting_status, read_body, replay, send_response
 
 logger = Logger(service="skyfuse-inference")
 JSON = "application/json"
@@ -133,7 +133,7 @@ class LocalHost:
         if scope["type"] != "http":
             return
         with handler.track(scope["path"]) as tracked:
-            await self._serve(scope, receive, noting_status(send, tracked))
+            await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
 
     async def _serve(self, scope, receive, send) -> None:
         path, limit = scope["path"], handler.max_body_bytes()

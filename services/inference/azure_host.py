@@ -21,7 +21,7 @@ import azure.functions as func
 
 from services.inference import handler
 from skyfuse.serving import api
-from skyfuse.serving.asgi import content_length, lifespan, noting_status, read_body, send_response
+from skyfuse.serving.asgi import content_length, counting, lifespan, noting_status, read_body, send_response
 
 ROUTE_PREFIX = "api"
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
@@ -77,7 +77,7 @@ class AzureFunctionsHost:
         if scope["type"] != "http":
             return
         with handler.track(scope["path"], self.prefix) as tracked:
-            await self._serve(scope, receive, noting_status(send, tracked))
+            await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
 
     async def _serve(self, scope, receive, send) -> None:
         method, path = scope["method"], scope["path"]

@@ -100,6 +100,8 @@ def inference(request):
     with handler.track(path) as tracked:
         status, body, headers = _route(request, path)
         tracked.status = status
+        tracked.received = request.content_length or 0  # a chunked body counts 0
+        tracked.sent = len(body.encode() if isinstance(body, str) else body)
     return body, status, {**_JSON, **headers}
 
 

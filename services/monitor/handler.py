@@ -1,16 +1,28 @@
 """The monitor's core: on a timer, in every cloud, reports that cloud's load and current prices.
 
+Load is measured on the cloud's serving processes, not the machine (`signals` defines each figure,
+`probe` finds and reads the processes): `cpu_utilisation`, `memory_utilisation` and
+`network_bytes_per_s` over the window since the previous tick, and `load` = the CPU utilisation
+(0 while no serving process is found). Each figure is null when it cannot be measured: the first
+tick, a server restarted or gone, or a cloud whose endpoint is not on this machine.
+
 Prices come from the fleet config, read again on every tick, so a price change in the file reaches
 the scheduler within one period. Request figures come from the inference functions' own
 metrics.sampled events; this one carries no requests (latency is null).
 """
 from __future__ import annotations
 
-import os
+import threading
 from datetime import datetime, timezone
 
+from services.monitor.probe import Probe
+from services.monitor.signals import Reading, figures
 from skyfuse import config as fleet_config
 from skyfuse.runtime.function import Runtime
+
+_lock = threading.Lock()
+_probe = Probe()
+_previous: dict[str, Reading] = {}  # cloud → its reading at the previous tick (one process may monitor several)
 
 
 def on_timer(runtime: Runtime) -> None:
@@ -20,12 +32,24 @@ def on_timer(runtime: Runtime) -> None:
         runtime.log.warning("fleet config unreadable; keeping the last prices", extra={"error": str(exc)})
         fleet = runtime.fleet
     cloud = fleet.clouds.get(runtime.cloud) or runtime.fleet.clouds[runtime.cloud]
-    load = min(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    live = runtime.fleet.clouds.get(runtime.cloud)
+    endpoint = (live.endpoint if live else "") or cloud.endpoint  # `skyfuse up` sets the live one
+    try:
+        reading = _probe.read(endpoint) if endpoint else None
+    except Exception as exc:  # noqa: BLE001 - the prices and the sample go out all the same
+        runtime.log.warning("serving processes not readable; figures null", extra={"error": repr(exc)})
+        reading = None
+    with _lock:
+        previous = _previous.pop(runtime.cloud, None)
+        if reading is not None:
+            _previous[runtime.cloud] = reading
+    measured = figures(previous, reading)
+    window_s = max(0.001, round(measured.window_s or fleet.training.timer_s, 3))
     runtime.emit("metrics.sampled", {
-        "cloud": runtime.cloud, "source": "monitor", "window_s": fleet.training.timer_s,
+        "cloud": runtime.cloud, "source": "monitor", "window_s": window_s,
         "sampled_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "requests": 0, "requests_per_s": 0.0, "latency_ms": {"p50": None, "p99": None}, "error_rate": 0.0,
-        "load": round(load, 4), "capacity_rps": cloud.capacity_rps,
+        "load": round(measured.cpu_utilisation or 0.0, 4), **measured.to_data(), "capacity_rps": cloud.capacity_rps,
         "price": {"per_hour": cloud.price_per_hour, "per_million_requests": cloud.price_per_million_requests,
                   "currency": "USD"},
     })

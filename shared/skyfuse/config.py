@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor")
+FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor", "router")
 PROVIDERS = ("aws", "gcp", "azure")
 ENV_PREFIX = "SKYFUSE_"
 ENV_NOT_KEYS = {"SKYFUSE_CONFIG", "SKYFUSE_EVENTS_DIR", "SKYFUSE_CLOUD", "SKYFUSE_FUNCTION", "SKYFUSE_SIGNING_KEY"}
@@ -180,6 +180,55 @@ class Tracing(Section):
                                                                     "(cloud.provider, faas.name).")
 
 
+class Dns(Section):
+    """The weighted DNS name the `router` function keeps in step with placement.changed: the front
+    door of the real clouds (`skyfuse up` serves a local one on 127.0.0.1)."""
+
+    provider: Literal["none", "route53"] = Field(
+        "none", description="`none`: no DNS (the router function skips every placement); `route53`: Amazon Route 53 "
+                            "weighted records, one per cloud (SetIdentifier = the cloud's name, weight 0-255 from its "
+                            "placement weight, target the host of its `endpoint`), set by the control cloud's router.")
+    zone: str = Field("", description="Hosted zone name, e.g. `skyfuse.example.`; the zone must exist (the deploy "
+                                      "templates, or infra/emulators/bootstrap.py for LocalStack, make it).")
+    hosted_zone_id: str = Field("", description="Route 53 hosted zone id (`Z…`); empty: looked up by `zone`.")
+    record: str = Field("", description="The name callers use, inside the zone, e.g. `api.skyfuse.example.`.")
+    ttl: int = Field(60, ge=0, le=2_147_483_647,
+                     description="Seconds resolvers may cache an answer: how long callers may still reach a cloud "
+                                 "after a placement moved away from it.")
+    endpoint_url: str = Field("", description="Route 53 API endpoint, e.g. LocalStack's http://127.0.0.1:4566; "
+                                              "empty: AWS's own (or $AWS_ENDPOINT_URL).")
+
+    @field_validator("zone", "record")
+    @classmethod
+    def _dns_name(cls, value: str, info) -> str:
+        name = value.strip().lower()
+        if name and not name.endswith("."):
+            name += "."  # fully qualified, as Route 53 answers it
+        labels = name[:-1].split(".") if name else []
+        if any(not label or len(label) > 63 or not label.replace("-", "").replace("_", "").isalnum()
+               or not label.isascii() for label in labels):
+            raise ValueError(f"{value!r} is not a DNS name: give dot-separated labels of letters, digits, '-' and "
+                             f"'_', e.g. {'api.' if info.field_name == 'record' else ''}skyfuse.example.")
+        return name
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Dns":
+        if self.provider == "none":
+            return self
+        problems = []
+        if not self.record:
+            problems.append("dns.record is empty: set it to the name callers use, e.g. record = \"api.skyfuse.example.\"")
+        if not (self.zone or self.hosted_zone_id):
+            problems.append("dns.zone and dns.hosted_zone_id are both empty: set zone = \"skyfuse.example.\" (or the "
+                            "zone's id) so the records have a zone")
+        if self.record and self.zone and not ("." + self.record).endswith("." + self.zone):
+            problems.append(f"dns.record {self.record!r} is not inside dns.zone {self.zone!r}: name a record under "
+                            f"the zone, e.g. api.{self.zone}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Function(Section):
     ordering: Literal["partition", "key", "unordered"] = Field(
         "partition", description="In order per partition, per key, or not at all (bounded by `concurrency`).")
@@ -190,12 +239,64 @@ class Function(Section):
 class Training(Section):
     hidden: list[int] = Field([64, 32], min_length=1, description="Units of each hidden layer of the MLP.")
     epochs: int = Field(100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
-    finetune_epochs: int = Field(2, ge=1, description="Epochs of each FedAvg round's fine-tuning.")
+    finetune_epochs: int = Field(5, ge=1, description="Epochs of each FedAvg round's fine-tuning (all of them run: no early stopping).")
+    finetune_optimizer: Literal["adam", "sgd"] = Field("sgd", description="Optimizer of the fine-tuning rounds: sgd (plain, as FedAvg's clients) or adam.")
+    finetune_learning_rate: float = Field(0.3, gt=0, description="Learning rate of the first fine-tuning round.")
+    finetune_lr_decay: float = Field(0.85, gt=0, le=1, description="Each later fine-tuning round's learning rate is the one before times this.")
     batch_size: int = Field(16, ge=1, description="Mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     rounds: int = Field(10, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning rounds of a fedprox run.")
+    server_lr: float = Field(0.03, gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + tau)).")
+    server_tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing (adaptivity).")
+    server_beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi: decay of the first moment m of the pseudo-gradients.")
+    server_beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi: decay of the second moment v of the pseudo-gradients.")
     quorum_timeout_s: float = Field(120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
     timer_s: float = Field(2.0, gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")
+
+
+class Scheduler(Section):
+    """The placement policy's knobs (`skyfuse.scheduling.policy`: score = C + λ·P, with hysteresis);
+    `lambda` itself is top-level. The defaults suit one-minute samples and a 100 ms p99 objective."""
+
+    slo_p99_ms: float = Field(100.0, gt=0, description="Latency objective: the p99 a cloud should stay under; "
+                                                       "the latency part of P is 1.0 there.")
+    margin: float = Field(0.15, ge=0, lt=1, description="Relative improvement (0.15 = 15 %) the best placement "
+                                                        "needs over the current one before serving moves.")
+    dwell_s: float = Field(300.0, ge=0, description="How long the better placement must stay better by `margin`, "
+                                                    "at every decision, before serving moves.")
+    min_dwell_s: float = Field(900.0, ge=0, description="Minimum age of a placement before any move but a "
+                                                        "failover.")
+    top_k: int = Field(1, ge=1, description="Serve from the k best clouds (more when they lack the capacity), "
+                                            "traffic weights ∝ 1/score.")
+    min_replicas: int = Field(1, ge=0, description="Replicas kept in each serving cloud at least (also the floor "
+                                                   "of the cost estimate).")
+    stale_after_s: float = Field(150.0, gt=0, description="A cloud with no metrics.sampled for this long is down "
+                                                          "(failed over at once when it serves).")
+    half_life_s: float = Field(120.0, gt=0, description="Half-life in seconds of the smoothing of every "
+                                                        "measured figure (latency, errors, load).")
+    error_budget: float = Field(0.01, gt=0, description="Error rate that costs 1.0 in P (0.01: 1 %).")
+    failover_error_rate: float = Field(0.25, gt=0, le=1, description="Smoothed error rate at which a cloud is "
+                                                                     "ineligible, and a serving one failed over at once.")
+    slo_breach_weight: float = Field(4.0, ge=0, description="Extra P per unit of p99/SLO above 1 (a p99 10 % "
+                                                            "over the objective adds 0.4 at the default).")
+    saturation_knee: float = Field(0.8, ge=0, lt=1, description="Projected utilisation (load / capacity_rps of the "
+                                                                "replicas needed) from which saturation costs in P.")
+    cpu_weight: float = Field(0.0, ge=0, description="Weight in P of the CPU utilisation the monitor measures on a "
+                                                     "cloud's serving processes, past `resource_knee` (0: not used).")
+    memory_weight: float = Field(0.0, ge=0, description="Weight in P of their memory utilisation, past "
+                                                        "`resource_knee` (0: not used).")
+    network_weight: float = Field(0.0, ge=0, description="Weight in P of their network throughput / "
+                                                         "`network_capacity_bytes_per_s`, past `resource_knee` "
+                                                         "(0: not used).")
+    resource_knee: float = Field(0.8, ge=0, lt=1, description="Measured utilisation from which the cpu, memory "
+                                                              "and network terms cost (1.0 when full; 0: the "
+                                                              "term is weight × utilisation).")
+    network_capacity_bytes_per_s: float = Field(125e6, gt=0, description="Throughput that counts as a full "
+                                                                         "network (125e6 bytes/s = 1 Gbit/s).")
+    standby: bool = Field(False, description="Deploy every placed model to every cloud, the ones without traffic "
+                                             "as warm standbys (deployment.status `standby`): a move or failover "
+                                             "needs no copy, and each cloud's serving processes can be measured.")
 
 
 class Fleet(Section):
@@ -206,9 +307,11 @@ class Fleet(Section):
     functions: dict[str, Function] = Field(default_factory=dict)
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
     control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
+    scheduler: Scheduler = Field(default_factory=lambda: Scheduler())
     training: "Training" = Field(default_factory=lambda: Training())
     signing: Signing = Signing()
     tracing: Tracing = Tracing()
+    dns: Dns = Dns()
 
     @model_validator(mode="before")
     @classmethod

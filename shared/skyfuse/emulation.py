@@ -1,6 +1,7 @@
 """The fleet against real emulators of each cloud (`skyfuse demo --emulate`, `make run-emulated`):
-Apache Kafka for the bus, LocalStack S3, fake-gcs-server and Azurite for the three stores, as
-`infra/emulators/emulators.sh up` starts them on 127.0.0.1."""
+Apache Kafka for the bus, LocalStack S3, fake-gcs-server and Azurite for the three stores, and
+LocalStack's Route 53 for the DNS front door the router function sets, as
+`infra/emulators/emulators.sh up` starts them on 127.0.0.1 (it also creates the hosted zone)."""
 from __future__ import annotations
 
 import os
@@ -19,15 +20,21 @@ ENVIRONMENT = {
         "UzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"),
 }
 STORES = {"aws": "s3://skyfuse-aws", "gcp": "gs://skyfuse-gcp", "azure": "az://skyfuse-azure"}
+DNS_ZONE = "skyfuse.example."  # what infra/emulators/bootstrap.py creates in LocalStack
 
 
 def apply(fleet: Fleet) -> Fleet:
-    """The same fleet with each cloud's store in its provider's emulator and the bus on Kafka."""
+    """The same fleet with each cloud's store in its provider's emulator, the bus on Kafka, and the
+    router's weighted DNS records in LocalStack's Route 53 (`api.skyfuse.example.` unless `[dns]`
+    names another record of an existing zone)."""
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # children (inference servers) inherit them
     clouds = {name: c.model_copy(update={"store": STORES[c.provider]}) for name, c in fleet.clouds.items()}
     bus = fleet.bus.model_copy(update={"backend": "kafka"})
-    return fleet.model_copy(update={"clouds": clouds, "bus": bus})
+    named = fleet.dns.record and (fleet.dns.zone or fleet.dns.hosted_zone_id)
+    dns = fleet.dns if named else fleet.dns.model_copy(update={"zone": DNS_ZONE, "record": f"api.{DNS_ZONE}"})
+    dns = dns.model_copy(update={"provider": "route53", "endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    return fleet.model_copy(update={"clouds": clouds, "bus": bus, "dns": dns})
 
 
 def api_gateway(endpoint: str, name: str = "skyfuse-inference", stage: str = "local") -> str:

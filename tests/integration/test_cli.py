@@ -60,7 +60,7 @@ def test_selftest_shows_every_event_reaching_every_cloud(env):
     run = cli(env, "selftest")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "every event reached its function in every cloud" in run.stdout
-    assert run.stdout.count("✓") == 8 * 3
+    assert run.stdout.count("✓") == 9 * 3  # placement.changed reaches the deployer and the router
 
 
 def test_up_then_publish_each_sample_then_status(env, tmp_path):

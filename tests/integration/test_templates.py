@@ -1,7 +1,8 @@
 """The deployment templates under infra/ name only entry points that exist, on the catalog's topics.
 
 Fast, no cloud and no broker: cfn-lint and the SAM translator on infra/aws/template.yaml, the
-Azure function app's `get_functions()`, and `bash -n` / shellcheck on infra/gcp/deploy.sh.
+Azure function app's `get_functions()`, and `bash -n` / shellcheck on infra/gcp/deploy.sh; the DNS
+front door of each cloud (Route 53 records and the router function, Traffic Manager, Cloud DNS).
 """
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skyfuse import contracts
+from skyfuse import config, contracts
 
 ROOT = Path(__file__).resolve().parents[2]
 SAM = ROOT / "infra/aws/template.yaml"
 AZURE = ROOT / "infra/azure"
 DEPLOY_SH = ROOT / "infra/gcp/deploy.sh"
 KAFKA_FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer")
+AWS_KAFKA_FUNCTIONS = (*KAFKA_FUNCTIONS, "router")  # the router sets Route 53; the other clouds' DNS is templated
+TRAFFIC_MANAGER = AZURE / "traffic-manager.json"
 
 
 def catalog_topics(function: str) -> set[str]:
@@ -85,8 +88,8 @@ def test_sam_translator_transforms(monkeypatch):
                                "KafkaBootstrapServers": "b-1:9098"}, Policies())
     mappings = [r["Properties"] for r in out["Resources"].values() if r["Type"] == "AWS::Lambda::EventSourceMapping"]
     assert sorted(t for m in mappings for t in m["Topics"]) == sorted(
-        t for f in KAFKA_FUNCTIONS for t in catalog_topics(f))
-    assert len(mappings) == sum(len(catalog_topics(f)) for f in KAFKA_FUNCTIONS)
+        t for f in AWS_KAFKA_FUNCTIONS for t in catalog_topics(f))
+    assert len(mappings) == sum(len(catalog_topics(f)) for f in AWS_KAFKA_FUNCTIONS)
     for m in mappings:
         assert (m["StartingPosition"], m["BatchSize"], m["MaximumBatchingWindowInSeconds"]) == ("TRIM_HORIZON", 100, 1)
         assert m["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
@@ -118,13 +121,13 @@ class _on_path:
 def test_sam_handlers_resolve_to_callables():
     functions = sam_functions()
     assert {"TrainerFunction", "ExporterFunction", "FuserFunction", "SchedulerFunction", "DeployerFunction",
-            "InferenceFunction", "MonitorFunction", "FuserQuorumFunction"} <= set(functions)
+            "InferenceFunction", "MonitorFunction", "FuserQuorumFunction", "RouterFunction"} <= set(functions)
     for name, props in functions.items():
         handler = props.get("Handler") or props["ImageConfig"]["Command"][0]
         # zip functions: CodeUri, then the layer (the repo installed); images: the repo, timers.py copied in
         search = [SAM.parent / props.get("CodeUri", "src"), ROOT]
         assert callable(_resolve(handler, search)), name
-    for fn in KAFKA_FUNCTIONS:
+    for fn in AWS_KAFKA_FUNCTIONS:
         props = functions[f"{fn.capitalize()}Function"]
         assert (props.get("Handler") or props["ImageConfig"]["Command"][0]) == f"services/{fn}/aws.lambda_handler"
     assert functions["InferenceFunction"]["Handler"] == "services/inference/aws.lambda_handler"
@@ -132,7 +135,7 @@ def test_sam_handlers_resolve_to_callables():
 
 def test_sam_topics_equal_catalog():
     functions = sam_functions()
-    for fn in KAFKA_FUNCTIONS:
+    for fn in AWS_KAFKA_FUNCTIONS:
         events = functions[f"{fn.capitalize()}Function"]["Events"].values()
         kafka = [e["Properties"] for e in events if e["Type"] in ("MSK", "SelfManagedKafka")]
         topics = [t for e in kafka for t in e["Topics"]]
@@ -239,3 +242,63 @@ def test_every_function_signs_with_its_own_key_from_the_clouds_secret_store():
         function = re.search(r"--function (\w+)", line).group(1).split("_")[0]
         assert f"SKYFUSE_SIGNING_KEY=skyfuse-signing-gcp-{function}:latest" in line, line
     assert any(".skyfuse/keys/trust.json" in line and line.startswith("+ cp") for line in run.stdout.splitlines())
+
+
+# ---- the DNS front door
+
+
+def test_sam_route53_records_and_a_router_allowed_only_its_own_name():
+    resources = sam()["Resources"]
+    records = {r["Properties"]["SetIdentifier"]: r for r in resources.values() if r["Type"] == "AWS::Route53::RecordSet"}
+    assert set(records) == set(config.Fleet().clouds)  # one weighted record per cloud
+    for cloud, record in records.items():
+        props = record["Properties"]
+        assert (props["Type"], props["Name"], props["HostedZoneId"]) == ("CNAME", "DnsRecordName", "HostedZoneId")
+        assert props["Weight"] == (255 if cloud == "aws" else 0) and record["Condition"].startswith("Has")
+    router = resources["RouterFunction"]
+    assert router["Condition"] == "HasDns" and resources["RouterDeadLetterQueue"]["Condition"] == "HasDns"
+    (statement,) = [s for p in router["Properties"]["Policies"] if isinstance(p, dict) for s in p["Statement"]
+                    if s["Action"] == "route53:ChangeResourceRecordSets"]
+    assert statement["Resource"] == "arn:${AWS::Partition}:route53:::hostedzone/${HostedZoneId}"
+    assert statement["Condition"]["ForAllValues:StringEquals"] == {
+        "route53:ChangeResourceRecordSetsNormalizedRecordNames": ["DnsRecordName"],
+        "route53:ChangeResourceRecordSetsRecordTypes": ["A", "AAAA", "CNAME"],
+        "route53:ChangeResourceRecordSetsActions": ["UPSERT", "DELETE"]}
+    # the router's settings are a valid [dns] section once the parameters are filled in
+    env = router["Properties"]["Environment"]["Variables"]
+    filled = {"HostedZoneId": "Z0123456789ABC", "DnsRecordName": "api.skyfuse.example", "DnsTtl": "60"}
+    dns_env = {k: filled[v] for k, v in env.items() if k.startswith("SKYFUSE_DNS__") and v in filled}
+    fleet = config.load(environ={**dns_env, "SKYFUSE_DNS__PROVIDER": env["SKYFUSE_DNS__PROVIDER"]})
+    assert (fleet.dns.provider, fleet.dns.hosted_zone_id, fleet.dns.record, fleet.dns.ttl) == (
+        "route53", "Z0123456789ABC", "api.skyfuse.example.", 60)
+    assert {"SKYFUSE_CLOUDS__AWS__ENDPOINT", "SKYFUSE_CLOUDS__GCP__ENDPOINT", "SKYFUSE_CLOUDS__AZURE__ENDPOINT"} <= set(env)
+
+
+def test_azure_traffic_manager_weights_one_endpoint_per_cloud():
+    template = json.loads(TRAFFIC_MANAGER.read_text())
+    (profile,) = template["resources"]
+    assert profile["type"] == "Microsoft.Network/trafficmanagerprofiles" and profile["location"] == "global"
+    props = profile["properties"]
+    assert props["trafficRoutingMethod"] == "Weighted"
+    endpoints = {e["name"]: e for e in props["endpoints"]}
+    assert set(endpoints) == set(config.Fleet().clouds)
+    for name, endpoint in endpoints.items():
+        assert endpoint["type"] == "Microsoft.Network/trafficManagerProfiles/externalEndpoints"
+        assert 1 <= endpoint["properties"]["weight"] <= 1000  # Traffic Manager's range
+        assert endpoint["properties"]["endpointStatus"] == ("Enabled" if name == "azure" else "Disabled")
+    used = set(re.findall(r"parameters\('(\w+)'\)", TRAFFIC_MANAGER.read_text()))
+    assert used == set(template["parameters"]), "every parameter used is declared, and every declared one used"
+
+
+def test_gcp_cloud_dns_weighted_round_robin_only_when_asked():
+    env = {**os.environ, "RUN": "0", "PROJECT": "p", "REGION": "r", "KAFKA_BOOTSTRAP": "b:9092"}
+    plain = subprocess.run(["bash", str(DEPLOY_SH)], capture_output=True, text=True, check=True, env=env)
+    assert "gcloud dns" not in plain.stdout
+    run = subprocess.run(["bash", str(DEPLOY_SH)], capture_output=True, text=True, check=True, env={
+        **env, "DNS_ZONE": "skyfuse", "DNS_NAME": "api.skyfuse.example", "AWS_INFERENCE_HOST": "aws.skyfuse.example"})
+    (line,) = [line for line in run.stdout.splitlines() if line.startswith("+ gcloud dns record-sets create")]
+    args = line.replace("\\;", ";").split()
+    assert args[5] == "api.skyfuse.example." and args[args.index("--zone") + 1] == "skyfuse"
+    assert args[args.index("--routing-policy-type") + 1] == "WRR" and args[args.index("--type") + 1] == "CNAME"
+    items = dict(item.split("=")[::-1] for item in args[args.index("--routing-policy-data") + 1].split(";"))
+    assert items == {"skyfuse-inference-PROJECT_NUMBER.r.run.app.": "1", "aws.skyfuse.example.": "0"}

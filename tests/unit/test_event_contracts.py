@@ -25,7 +25,7 @@ SCHEMAS = EVENTS / "schemas"
 SAMPLES = EVENTS / "samples"
 CATALOG = EVENTS / "catalog.toml"
 
-FUNCTIONS = {"trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor"}
+FUNCTIONS = {"trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor", "router"}
 PRODUCERS = FUNCTIONS | {"cli"}
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 FORMAT_CHECKER = Draft202012Validator.FORMAT_CHECKER
@@ -145,7 +145,7 @@ def test_catalog_consumers_as_specified() -> None:
         "onnx.ready": ["fuser"],
         "fused.ready": ["scheduler"],
         "metrics.sampled": ["scheduler"],
-        "placement.changed": ["deployer"],
+        "placement.changed": ["deployer", "router"],
         "deployment.status": ["scheduler"],
     }
 

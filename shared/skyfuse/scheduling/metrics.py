@@ -22,6 +22,9 @@ Which sample feeds which figure:
   that serves no traffic).
 - `error_rate`: from samples with `requests > 0` (an empty window says nothing about errors).
 - `load`: from every sample.
+- `cpu_utilisation`, `memory_utilisation`, `network_bytes_per_s` (the serving processes' own
+  figures, which the monitor measures): from every sample that carries one (not null); None
+  until a cloud reports one.
 - price, `capacity_rps`, `replicas`, `model_version`: the latest sample's (by `sampled_at`; a
   price is a fact, not a noisy measure).
 
@@ -36,6 +39,7 @@ from datetime import UTC, datetime
 from typing import Any, Iterable, Mapping
 
 SOURCES = ("inference", "monitor")
+RESOURCES = ("cpu_utilisation", "memory_utilisation", "network_bytes_per_s")  # optional, null when not measured
 
 
 class SampleError(ValueError):
@@ -87,6 +91,9 @@ class Sample:
     capacity_rps: float | None = None
     replicas: int | None = None
     model_version: str | None = None
+    cpu_utilisation: float | None = None
+    memory_utilisation: float | None = None
+    network_bytes_per_s: float | None = None
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> "Sample":
@@ -142,6 +149,9 @@ class Sample:
             capacity = number("capacity_rps")
         if replicas is not None:
             replicas = need("replicas", int)
+        cpu = number("cpu_utilisation", hi=1.0, nullable=True) if "cpu_utilisation" in data else None
+        memory = number("memory_utilisation", hi=1.0, nullable=True) if "memory_utilisation" in data else None
+        network = number("network_bytes_per_s", nullable=True) if "network_bytes_per_s" in data else None
         return cls(
             cloud=cloud, source=source, t=t, window_s=window_s, requests=requests,
             requests_per_s=number("requests_per_s"), p50=p50, p99=p99,
@@ -151,6 +161,7 @@ class Sample:
             currency=price.get("currency", "USD") if isinstance(price.get("currency", "USD"), str) else "USD",
             capacity_rps=capacity, replicas=replicas,
             model_version=data.get("model_version") if isinstance(data.get("model_version"), str) else None,
+            cpu_utilisation=cpu, memory_utilisation=memory, network_bytes_per_s=network,
         )
 
     def to_data(self) -> dict[str, Any]:
@@ -168,6 +179,9 @@ class Sample:
             data["replicas"] = self.replicas
         if self.model_version is not None:
             data["model_version"] = self.model_version
+        for name in RESOURCES:
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
         return data
 
 
@@ -235,6 +249,7 @@ class CloudMetrics:
     p99: Ewma = None  # type: ignore[assignment]
     error_rate: Ewma = None  # type: ignore[assignment]
     load: Ewma = None  # type: ignore[assignment]
+    resources: dict[str, Ewma] = field(default_factory=dict)  # RESOURCES name → smoothed, once reported
     last_seen: float | None = None
     last_source_seen: dict[str, float] = field(default_factory=dict)
     latest: Sample | None = None  # newest by sampled_at
@@ -255,6 +270,10 @@ class CloudMetrics:
         if s.requests > 0:
             self.error_rate.add(s.t, s.error_rate, w)
         self.load.add(s.t, s.load, w)
+        for name in RESOURCES:
+            value = getattr(s, name)
+            if value is not None:
+                self.resources.setdefault(name, Ewma(self.half_life_s)).add(s.t, value, w)
         self.samples += 1
         if self.last_seen is None or s.t >= self.last_seen:
             self.last_seen = s.t
@@ -265,6 +284,7 @@ class CloudMetrics:
     def to_data(self) -> dict[str, Any]:
         return {"rps": {k: v.to_data() for k, v in self.rps.items()}, "p50": self.p50.to_data(),
                 "p99": self.p99.to_data(), "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
+                "resources": {k: v.to_data() for k, v in self.resources.items()},
                 "last_seen": self.last_seen, "last_source_seen": dict(self.last_source_seen),
                 "latest": self.latest.to_data() if self.latest else None, "samples": self.samples}
 
@@ -276,6 +296,7 @@ class CloudMetrics:
             latest = replace(latest, t=data["last_seen"])  # as counted (the clock may have bounded it)
         return cls(cloud, half_life_s, rps={k: Ewma.from_data(half_life_s, v) for k, v in data["rps"].items()},
                    p50=ewma("p50"), p99=ewma("p99"), error_rate=ewma("error_rate"), load=ewma("load"),
+                   resources={k: Ewma.from_data(half_life_s, v) for k, v in data.get("resources", {}).items()},
                    last_seen=data.get("last_seen"), last_source_seen=dict(data.get("last_source_seen", {})),
                    latest=latest, samples=int(data.get("samples", 0)))
 
@@ -290,6 +311,7 @@ class CloudMetrics:
             traffic_fresh=traffic_age <= stale_after_s,
             p50_ms=self.p50.value, p99_ms=self.p99.value,
             error_rate=self.error_rate.value or 0.0, load=self.load.value or 0.0,
+            **{name: self.resources[name].value if name in self.resources else None for name in RESOURCES},
             price_per_hour=latest.price_per_hour if latest else None,
             price_per_million_requests=latest.price_per_million_requests if latest else None,
             capacity_rps=latest.capacity_rps if latest else None,
@@ -309,6 +331,9 @@ class CloudView:
     p99_ms: float | None
     error_rate: float
     load: float
+    cpu_utilisation: float | None  # the serving processes' own figures, smoothed; None: never reported
+    memory_utilisation: float | None
+    network_bytes_per_s: float | None
     price_per_hour: float | None
     price_per_million_requests: float | None
     capacity_rps: float | None

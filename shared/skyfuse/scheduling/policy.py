@@ -19,8 +19,19 @@ need serving):
     P_j        = r_j + slo_breach_weight · max(0, r_j - 1)               (latency, steeper past the SLO)
                + error_rate_j / error_budget                             (1.0 per error budget spent)
                + max(0, u_j - saturation_knee) / (1 - saturation_knee)   (0 below the knee, 1 when full)
+               + cpu_weight · h(cpu_j) + memory_weight · h(mem_j)        (reported by the serving processes;
+               + network_weight · h(net_j / network_capacity_bytes_per_s) all weights 0 by default)
+
+    h(x)       = max(0, min(x, 1) - resource_knee) / (1 - resource_knee) (0 up to the knee, 1 when full)
 
     score_j    = C_j + λ · P_j                                           (lower is better)
+
+cpu_j, mem_j and net_j are the smoothed `cpu_utilisation`, `memory_utilisation` and
+`network_bytes_per_s` the monitor measures on a cloud's serving processes; a cloud that never
+reported one pays nothing for it. Unlike u_j they depend on the current placement (the serving
+cloud is busy, the idle ones are not), so their terms start at `resource_knee`: a cloud that is
+busy but not near saturation pays nothing, and margin and dwell keep one busy window from moving
+serving. With resource_knee = 0 a term is simply weight · utilisation.
 
 Normalisation: C is relative to the cheapest eligible cloud, so it is unitless, 1.0 for the
 cheapest and e.g. 1.3 for a cloud 30 % dearer; P is unitless with 1.0 meaning "p99 exactly at
@@ -57,10 +68,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
-from skyfuse.scheduling.metrics import MetricsState, Sample, format_time
+from skyfuse.scheduling.metrics import RESOURCES, MetricsState, Sample, format_time
 
 WEIGHT_DIGITS = 4
 
@@ -130,6 +141,16 @@ class PolicyConfig:
     """Extra P per unit of p99/SLO above 1 (a p99 10 % over the SLO adds 0.4)."""
     saturation_knee: float = 0.8
     """Projected utilisation from which saturation starts to cost (reaches 1.0 at 100 %)."""
+    cpu_weight: float = 0.0
+    """Weight in P of the serving processes' reported CPU utilisation past `resource_knee` (0: unused)."""
+    memory_weight: float = 0.0
+    """Weight in P of their reported memory utilisation past `resource_knee` (0: unused)."""
+    network_weight: float = 0.0
+    """Weight in P of their network throughput / `network_capacity_bytes_per_s` past `resource_knee` (0: unused)."""
+    resource_knee: float = 0.8
+    """Reported utilisation from which the cpu, memory and network terms start to cost (1.0 at 100 %)."""
+    network_capacity_bytes_per_s: float = 125e6
+    """Throughput that counts as a full network (network utilisation 1.0); 125e6 bytes/s is 1 Gbit/s."""
 
     def __post_init__(self):
         if not self.clouds:
@@ -149,6 +170,10 @@ class PolicyConfig:
             (0 < self.failover_error_rate <= 1, "failover_error_rate must be in (0, 1]"),
             (self.slo_breach_weight >= 0, "slo_breach_weight must be >= 0"),
             (0 <= self.saturation_knee < 1, "saturation_knee must be in [0, 1)"),
+            (min(self.cpu_weight, self.memory_weight, self.network_weight) >= 0,
+             "cpu_weight, memory_weight and network_weight must be >= 0"),
+            (0 <= self.resource_knee < 1, "resource_knee must be in [0, 1)"),
+            (self.network_capacity_bytes_per_s > 0, "network_capacity_bytes_per_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -156,12 +181,14 @@ class PolicyConfig:
 
     @classmethod
     def from_fleet(cls, fleet=None, **overrides) -> "PolicyConfig":
-        """From a `skyfuse.config.Fleet`: its clouds and `lambda`; `overrides` set any other knob."""
+        """From a `skyfuse.config.Fleet`: its clouds, `lambda` and every knob of its `[scheduler]`
+        section; `overrides` win over them."""
         from skyfuse import config
 
         fleet = fleet if fleet is not None else config.Fleet()
-        overrides.setdefault("lambda_", fleet.lambda_)
-        return cls(clouds=fleet_clouds(fleet), **overrides)
+        names = {f.name for f in fields(cls)}
+        section = {k: v for k, v in fleet.scheduler.model_dump().items() if k in names}  # not `standby`
+        return cls(clouds=fleet_clouds(fleet), **{"lambda_": fleet.lambda_, **section, **overrides})
 
     def is_allowed(self, cloud: str) -> bool:
         return cloud in self.clouds and (self.allowed is None or cloud in self.allowed)
@@ -196,6 +223,10 @@ class Score:
     utilisation: float  # projected
     stale: bool = False
     urgent: bool = False  # ineligible for a reason that fails a placed cloud over at once
+    cpu_utilisation: float | None = None  # reported by the serving processes, smoothed; None: never
+    memory_utilisation: float | None = None
+    network_bytes_per_s: float | None = None
+    terms: Mapping[str, float] = field(default_factory=dict, hash=False)  # P's parts: latency, errors, …
 
 
 @dataclass(frozen=True)
@@ -341,8 +372,12 @@ class Policy:
             p99 = view.p99_ms if view else None
             errors = view.error_rate if view else 0.0
             ratio = p99 / cfg.slo_p99_ms if p99 is not None else 0.0
-            perf = (ratio + cfg.slo_breach_weight * max(0.0, ratio - 1.0) + errors / cfg.error_budget
-                    + max(0.0, util - cfg.saturation_knee) / (1.0 - cfg.saturation_knee))
+            reported = {name: getattr(view, name) if view else None for name in RESOURCES}
+            terms = {"latency": ratio + cfg.slo_breach_weight * max(0.0, ratio - 1.0),
+                     "errors": errors / cfg.error_budget,
+                     "saturation": max(0.0, util - cfg.saturation_knee) / (1.0 - cfg.saturation_knee),
+                     **self.resource_terms(reported)}
+            perf = sum(terms.values())
             why, urgent = None, False
             if not cfg.is_allowed(cloud):
                 why, urgent = "not allowed by the policy", True
@@ -359,7 +394,7 @@ class Policy:
                 why = "max_replicas is 0"
             raw.append(dict(cloud=cloud, usd=usd, replicas=replicas, util=util, p99=p99, errors=errors,
                             perf=perf, why=why, urgent=urgent, stale=bool(view and view.stale),
-                            short=spec.max_rps() < load))
+                            short=spec.max_rps() < load, terms=terms, reported=reported))
         # capacity: clouds that cannot hold the whole load are eligible only when none can
         whole = [r for r in raw if r["why"] is None and not r["short"]]
         for r in raw:
@@ -381,7 +416,7 @@ class Policy:
                 if r["p99"] > cfg.slo_p99_ms:
                     p99_text += f" above the {cfg.slo_p99_ms:.0f} ms SLO"
                 note = (f"{p99_text}, {r['errors']:.2%} errors, {r['util']:.0%} utilised by {r['replicas']} "
-                        f"replica(s) at {load:.0f} rps, ${r['usd']:.4f}/h")
+                        f"replica(s) at {load:.0f} rps, ${r['usd']:.4f}/h" + _reported_text(r["reported"]))
                 if "part" in r:
                     note += "; " + r["part"]
             else:
@@ -389,8 +424,24 @@ class Policy:
             scores.append(Score(cloud=r["cloud"], cost=cost, performance=r["perf"], total=total,
                                 eligible=r["why"] is None, note=note, usd_per_hour=r["usd"], replicas=r["replicas"],
                                 p99_ms=r["p99"], error_rate=r["errors"], utilisation=r["util"], stale=r["stale"],
-                                urgent=r["urgent"]))
+                                urgent=r["urgent"], terms=r["terms"], **r["reported"]))
         return scores, load
+
+    def resource_terms(self, reported: Mapping[str, float | None]) -> dict[str, float]:
+        """The cpu, memory and network parts of P (see the module doc) for reported figures
+        (None: not reported, no cost). Only the weighted ones appear."""
+        cfg = self.config
+        full = {"cpu_utilisation": 1.0, "memory_utilisation": 1.0,
+                "network_bytes_per_s": cfg.network_capacity_bytes_per_s}
+        weights = {"cpu": (cfg.cpu_weight, "cpu_utilisation"), "memory": (cfg.memory_weight, "memory_utilisation"),
+                   "network": (cfg.network_weight, "network_bytes_per_s")}
+        terms = {}
+        for name, (weight, field_name) in weights.items():
+            value = reported.get(field_name)
+            if weight > 0:
+                used = 0.0 if value is None else min(1.0, value / full[field_name])
+                terms[name] = weight * max(0.0, used - cfg.resource_knee) / (1.0 - cfg.resource_knee)
+        return terms
 
     # -- placements -------------------------------------------------------------------------------
 
@@ -458,7 +509,9 @@ class Policy:
         if state.placed_at is not None and now - state.placed_at < cfg.min_dwell_s:
             return None
         gain = 1.0 - best_value / now_value if now_value > 0 else 0.0
-        reason = (f"{_names(best)} (score {best_value:.3f}) has beaten {_names(current)} ({now_value:.3f}) by "
+        driver = _driver(by_cloud[max(current, key=lambda p: p.weight).cloud], by_cloud[best[0].cloud], cfg.lambda_)
+        reason = (f"move: {driver} (score {now_value:.3f} → {best_value:.3f}); "
+                  f"{_names(best)} (score {best_value:.3f}) has beaten {_names(current)} ({now_value:.3f}) by "
                   f"{gain:.0%}, more than the {cfg.margin:.0%} margin, for {now - state.better_since:.0f} s "
                   f"(dwell {cfg.dwell_s:.0f} s)" + _ineligible(scores))
         return self._adopt(state, now, "move", best, scores, load, reason)
@@ -481,6 +534,50 @@ class Policy:
         state.placements, state.placed_at, state.better_since = best, now, None
         state.decisions += 1
         return decision
+
+
+def _driver(now: Score, best: Score, lambda_: float) -> str:
+    """What made `best` the better cloud than `now`: the part of the score where it gains most
+    (cost, or λ times one part of P), told with the figures behind it."""
+    gains = {"cost": now.cost - best.cost}
+    gains.update({name: lambda_ * (value - best.terms.get(name, 0.0)) for name, value in now.terms.items()})
+    what = max(sorted(gains), key=lambda name: gains[name])
+    a, b = now.cloud, best.cloud
+    if what == "latency":
+        return f"{a} p99 {_figure(now.p99_ms, '{:.3g} ms')} vs {b} {_figure(best.p99_ms, '{:.3g} ms')}"
+    if what == "errors":
+        return f"{a} errors {now.error_rate:.2%} vs {b} {best.error_rate:.2%}"
+    if what == "saturation":
+        return f"{a} {now.utilisation:.0%} utilised vs {b} {best.utilisation:.0%} at the load"
+    if what in ("cpu", "memory"):
+        name = f"{what}_utilisation"
+        return (f"{a} {what.upper() if what == 'cpu' else what} {_figure(getattr(now, name), '{:.0%}')} vs "
+                f"{b} {_figure(getattr(best, name), '{:.0%}')}")
+    if what == "network":
+        mb = "{:.2f} MB/s"
+        return (f"{a} network {_figure(_mb(now.network_bytes_per_s), mb)} vs "
+                f"{b} {_figure(_mb(best.network_bytes_per_s), mb)}")
+    return f"{b} costs ${best.usd_per_hour:.4f}/h vs {a} ${now.usd_per_hour:.4f}/h"
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "not reported" if value is None else spec.format(value)
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
+
+
+def _reported_text(reported: Mapping[str, float | None]) -> str:
+    """The serving processes' own figures, for a score's note (those reported)."""
+    parts = []
+    if reported.get("cpu_utilisation") is not None:
+        parts.append(f"CPU {reported['cpu_utilisation']:.0%}")
+    if reported.get("memory_utilisation") is not None:
+        parts.append(f"memory {reported['memory_utilisation']:.0%}")
+    if reported.get("network_bytes_per_s") is not None:
+        parts.append(f"network {reported['network_bytes_per_s'] / 1e6:.2f} MB/s")
+    return ", " + ", ".join(parts) if parts else ""
 
 
 def _names(placements: Iterable[Placement]) -> str:

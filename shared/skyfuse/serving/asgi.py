@@ -51,13 +51,26 @@ def replay(body: bytes) -> Receive:
 
 
 def noting_status(send: Send, tracked) -> Send:
-    """`send`, noting the response's status on `tracked` (a `prometheus.Tracker`) as it starts."""
+    """`send`, noting the response's status on `tracked` (a `prometheus.Tracker`) as it starts, and
+    the body bytes it sends."""
     async def noted(message: dict) -> None:
         if message["type"] == "http.response.start":
             tracked.status = message["status"]
+        elif message["type"] == "http.response.body":
+            tracked.sent += len(message.get("body", b""))
         await send(message)
 
     return noted
+
+
+def counting(receive: Receive, tracked) -> Receive:
+    """`receive`, adding the request body bytes it hands over to `tracked.received`."""
+    async def counted() -> dict:
+        message = await receive()
+        tracked.received += len(message.get("body", b""))
+        return message
+
+    return counted
 
 
 async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:

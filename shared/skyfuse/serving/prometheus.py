@@ -5,6 +5,7 @@
     skyfuse_inference_requests_in_flight                      requests being answered now
     skyfuse_inference_model_info{version}                     1 for the version served, 0 for earlier ones
     skyfuse_inference_model_load_failures_total               models the pointer named that failed to load
+    skyfuse_inference_bytes_total{direction}                  HTTP body bytes received and sent (scrapes not counted)
 
 `route` is a template ("/predict", "/v2/models/{name}/infer", ..., "unmatched" for any other
 path), so a scanner cannot grow the number of series.
@@ -74,10 +75,11 @@ def _alive(pid: int) -> bool:
 class Tracker:
     """One request being answered; the host sets `status` before it ends (500 if it raised)."""
 
-    __slots__ = ("metrics", "route", "status", "started")
+    __slots__ = ("metrics", "route", "status", "started", "received", "sent")
 
     def __init__(self, metrics: "Metrics", route: str):
         self.metrics, self.route, self.status = metrics, route, None
+        self.received = self.sent = 0  # body bytes, noted by the host (the monitor's network figure)
 
     def __enter__(self) -> "Tracker":
         self.metrics.in_flight.inc()
@@ -88,6 +90,8 @@ class Tracker:
         elapsed = time.perf_counter() - self.started
         status = 500 if kind is not None or self.status is None else self.status
         self.metrics.observe(self.route, status, elapsed)
+        if self.route != "/metrics":  # a scrape is not the service's traffic
+            self.metrics.transferred(self.received, self.sent)
         self.metrics.in_flight.dec()
 
 
@@ -111,6 +115,9 @@ class Metrics:
                                 "before).", ["version"], registry=r, multiprocess_mode="livemax")
         self.load_failures = prom.Counter("skyfuse_inference_model_load_failures", "Models the serving pointer "
                                           "named that failed to load (each attempt).", registry=r)
+        self.bytes = prom.Counter("skyfuse_inference_bytes", "HTTP body bytes, by direction (received, sent); "
+                                  "GET /metrics itself is not counted.", ["direction"], registry=r)
+        self._received, self._sent = self.bytes.labels("received"), self.bytes.labels("sent")
         self._children: dict = {}  # (route, status) → the two series: no label lookup per request
         self._lock = threading.Lock()
 
@@ -126,6 +133,12 @@ class Metrics:
                     key, (self.requests.labels(route, str(status)), self.latency.labels(route)))
         children[0].inc()
         children[1].observe(seconds)
+
+    def transferred(self, received: int, sent: int) -> None:
+        if received:
+            self._received.inc(received)
+        if sent:
+            self._sent.inc(sent)
 
     def swapped(self, new, old) -> None:
         """PointerWatcher's on_swap: the version served."""

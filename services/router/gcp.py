@@ -1,0 +1,10 @@
+"""Google Cloud entry point of the router: functions-framework, target `router`, signature cloudevent."""
+import functions_framework
+
+from services.router.handler import handle
+from skyfuse.runtime.clouds.gcp import deliver_cloud_event
+
+
+@functions_framework.cloud_event
+def router(cloud_event):
+    deliver_cloud_event("router", handle, cloud_event)

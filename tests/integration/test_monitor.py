@@ -1,0 +1,157 @@
+"""The monitor on real processes: it finds a cloud's server by the port of its endpoint, reports the
+CPU its processes (workers included) burn, their memory, and the bytes a real inference server
+counted, in metrics.sampled events that pass the schema; a server that is gone gives null figures.
+
+CPU bounds are coarse on purpose (a 2-core machine shared with other work): a worker spinning
+reaches more than 0.3 of a core in at least one of ten one-second windows, a sleeping server stays
+under 0.2 of a core in every window."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import psutil
+import pytest
+
+from services.monitor import handler as monitor
+from skyfuse import config, contracts
+from skyfuse.bus import open_bus
+from skyfuse.runtime.function import Runtime, hosted
+from skyfuse.serving import hosts, testing
+from skyfuse.serving.model import publish
+from skyfuse.storage import open_store
+from tests.conftest import fleet_env
+from tests.integration.test_inference_hosts import host_env
+from tests.integration.test_inference_prometheus import call
+
+WINDOW_S = 1.0
+# An HTTP server that answers every request at once (501); with "busy" it forks a worker, as
+# gunicorn does, that spins while the server itself sleeps in select().
+SERVER = """
+import http.server, os, sys
+server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+if sys.argv[1] == "busy" and os.fork() == 0:
+    while True:
+        pass
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+class Monitor:
+    """The monitor's core for some clouds, called as the fleet's timer calls it."""
+
+    def __init__(self, tmp_path, endpoints: dict[str, str]):
+        monitor._previous.clear()  # a fresh monitor process
+        fleet = config.load(environ=fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__ENABLED="false"))
+        for cloud, url in endpoints.items():
+            fleet.clouds[cloud].endpoint = url  # as `skyfuse up` sets it
+        bus = open_bus(fleet)
+        self.runtimes = {cloud: Runtime(cloud, "monitor", fleet, bus_factory=lambda: bus) for cloud in endpoints}
+
+    def tick(self) -> dict[str, dict]:
+        """One timer tick in every cloud: cloud → the metrics.sampled data it emitted (schema-checked)."""
+        out = {}
+        for cloud, runtime in self.runtimes.items():
+            with hosted(runtime):
+                monitor.on_timer(runtime)
+            data = runtime.emitted[-1].get_data()
+            contracts.validate("metrics.sampled", data)
+            assert data["source"] == "monitor" and data["cloud"] == cloud
+            out[cloud] = data
+        return out
+
+
+@pytest.fixture
+def servers():
+    started: dict[str, subprocess.Popen] = {}
+
+    def start(mode: str) -> tuple[str, subprocess.Popen]:
+        process = subprocess.Popen([sys.executable, "-c", SERVER, mode], stdout=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        started[mode] = process
+        port = int(process.stdout.readline())
+        return f"http://127.0.0.1:{port}", process
+
+    yield start
+    for process in started.values():
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the server and its worker
+        except ProcessLookupError:
+            pass
+        process.wait(10)
+
+
+def cores_used(data: dict, process: subprocess.Popen) -> float:
+    return data["cpu_utilisation"] * len(psutil.Process(process.pid).cpu_affinity())
+
+
+def test_a_busy_worker_reads_high_and_a_sleeping_server_low(tmp_path, servers):
+    busy_url, busy = servers("busy")
+    idle_url, idle = servers("idle")
+    m = Monitor(tmp_path, {"aws": busy_url, "gcp": idle_url})
+    first = m.tick()
+    for data in first.values():  # no window yet: no rate, but memory
+        assert data["cpu_utilisation"] is None and data["load"] == 0.0 and data["memory_utilisation"] > 0
+    busy_cores, idle_cores = [], []
+    while len(busy_cores) < 10 and not (busy_cores and max(busy_cores) > 0.3 and len(idle_cores) >= 3):
+        time.sleep(WINDOW_S)  # the measuring window
+        got = m.tick()
+        busy_cores.append(cores_used(got["aws"], busy))
+        idle_cores.append(cores_used(got["gcp"], idle))
+        for data in got.values():
+            assert data["load"] == data["cpu_utilisation"]  # load is the CPU utilisation
+            assert 0 < data["memory_utilisation"] < 1
+            assert data["network_bytes_per_s"] is None  # this server counts no bytes
+            assert data["window_s"] > 0
+    assert max(busy_cores) > 0.3, f"a spinning worker used at most {max(busy_cores):.2f} of a core: {busy_cores}"
+    assert max(idle_cores) < 0.2, f"a sleeping server used {max(idle_cores):.2f} of a core: {idle_cores}"
+
+    os.killpg(busy.pid, signal.SIGKILL)
+    busy.wait(10)  # reaped: gone; a zombie counts as gone as well (below)
+    gone = m.tick()["aws"]
+    assert (gone["cpu_utilisation"], gone["memory_utilisation"], gone["network_bytes_per_s"], gone["load"]) == \
+           (None, None, None, 0.0)
+
+
+def test_a_cloud_served_elsewhere_or_nowhere_reports_null(tmp_path):
+    m = Monitor(tmp_path, {"aws": "https://abc.lambda-url.us-east-1.on.aws", "gcp": "", "azure": "http://127.0.0.1:9"})
+    for _ in range(2):
+        for data in m.tick().values():
+            assert data["cpu_utilisation"] is None and data["memory_utilisation"] is None
+            assert data["network_bytes_per_s"] is None and data["load"] == 0.0
+
+
+@pytest.mark.parametrize("provider, workers", [("aws", 1), ("gcp", 2)])
+def test_a_real_inference_server_reports_its_bytes_and_its_workers(tmp_path, provider, workers):
+    """The bytes of the window are exactly the request and response bodies sent and answered in it
+    (as `skyfuse up` runs it: one uvicorn process; gunicorn with two workers, whose counts add up
+    in any worker's /metrics); the memory is the server's and its workers'."""
+    store_uri, env = host_env(provider, tmp_path, INFERENCE_METRICS_S="0", WORKERS=str(workers))
+    publish(open_store(store_uri), "v1", testing.classifier(seed=1))
+    host = hosts.start(provider, env=env, log_dir=tmp_path)
+    try:
+        while call(host.url, "GET", "/health")[0] != 200:  # the model loaded
+            time.sleep(0.05)
+        m = Monitor(tmp_path / "monitor", {provider: host.url})
+        m.tick()
+        sent = 0
+        for k in range(40):
+            body = orjson.dumps({"instances": [[5.1, 3.5, 1.4, 0.2 + k / 100]] * (1 + k % 5)})
+            status, answer, _ = call(host.url, "POST", "/predict", body)
+            assert status == 200, answer
+            sent += len(body) + len(answer)
+        got = m.tick()[provider]
+        assert got["network_bytes_per_s"] * got["window_s"] == pytest.approx(sent, rel=0.01)
+        assert got["cpu_utilisation"] is not None and 0 < got["memory_utilisation"] < 1
+        server = psutil.Process(host.pid)
+        family = [server, *server.children(recursive=True)]
+        assert len(family) >= 1 + (workers > 1) * workers
+        measured = got["memory_utilisation"] * psutil.virtual_memory().total
+        assert measured == pytest.approx(sum(p.memory_info().rss for p in family), rel=0.1)  # the workers count
+    finally:
+        host.stop()
