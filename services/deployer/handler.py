@@ -4,7 +4,9 @@ placement.changed that gives this cloud weight: copy the model from the source c
 this cloud's store, check its sha256, load and warm it exactly as the servers will
 (`skyfuse.serving.model.LoadedModel`), then point `serving/current.json` at it. The inference servers of this cloud watch that pointer
 and swap sessions atomically. Any failure leaves the pointer, and so the old model, as it was, and
-deployment.status says why. A placement that drops this cloud drains it. Each decision is applied
+deployment.status says why. A placement that drops this cloud drains it. With `scheduler.standby`,
+every other cloud of the fleet gets the model too, as a warm standby that takes no traffic (state
+`standby`), so a move or failover to it needs no copy and the monitor can measure it. Each decision is applied
 once per cloud through the idempotency layer; its statuses have ids derived from it. A decision
 older (by the scheduler's `sequence`) than the last one applied here is skipped: decisions about different model
 versions travel in different partitions, so a late one must not roll serving back.
@@ -41,7 +43,8 @@ def _key(runtime: Runtime, data: dict) -> str:
 def _apply(runtime: Runtime, event: CloudEvent, data: dict) -> None:
     weights = {p["cloud"]: p["weight"] for p in data["placements"]}
     was_serving = any(p["cloud"] == runtime.cloud and p["weight"] > 0 for p in data["previous"])
-    if not (weights.get(runtime.cloud, 0) > 0 or was_serving or runtime.cloud in weights):
+    standby = runtime.fleet.scheduler.standby
+    if not (weights.get(runtime.cloud, 0) > 0 or was_serving or runtime.cloud in weights or standby):
         runtime.received(event, "skipped: placement does not involve this cloud")
         return
     applied = _applied(runtime)
@@ -52,6 +55,8 @@ def _apply(runtime: Runtime, event: CloudEvent, data: dict) -> None:
         return
     if weights.get(runtime.cloud, 0) > 0:
         deploy(runtime, event, data)
+    elif standby:
+        deploy(runtime, event, data, "standby")
     else:
         _status(runtime, event, data, "draining", reason="placement moved away from this cloud")
         _status(runtime, event, data, "removed", reason="no traffic is routed here any more")
@@ -65,11 +70,13 @@ def _applied(runtime: Runtime) -> dict | None:
     return orjson.loads(store.get(APPLIED)) if store.exists(APPLIED) else None
 
 
-def deploy(runtime: Runtime, event: CloudEvent, data: dict) -> None:
+def deploy(runtime: Runtime, event: CloudEvent, data: dict, state: str = "serving") -> None:
+    """Bring the model here and point the servers at it; `state` is `serving`, or `standby` (no traffic)."""
     store = runtime.store()
     current = orjson.loads(store.get(POINTER)) if store.exists(POINTER) else None
     if current and current["version"] == data["model_version"] and current["sha256"] == data["sha256"]:
-        _status(runtime, event, data, "serving", reason="already serving this version")
+        _status(runtime, event, data, state, reason="already holds this version" + (
+            "; a warm standby, no traffic routed here" if state == "standby" else ""))
         return
     _status(runtime, event, data, "deploying")
     try:
@@ -80,7 +87,8 @@ def deploy(runtime: Runtime, event: CloudEvent, data: dict) -> None:
                 f"{current['version'] if current else 'nothing'}")
         return
     publish(store, data["model_version"], model, traceparent=tracing.current_traceparent())
-    _status(runtime, event, data, "serving", warm_ms=round(loaded.load_ms, 3))
+    _status(runtime, event, data, state, warm_ms=round(loaded.load_ms, 3),
+            reason="a warm standby, no traffic routed here" if state == "standby" else None)
 
 
 def _status(runtime: Runtime, event: CloudEvent, data: dict, state: str, reason: str | None = None,

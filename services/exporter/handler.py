@@ -1,8 +1,10 @@
 """The exporter's core: turns a trained Keras model into ONNX, in the cloud that trained it.
 
+Any single-input Keras model exports: the built-in MLP or a user's own (`skyfuse train --model`).
 Parity is checked on the shard's validation rows before anything is announced: a model whose ONNX
-form differs from Keras by more than 1e-5 is dead-lettered with the figure. Each (run, round,
-shard) is exported once through the idempotency layer; its onnx.ready id is derived from it.
+form differs from Keras by more than 1e-5, or that tf2onnx cannot convert, is dead-lettered with
+the figure or the reason. Each (run, round, shard) is exported once through the idempotency
+layer; its onnx.ready id is derived from it.
 """
 from __future__ import annotations
 
@@ -40,7 +42,10 @@ def _export(runtime: Runtime, event: CloudEvent, data: dict, key: str) -> None:
     except StoreError as exc:
         raise Rejected(f"model {data['model_uri']} cannot be read: {exc}") from exc
     rows = mldata.load_csv(raw, label_column(raw, data["features"]), classes=data["classes"])
-    onnx_bytes = export.to_onnx(model)
+    try:
+        onnx_bytes = export.to_onnx(model)
+    except Exception as exc:  # noqa: BLE001 - the same model fails the same way again: no retries
+        raise Rejected(f"{data['model_uri']} cannot be exported to ONNX: {type(exc).__name__}: {exc}") from None
     diff = export.parity(model, onnx_bytes, rows.X)
     if diff > PARITY_LIMIT:
         raise Rejected(f"ONNX export of {data['model_uri']} differs from Keras by {diff:.3g} "

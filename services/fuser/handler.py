@@ -7,6 +7,8 @@ It acts in the control cloud and keeps each round's state in that cloud's store:
     runs/<run>/round-<r>/members/<cloud>-<shard>.json   one per onnx.ready
     runs/<run>/round-<r>/opened.json          when the first member arrived (quorum timeout clock)
     runs/<run>/round-<r>/fused-<strategy>.onnx and scores.json
+    runs/<run>/round-<r>/server.json          server strategies' state after round r (global model, moments)
+    runs/<run>/round-<r+1>/global.keras       the model the trainers fine-tune in round r+1
 
 Each round is fused once through the idempotency layer (key `fuse/<run>/round-<r>`): a duplicated
 onnx.ready, or the timer and the last member at the same time, never fuse twice, and a fusion that
@@ -14,10 +16,15 @@ fails half-way (a store timeout, a failed emit) leaves nothing that blocks its r
 emits have ids derived from that key.
 
 A round fuses when all expected members are in, or, on the timer, when a quorum is in and the
-manifest's timeout has passed. With FedAvg (fusion `fedavg` or `auto`) and rounds left, it averages
-the members' Keras weights into the next global model and emits round.started; after the last
-round it picks the strategy with the best validation accuracy over all rounds (or the one the
-manifest forces) and emits fused.ready.
+manifest's timeout has passed. With a server strategy (fusion `fedavg`, `fedprox`, `fedadam`,
+`fedyogi`, or `auto`: fedavg, fedadam and fedyogi, the step with the best validation accuracy
+continuing) and rounds left, it makes the next global model from the members' parameters and the
+strategy's state after the round before (skyfuse.ml.federated), keeps the new state in
+server.json and emits round.started; after the last round it picks the strategy with the best
+validation accuracy over all rounds (or the one the manifest forces) and emits fused.ready. The
+server strategies need one architecture in every member (the built-in MLP, or one user model every
+trainer started from): members that differ are dead-lettered with the difference when one is
+forced, and fused by the ensembles only under auto.
 """
 from __future__ import annotations
 
@@ -89,7 +96,7 @@ def complete_round(runtime: Runtime, run_id: str, round_: int, caused_by: CloudE
 
 def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | None, key: str) -> None:
     from skyfuse.ml import data as mldata
-    from skyfuse.ml import fusion
+    from skyfuse.ml import federated, fusion
 
     store = runtime.store()
     base = f"runs/{run_id}/round-{round_}"
@@ -106,22 +113,33 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
             refuse_external_data(model, f"member {member['onnx_uri']}")
         except ValueError as exc:
             raise Rejected(str(exc)) from None
-    weights = [float(m["samples"]) for m in members]
-    strategies = fusion.STRATEGIES if manifest["fusion"] == "auto" else (manifest["fusion"],)
+    weights = member_weights(members, manifest)
+    strategies = federated.AUTO if manifest["fusion"] == "auto" else (manifest["fusion"],)
+    averaging = set(strategies) & set(federated.SERVER_STRATEGIES)
+    mismatch = architecture_mismatch(members, onnx_models) if averaging else None
+    if mismatch and manifest["fusion"] in federated.SERVER_STRATEGIES:
+        raise Rejected(mismatch)
+    if mismatch:  # auto: the ensembles fuse members of any architecture
+        strategies = tuple(s for s in strategies if s not in federated.SERVER_STRATEGIES)
+        runtime.log.warning("%s: %s; fusing with %s only", base, mismatch, ", ".join(strategies))
     lineage = {
         "run_id": run_id, "round": round_, "features": run["features"], "classes": run["classes"],
         "members": [{"cloud": m["cloud"], "shard_id": m["shard_id"], "samples": m["samples"], "weight": w / sum(weights),
                      "validation_accuracy": m["validation"]["accuracy"]} for m, w in zip(members, weights)],
     }
     scores = {}
-    for strategy in strategies:
+    for strategy in (s for s in strategies if s in federated.ENSEMBLES):
         fused = fusion.fuse(strategy, onnx_models, weights, lineage={**lineage, "strategy": strategy})
         saved = store.put(f"{base}/fused-{strategy}.onnx", fused)
         scores[strategy] = {"accuracy": fusion.accuracy(fused, validation), "uri": saved.uri, "sha256": saved.sha256}
+    servers = tuple(s for s in strategies if s in federated.SERVER_STRATEGIES)
+    next_global = _server_round(runtime, run_id, round_, servers, onnx_models, weights, validation, lineage,
+                                scores) if servers else None
     store.put(f"{base}/scores.json", orjson.dumps(scores))
     clouds = sorted({m["cloud"] for m in members})
-    if "fedavg" in strategies and round_ + 1 < manifest["rounds"]:
-        global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras", _average_keras(runtime, members, weights))
+    if next_global is not None and round_ + 1 < manifest["rounds"]:
+        global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras",
+                                 _global_keras(runtime, members, next_global))
         # the next round waits for the members this one had, not for the ones that already failed
         following = {**manifest, "expected_members": len(members), "quorum": min(manifest["quorum"], len(members))}
         runtime.emit("round.started", {
@@ -131,6 +149,32 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
         }, caused_by=caused_by, traceparent=None if caused_by else members[0].get("traceparent"), dedupe_key=key)
         return
     _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by, key)
+
+
+def member_weights(members: list[dict], manifest: dict) -> list[float]:
+    """Each member's fusion weight: its rows; or, when the user fixed per-cloud weights (manifest
+    `weights`), its cloud's weight shared by that cloud's members in proportion to their rows."""
+    given = manifest.get("weights")
+    if not given:
+        return [float(m["samples"]) for m in members]
+    rows: dict[str, float] = {}
+    for m in members:
+        rows[m["cloud"]] = rows.get(m["cloud"], 0.0) + m["samples"]
+    return [given.get(m["cloud"], 0.0) * m["samples"] / rows[m["cloud"]] for m in members]
+
+
+def architecture_mismatch(members: list[dict], onnx_models: list[bytes]) -> str | None:
+    """Why FedAvg cannot average these members (one has another architecture), or None."""
+    from skyfuse.ml import fusion
+
+    found = fusion.fedavg_mismatch(onnx_models)
+    if found is None:
+        return None
+    i, what = found
+    first, other = (f"{m['cloud']}-{m['shard_id']}" for m in (members[0], members[i]))
+    what = what.replace("member 0", first).replace("this member", other)
+    return (f"fedavg needs the same model architecture in every member, and {other} differs from {first}: {what} "
+            "(train every shard from one model: skyfuse train --model, or fuse with wavg, vote or confidence)")
 
 
 def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict]:
@@ -152,7 +196,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
     best = _best_per_strategy(store, run_id, round_)
     forced = manifest["fusion"] != "auto"
     # ties go to the simpler model: one averaged network before ensembles of several
-    order = ["fedavg", "wavg", "confidence", "vote"]
+    order = ["fedavg", "fedprox", "fedadam", "fedyogi", "wavg", "confidence", "vote"]
     chosen = manifest["fusion"] if forced else max(best, key=lambda s: (best[s]["accuracy"], -order.index(s)))
     pick = best[chosen]
     model = runtime.fetch(pick["uri"], pick["sha256"])
@@ -182,9 +226,47 @@ def model_version(run_id: str, strategy: str, sha256: str) -> str:
     return f"{run_id[:MAX_ID - len(suffix) - 9]}~{digest}{suffix}"
 
 
-def _average_keras(runtime: Runtime, members: list[dict], weights: list[float]) -> bytes:
-    """The next global model: the members' Keras weights averaged, weighted by sample count."""
+def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str, ...], onnx_models: list[bytes],
+                  weights: list[float], validation, lineage: dict, scores: dict) -> dict:
+    """Step each server strategy of the run (skyfuse.ml.federated) from its state after the last
+    round, score each one's global model on the validation rows into `scores`, and continue from
+    the best (ties: the earlier in `servers`). The states go to `round-<r>/server.json`, made from
+    the round before's and this round's members only, so a retried round writes the same again.
+    Round 0 is every strategy's warm start (the members' mean): only the first one is scored then.
+    Returns the next global model's parameters by ONNX initializer name."""
+    from skyfuse.ml import federated, fusion
+
+    store = runtime.store()
+    settings = runtime.fleet.training
+    optimizers = [federated.strategy(s, eta=settings.server_lr, tau=settings.server_tau, beta_1=settings.server_beta1,
+                                     beta_2=settings.server_beta2, proximal_mu=settings.proximal_mu) for s in servers]
+    averaged = fusion.fuse("fedavg", onnx_models, weights)  # checks the members share one graph
+    params = [fusion.parameters(m) for m in onnx_models]
+    names = list(params[0])
+    previous = None
+    if round_ > 0:
+        previous = federated.loads(store.get(f"runs/{run_id}/round-{round_ - 1}/server.json"))
+        if previous["names"] != names:
+            raise federated.FederatedError(f"round {round_}'s members have other parameters than round {round_ - 1}'s")
+    members = [[p[n] for n in names] for p in params]
+    states = federated.round_states(optimizers, previous and previous["states"], members, weights)
+    for optimizer in optimizers[:1] if round_ == 0 else optimizers:
+        s = optimizer.name
+        fused = fusion.with_parameters(averaged, dict(zip(names, states[s]["global"])), s,
+                                       lineage={**lineage, "strategy": s, "server": optimizer.params()})
+        saved = store.put(f"runs/{run_id}/round-{round_}/fused-{s}.onnx", fused)
+        scores[s] = {"accuracy": fusion.accuracy(fused, validation), "uri": saved.uri, "sha256": saved.sha256}
+    chosen = max((s for s in servers if s in scores), key=lambda s: (scores[s]["accuracy"], -servers.index(s)))
+    states = federated.follow(states, chosen)
+    store.put(f"runs/{run_id}/round-{round_}/server.json",
+              federated.dumps({"round": round_, "names": names, "chosen": chosen, "states": states}))
+    return dict(zip(names, states[chosen]["global"]))
+
+
+def _global_keras(runtime: Runtime, members: list[dict], params: dict) -> bytes:
+    """The next global model as a .keras file: a member's model (every member has the one
+    architecture) with its weights set from the parameters a server strategy made."""
     from skyfuse.ml import model as mlmodel
 
-    models = [mlmodel.from_bytes(runtime.fetch(m["model_uri"], m["source_sha256"])) for m in members]
-    return mlmodel.to_bytes(mlmodel.average(models, weights))
+    template = mlmodel.from_bytes(runtime.fetch(members[0]["model_uri"], members[0]["source_sha256"]))
+    return mlmodel.to_bytes(mlmodel.with_onnx_weights(template, params))

@@ -1,10 +1,12 @@
 """The trainer's core: trains a Keras model on a shard that lives in its own cloud.
 
 shard.ready (round 0): remember the shard, train from a seeded (or warm-start) initialisation, emit
-model.ready. round.started (FedAvg round r ≥ 1): fine-tune every shard of the run this cloud holds
-from the global model, emit model.ready for round r. Outputs have fixed keys per (run, round,
-shard); each (run, round, shard) goes through the idempotency layer once, and its model.ready has
-an id derived from it, so a duplicated event trains nothing twice and announces nothing twice.
+model.ready; when the shard names a model template (a user's Keras model), train that instead of
+the built-in MLP, on raw features. round.started (FedAvg round r ≥ 1): fine-tune every shard of the
+run this cloud holds from the global model, emit model.ready for round r. Outputs have fixed keys
+per (run, round, shard); each (run, round, shard) goes through the idempotency layer once, and its
+model.ready has an id derived from it, so a duplicated event trains nothing twice and announces
+nothing twice.
 """
 from __future__ import annotations
 
@@ -58,15 +60,14 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
         raise Rejected(f"shard {shard['shard_id']} at {shard['uri']} cannot be read: {exc}") from exc
     settings = runtime.fleet.training
     given = shard.get("model") or {}
-    spec = mlmodel.ModelSpec(
-        hidden=tuple(given.get("hidden", settings.hidden)), epochs=given.get("epochs", settings.epochs),
-        batch_size=given.get("batch_size", settings.batch_size),
-        learning_rate=given.get("learning_rate", settings.learning_rate), seed=given.get("seed", 0))
+    spec = model_spec(given, settings, shard["manifest"]["fusion"], round_)
     standardization = given.get("standardization")
     stats = (standardization["mean"], standardization["variance"]) if standardization else None
     initial = mlmodel.from_bytes(runtime.fetch(init_uri, init_sha256)) if init_uri else None
+    template = user_model(runtime, given)
     try:
-        result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs)
+        result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs,
+                               template=template)
     except mlmodel.TrainingError as exc:
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
     saved = store.put(f"{base}.keras", mlmodel.to_bytes(result.model))
@@ -80,3 +81,40 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
     }, caused_by=event, dedupe_key=key)
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
 
+
+def user_model(runtime: Runtime, given: dict):
+    """The user's model the run trains instead of the MLP (`model.template_uri`, saved by
+    `skyfuse train --model`; every trainer starts from its weights), or None."""
+    from skyfuse.ml import model as mlmodel
+
+    uri = given.get("template_uri")
+    if not uri:
+        return None
+    try:
+        return mlmodel.from_bytes(runtime.fetch(uri, given.get("template_sha256")))
+    except StoreError as exc:
+        raise Rejected(f"the model template {uri} cannot be read: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - keras raises many kinds for a file it cannot load
+        raise Rejected(f"the model template {uri} cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def model_spec(given: dict, settings, fusion: str, round_: int = 0):
+    """The ModelSpec of a shard's `model` dict: the keys it sets, the fleet's training settings for
+    the rest, then ModelSpec's own defaults. A fine-tuning round (r >= 1) trains as the fleet's
+    `finetune_*` settings say (the learning rate decaying by round), for exactly its epochs (as
+    FedAvg's clients do), with FedProx's proximal term in a fedprox run. A value ModelSpec refuses
+    is a shard that cannot train, with the reason."""
+    from skyfuse.ml import model as mlmodel
+
+    fleet = {k: v for k, v in settings.model_dump().items() if k != "proximal_mu"}  # FedProx's only in fedprox runs
+    spec = {**fleet, "seed": 0, **{k: v for k, v in given.items() if k in mlmodel.ModelSpec.keys()}}
+    if round_ > 0:
+        spec.update(optimizer=settings.finetune_optimizer, early_stopping=False,
+                    learning_rate=settings.finetune_learning_rate * settings.finetune_lr_decay ** (round_ - 1))
+        if fusion == "fedprox":
+            spec.setdefault("proximal_mu", settings.proximal_mu)
+    spec.setdefault("proximal_mu", 0.0)
+    try:
+        return mlmodel.ModelSpec.from_dict({k: v for k, v in spec.items() if k in mlmodel.ModelSpec.keys()})
+    except (TypeError, ValueError) as exc:
+        raise Rejected(f"the run's model settings cannot be used: {exc}") from exc

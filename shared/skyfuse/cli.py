@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -413,16 +414,16 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
     published: dict[str, str] = {}  # event id → type
-    seen: dict[tuple[str, str], Delivery] = {}
+    seen: dict[tuple[str, str, str], Delivery] = {}  # (event id, function, cloud): an event may have several consumers
     lock = threading.Lock()
 
     def record(delivery: Delivery) -> None:
         with lock:
             if delivery.event_id in published:
-                seen[(delivery.event_id, delivery.cloud)] = delivery
+                seen[(delivery.event_id, delivery.function, delivery.cloud)] = delivery
 
     hosts = build_hosts(fleet, bus, record)
-    expected = {(t.name, cloud) for t in contracts.catalog().values() for f in t.consumers for cloud in fleet.clouds_for(f)}
+    expected = {(t.name, f, cloud) for t in contracts.catalog().values() for f in t.consumers for cloud in fleet.clouds_for(f)}
     out.print(f"[bold]skyfuse selftest[/]: {len(hosts)} function hosts in {len(fleet.clouds)} clouds on the "
               f"{fleet.bus.backend} bus; publishing one sample of each of {len(contracts.catalog())} event types…")
     started = time.monotonic()
@@ -434,18 +435,18 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
             publish_event(fleet, bus, event)
         while time.monotonic() - started < timeout:
             with lock:
-                got = {(published[eid], cloud) for eid, cloud in seen}
+                got = {(published[eid], function, cloud) for eid, function, cloud in seen}
             if expected <= got:
                 break
             time.sleep(0.1)
     bus.close()
     table = Table("event", "function", *fleet.clouds, title=f"deliveries ({time.monotonic() - started:.1f} s)")
-    by_type = {(published[eid], cloud): d for (eid, cloud), d in seen.items()}
+    by_type = {(published[eid], function, cloud): d for (eid, function, cloud), d in seen.items()}
     for t in contracts.catalog().values():
         for function in t.consumers:
             cells = []
             for cloud in fleet.clouds:
-                d = by_type.get((t.name, cloud))
+                d = by_type.get((t.name, function, cloud))
                 cells.append("—" if cloud not in fleet.clouds_for(function) else
                              f"[green]✓[/] {d.shape.split(' ')[0]}" + (" [yellow](rejected)[/]" if d.result == "rejected" else "")
                              if d and d.result in REACHED else "[red]✗ missing[/]")
@@ -479,7 +480,10 @@ def parse_partition(text: str) -> tuple[str, float]:
     return method, value
 
 
-def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeout: float, serve: bool = True) -> dict:
+def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeout: float, serve: bool = True,
+                 then=None) -> dict:
+    """Train, fuse and (with servers) serve; `then(context)` runs while the fleet is still up and
+    returns more of the summary (a scenario's load step and its placement timeline)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from skyfuse import local, training
@@ -487,7 +491,7 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
     local.prepare(fleet)
     prepared = training.prepare(fleet, dataset, plan)
     err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
-              f"{len(prepared.validation)} / test {len(prepared.test)}; {len(plan.clouds)} shards ({plan.partition}) "
+              f"{len(prepared.validation)} / test {len(prepared.test)}; {len(prepared.shards)} shards ({plan.partition}) "
               f"placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)", highlight=False)
     bus = connect(fleet)
     bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
@@ -517,6 +521,9 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
             endpoints = {c: s.url for c, s in own.servers.items()}
         with bars:
             progress = training.follow(bus, prepared, show, timeout, until_served=bool(endpoints))
+        # a scenario first: the check's big batches would otherwise weigh in its quiet baseline
+        extra = then(ScenarioContext(fleet, bus, endpoints, prepared, progress, err)) \
+            if then and progress.fused and progress.deployed else {}
         serving = training.check_serving(progress, endpoints, prepared.test, local.api_key(fleet)) if endpoints and progress.deployed else {}
     finally:
         if own:
@@ -539,6 +546,7 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
     timings["serving_s"] = t.get("serving")
     summary = training.score(prepared, progress, accuracy, timings)
     summary["serving"] = serving
+    summary.update(extra)
     path = training.save(summary)
     if as_json:
         print(orjson.dumps(summary).decode())
@@ -546,6 +554,41 @@ def run_training(fleet: fleet_config.Fleet, dataset, plan, as_json: bool, timeou
         print_summary(summary)
         out.print(f"[dim]saved {path}; `skyfuse report` draws it[/]", highlight=False)
     return summary
+
+
+@dataclass
+class ScenarioContext:
+    """What a scenario step gets while the fleet is still up."""
+
+    fleet: fleet_config.Fleet
+    bus: Bus
+    endpoints: dict[str, str]
+    prepared: object  # training.Prepared
+    progress: object  # training.Progress
+    console: Console
+
+
+def placement_table(placements: list[dict]) -> Table:
+    table = Table("at (UTC)", "trigger", "serving", "weights", "reason", title="placement timeline (scheduler decisions)")
+    for p in placements:
+        weights = ", ".join(f"{c} {w:.2f}" for c, w in p["weights"].items() if w > 0)
+        table.add_row(p["at"][11:23], p["trigger"], ", ".join(p["serving"]), weights, p["reason"])
+    return table
+
+
+def load_table(phases: list[dict]) -> Table:
+    """Per phase of a load step, per cloud: what the monitor and the inference servers reported."""
+    table = Table("phase", "cloud", "serving", "requests/s", "p99 ms", "CPU", title="load and response time per cloud")
+    for phase in phases:
+        for cloud, m in phase["clouds"].items():
+            table.add_row(phase["name"], cloud, "yes" if cloud in phase["serving"] else "",
+                          _num(m.get("requests_per_s"), "{:.0f}"), _num(m.get("p99_ms"), "{:.1f}"),
+                          _num(m.get("cpu"), "{:.0%}"))
+    return table
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else fmt.format(value)
 
 
 def _pct(value) -> str:
@@ -579,20 +622,35 @@ def print_summary(summary: dict) -> None:
             serving.add_row(cloud, s["endpoint"], str(s["model_version"]), f"{s['agree']}/{s['rows']} test rows",
                             style="green" if s["agree"] == s["rows"] else "red")
         out.print(serving)
+    if summary.get("load_phases"):
+        out.print(load_table(summary["load_phases"]))
+    if summary.get("placements"):
+        out.print(placement_table(summary["placements"]))
     out.print(f"fused model [bold]{fused['version']}[/] ({fused['strategy']}, round {fused['round']}): test accuracy "
               f"{_pct(fused['accuracy'])} vs. centralized {_pct(summary['centralized_accuracy'])} and shard mean "
               f"{_pct(summary['shard_mean_accuracy'])}", highlight=False)
+
+
+PARTITION_HELP = "iid | stratified | kmeans | label-skew:ALPHA"
+FUSION_HELP = "auto | " + " | ".join(f for f in FUSIONS if f != "auto")
+WEIGHTS_HELP = "Fusion weight per cloud, e.g. aws=0.3,gcp=0.3,azure=0.4 (non-negative, normalised; default: by rows)."
 
 
 @app.command(cls=Command)
 def train(
     data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a numeric feature.")],
     target: Annotated[str, typer.Option("--target", "-t", help="The label column.")],
-    clouds: Annotated[Optional[str], typer.Option(help="Comma-separated clouds, one shard each (default: every configured cloud).")] = None,
-    partition: Annotated[str, typer.Option(help="iid | stratified | kmeans | label-skew:ALPHA")] = "iid",
-    fusion: Annotated[str, typer.Option(help="auto | wavg | vote | confidence | fedavg")] = "auto",
+    clouds: Annotated[Optional[str], typer.Option(help="Comma-separated configured clouds, any number (default: every configured cloud).")] = None,
+    shards_per_cloud: Annotated[int, typer.Option("--shards-per-cloud", metavar="N", min=1, help="Shards (sub-models) each cloud trains.")] = 1,
+    partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
+    fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
+    weights: Annotated[Optional[str], typer.Option(metavar="CLOUD=W,...", help=WEIGHTS_HELP)] = None,
     rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
     init: Annotated[str, typer.Option(help="random, or a .keras model to warm-start every trainer from.")] = "random",
+    model: Annotated[Optional[str], typer.Option("--model", metavar="FILE.keras|MODULE:FUNCTION", help="Your own Keras "
+                     "model instead of the built-in MLP: a .keras file, or MODULE:FUNCTION (a .py path or importable "
+                     "module, then a function returning a compiled model). One input (None, d) of raw features, one "
+                     "softmax output (None, k).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, the partition and the initial weights.")] = 0,
     quorum_timeout: Annotated[Optional[float], typer.Option(help="Seconds the fuser waits for missing members.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
@@ -609,39 +667,63 @@ def train(
         dataset = mldata.load_csv(data.read_bytes(), target)
     except mldata.DataError as exc:
         fail(f"{data}: {exc}")
-    run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json, serve,
-                      emulate)
-
-
-def run_csv_or_sample(dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout, timeout, as_json,
-                      serve=True, emulate=False):
-    from skyfuse import emulation, training
-
     fleet = load_fleet()
-    if emulate:
-        fleet = emulation.apply(fleet)
+    plan = make_plan(fleet, dataset, clouds, partition, fusion, rounds, init, seed, quorum_timeout,
+                     weights=weights, shards_per_cloud=shards_per_cloud, model=model)
+    launch(fleet, dataset, plan, timeout, as_json, serve, emulate)
+
+
+def make_plan(fleet: fleet_config.Fleet, dataset, clouds: str | None, partition: str, fusion: str,
+              rounds: int | None, init: str, seed: int, quorum_timeout: float | None, **options):
+    """The training plan from the command line's options, or a usage error saying what to change."""
+    from skyfuse import training
+
     method, alpha = parse_partition(partition)
     if fusion not in FUSIONS:
         fail(f"--fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
     if init != "random" and not Path(init).is_file():
         fail(f"--init {init!r}: expected 'random' or the path of a .keras model file")
-    chosen = [c.strip() for c in clouds.split(",")] if clouds else list(fleet.clouds)
+    chosen = [c.strip() for c in clouds.split(",") if c.strip()] if clouds else list(fleet.clouds)
+    unknown = [c for c in chosen if c not in fleet.clouds]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        fail(f"--clouds {clouds!r}: name each configured cloud at most once; configured: {', '.join(fleet.clouds)}")
+    if isinstance(options.get("weights"), str):
+        try:
+            options["weights"] = training.parse_weights(options["weights"])
+            training.check_weights(options["weights"], chosen)
+        except ValueError as exc:
+            fail(str(exc))
     rounds = rounds or (fleet.training.rounds if fusion in ("auto", "fedavg") else 1)
-    plan = training.Plan(target=dataset.target, clouds=chosen, partition=method, alpha=alpha, fusion=fusion,
-                         rounds=rounds, seed=seed, init=None if init == "random" else init, timeout_s=quorum_timeout)
+    return training.Plan(target=dataset.target, clouds=chosen, partition=method, alpha=alpha, fusion=fusion,
+                         rounds=rounds, seed=seed, init=None if init == "random" else init, timeout_s=quorum_timeout,
+                         **options)
+
+
+def launch(fleet: fleet_config.Fleet, dataset, plan, timeout: float, as_json: bool, serve: bool, emulate: bool,
+           then=None) -> dict:
+    from skyfuse import emulation
+
+    if emulate:
+        fleet = emulation.apply(fleet)
     try:
-        return run_training(fleet, dataset, plan, as_json, timeout, serve)
+        return run_training(fleet, dataset, plan, as_json, timeout, serve, then)
     except ValueError as exc:
         fail(str(exc))
+
+
+SCENARIOS = ("worked-example",)
 
 
 @app.command(cls=Command)
 def demo(
     dataset: Annotated[str, typer.Option(help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
-    partition: Annotated[str, typer.Option(help="iid | stratified | kmeans | label-skew:ALPHA")] = "iid",
-    fusion: Annotated[str, typer.Option(help="auto | wavg | vote | confidence | fedavg")] = "auto",
+    partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
+    fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
     rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    scenario: Annotated[Optional[str], typer.Option(metavar="NAME", help="worked-example: the design's example end to "
+                        "end (3 × 1000 rows, N(0, 1) init, 10 GD steps, fusion 0.3/0.3/0.4, then a load step that "
+                        "moves serving by response time).")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Without `skyfuse up`: also start the inference servers, place and serve the fused model.")] = True,
     emulate: Annotated[bool, typer.Option("--emulate", help="Stores in LocalStack S3, fake-gcs-server and Azurite, the bus on Kafka (`make emulators-up kafka-up`).")] = False,
@@ -649,10 +731,37 @@ def demo(
     """The whole training half on a real dataset over three clouds: what `make run` runs."""
     from skyfuse.ml import data as mldata
 
+    if scenario is not None:
+        if scenario not in SCENARIOS:
+            fail(f"--scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
+        from skyfuse import scenarios
+
+        if not serve:
+            fail("--scenario worked-example moves serving between clouds: it needs the inference servers (drop --no-serve)")
+        if local_running():
+            fail("--scenario worked-example starts its own fleet with its own timings; stop `skyfuse up` first", FAILURE)
+        scenarios.prepare_environment(list(load_fleet().clouds))  # before the fleet loads: all its processes see it
+        fleet = load_fleet()
+        try:
+            data, plan = scenarios.worked_example(list(fleet.clouds), seed)
+        except ValueError as exc:
+            fail(str(exc))
+        summary = launch(fleet, data, plan, 900.0, as_json, True, emulate, then=scenarios.load_step)
+        if not summary["scenario"]["moved"]:
+            fail(f"the load step did not move serving: {summary['scenario']['error']}", FAILURE)
+        return
     if dataset not in ("breast_cancer", "digits"):
         fail(f"--dataset {dataset!r}: expected breast_cancer or digits")
-    run_csv_or_sample(mldata.sample_dataset(dataset), None, partition, fusion, rounds, "random", seed, None, 900.0,
-                      as_json, serve, emulate)
+    fleet = load_fleet()
+    ds = mldata.sample_dataset(dataset)
+    launch(fleet, ds, make_plan(fleet, ds, None, partition, fusion, rounds, "random", seed, None), 900.0, as_json,
+           serve, emulate)
+
+
+def local_running() -> bool:
+    from skyfuse import local
+
+    return local.running() is not None
 
 
 @app.command(cls=Command)

@@ -22,6 +22,7 @@ from skyfuse.runtime import deadletter
 from skyfuse.storage import fetch, open_store
 
 RUNS_DIR = Path(".skyfuse/runs")
+MAX_ROWS = 1000  # rows per inference request (skyfuse.serving.api.MAX_ROWS)
 FOLLOWED = ["model.ready", "onnx.ready", "round.started", "fused.ready", "placement.changed", "deployment.status"]
 FAILURES = ["trainer", "exporter", "fuser", "scheduler", "deployer"]
 
@@ -38,6 +39,16 @@ class Plan:
     init: str | None = None  # a .keras file to start every trainer from
     timeout_s: float | None = None  # quorum timeout; default from the fleet config
     run_id: str = field(default_factory=lambda: f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+    weights: dict[str, float] | None = None  # fusion weight per cloud (normalised); None: by rows
+    shards_per_cloud: int = 1
+    holdout: tuple[float, float] = (0.15, 0.2)  # validation and test fractions of the whole dataset
+    model_options: dict = field(default_factory=dict)  # ModelSpec keys over the fleet's training defaults
+    model: str | None = None  # a user's Keras model instead of the MLP: PATH.keras or MODULE:FUNCTION
+
+    @property
+    def shard_clouds(self) -> list[str]:
+        """The cloud of each shard: every cloud gets `shards_per_cloud` shards, dealt in turn."""
+        return [self.clouds[i % len(self.clouds)] for i in range(len(self.clouds) * self.shards_per_cloud)]
 
 
 @dataclass
@@ -63,8 +74,10 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     unknown = [c for c in plan.clouds if c not in fleet.clouds]
     if unknown:
         raise ValueError(f"--clouds names {', '.join(unknown)}, not configured; configured clouds: {', '.join(fleet.clouds)}")
-    train, validation, test = mldata.split(dataset, seed=plan.seed)
-    parts = mldata.partition(train, len(plan.clouds), plan.partition, seed=plan.seed, alpha=plan.alpha)
+    if plan.weights is not None:
+        check_weights(plan.weights, plan.clouds)
+    train, validation, test = mldata.split(dataset, *plan.holdout, seed=plan.seed)
+    parts = mldata.partition(train, len(plan.shard_clouds), plan.partition, seed=plan.seed, alpha=plan.alpha)
     control = open_store(fleet.clouds[fleet.control_cloud or next(iter(fleet.clouds))].store)
     task = "binary" if len(dataset.classes) == 2 else "multiclass"
     control.put(f"runs/{plan.run_id}/run.json", orjson.dumps({
@@ -74,16 +87,25 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     settings = fleet.training
     model = {"hidden": settings.hidden, "epochs": settings.epochs, "batch_size": settings.batch_size,
              "learning_rate": settings.learning_rate, "seed": plan.seed, "finetune_epochs": settings.finetune_epochs,
-             "standardization": {"mean": np.asarray(mean).tolist(), "variance": np.asarray(variance).tolist()}}
-    if plan.init:
+             "standardization": {"mean": np.asarray(mean).tolist(), "variance": np.asarray(variance).tolist()},
+             **plan.model_options}
+    if plan.model:  # every trainer starts from this one model (its weights included): FedAvg can average them
+        saved = control.put(f"runs/{plan.run_id}/model.keras",
+                            user_template(plan, dataset.n_features, len(dataset.classes), train.X[:256]))
+        model.update(template_uri=saved.uri, template_sha256=saved.sha256)
+        del model["standardization"]  # the user's model takes raw features
+    elif plan.init:
         raw = Path(plan.init).read_bytes()
         saved = control.put(f"runs/{plan.run_id}/init.keras", raw)
         model.update(init_uri=saved.uri, init_sha256=saved.sha256)
     manifest = {"expected_members": len(parts), "clouds": plan.clouds, "quorum": len(parts) // 2 + 1,
                 "timeout_s": plan.timeout_s or settings.quorum_timeout_s, "fusion": plan.fusion, "rounds": plan.rounds}
+    if plan.weights is not None:
+        total = sum(plan.weights.values())
+        manifest["weights"] = {c: plan.weights[c] / total for c in plan.clouds}
     shard_events = []
     signer = signing.signer_for(fleet, signing.CLI)
-    for i, (cloud, part) in enumerate(zip(plan.clouds, parts)):
+    for i, (cloud, part) in enumerate(zip(plan.shard_clouds, parts)):
         saved = open_store(fleet.clouds[cloud].store).put(f"runs/{plan.run_id}/shards/{i}.csv", mldata.to_csv_bytes(part))
         shard_events.append(events.new_event("shard.ready", {
             "run_id": plan.run_id, "round": 0, "shard_id": str(i), "cloud": cloud, "uri": saved.uri,
@@ -93,8 +115,67 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
         }, source=signing.source_of(signing.CLI), subject=cloud))
         if signer:
             signer.sign(shard_events[-1])
-    return Prepared(plan, train, validation, test, list(zip(plan.clouds, parts)), shard_events,
+    return Prepared(plan, train, validation, test, list(zip(plan.shard_clouds, parts)), shard_events,
                     time.monotonic() - started, fleet)
+
+
+def user_template(plan: Plan, n_features: int, n_classes: int, sample) -> bytes:
+    """The .keras bytes of the user's model `plan.model` (with `plan.init`'s weights, if given),
+    checked here, before any shard is sent: it fits the task (`check_user_model`) and exports to
+    ONNX. ValueError naming the option and what is wrong."""
+    from skyfuse.ml import export
+    from skyfuse.ml import model as mlmodel
+
+    try:
+        model = mlmodel.load_user_model(plan.model, seed=plan.seed)
+        mlmodel.check_user_model(model, n_features, n_classes, sample)
+    except mlmodel.UserModelError as exc:
+        raise ValueError(f"--model {plan.model}: {exc}") from None
+    if plan.init:
+        theirs, mine = mlmodel.load(plan.init).get_weights(), model.get_weights()
+        if [w.shape for w in theirs] != [w.shape for w in mine]:
+            raise ValueError(f"--init {plan.init}: its weights {[w.shape for w in theirs]} do not fit --model "
+                             f"{plan.model} ({[w.shape for w in mine]})")
+        model.set_weights(theirs)
+    try:
+        export.to_onnx(model)
+    except Exception as exc:  # noqa: BLE001 - tf2onnx raises many kinds for what it cannot convert
+        raise ValueError(f"--model {plan.model}: it cannot be converted to ONNX, as every trained model must be "
+                         f"({type(exc).__name__}: {exc})") from None
+    return mlmodel.to_bytes(model)
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """`aws=0.3,gcp=0.3,azure=0.4` → {cloud: weight}; ValueError saying what is wrong."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        cloud, eq, value = item.partition("=")
+        try:
+            weight = float(value) if eq else None
+        except ValueError:
+            weight = None
+        if not cloud.strip() or weight is None or weight != weight:
+            raise ValueError(f"--weights {text!r}: {item!r} is not CLOUD=NUMBER (e.g. aws=0.3,gcp=0.3,azure=0.4)")
+        if cloud.strip() in weights:
+            raise ValueError(f"--weights {text!r}: {cloud.strip()} is given twice")
+        weights[cloud.strip()] = weight
+    if not weights:
+        raise ValueError("--weights is empty; give CLOUD=NUMBER for every cloud, e.g. aws=0.3,gcp=0.3,azure=0.4")
+    return weights
+
+
+def check_weights(weights: dict[str, float], clouds: list[str]) -> None:
+    """One finite, non-negative weight per cloud of the run, not all zero."""
+    extra, missing = sorted(set(weights) - set(clouds)), [c for c in clouds if c not in weights]
+    if extra or missing:
+        raise ValueError("--weights must name exactly the run's clouds (" + ", ".join(clouds) + ")"
+                         + (f"; not in the run: {', '.join(extra)}" if extra else "")
+                         + (f"; missing: {', '.join(missing)}" if missing else ""))
+    bad = {c: w for c, w in weights.items() if not (0 <= w < float("inf"))}
+    if bad:
+        raise ValueError(f"--weights must be finite and >= 0; got {bad}")
+    if sum(weights.values()) <= 0:
+        raise ValueError("--weights are all 0: at least one cloud needs a positive weight")
 
 
 @dataclass
@@ -109,6 +190,7 @@ class Progress:
     failures: list[dict] = field(default_factory=list)
     fused: dict | None = None
     placements: dict[str, dict] = field(default_factory=dict)  # model version → its last placement.changed
+    decisions: list[dict] = field(default_factory=list)  # every verified placement.changed seen, in order
     statuses: dict[str, dict[str, dict]] = field(default_factory=dict)  # version → cloud → deployment.status
     times: dict[str, float] = field(default_factory=dict)  # milestone → seconds since start
 
@@ -178,6 +260,8 @@ def _note(fleet: Fleet, record, run_id: str, progress: Progress, now: float) -> 
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
     if kind == "placement.changed":  # may be read before the fused.ready it follows: keep by version
         progress.placements[data["model_version"]] = data
+        if all(d["decision_id"] != data["decision_id"] for d in progress.decisions):  # a redelivery is one decision
+            progress.decisions.append(data)
     elif kind == "deployment.status":
         progress.statuses.setdefault(data["model_version"], {})[data["cloud"]] = data
     if progress.placement:
@@ -205,10 +289,12 @@ def centralized(fleet: Fleet, prepared: Prepared) -> tuple[float, float]:
     """Test accuracy of the same model trained on all training rows in one place, and its seconds."""
     from skyfuse.ml import model as mlmodel
 
-    settings = fleet.training
-    spec = mlmodel.ModelSpec(hidden=tuple(settings.hidden), epochs=settings.epochs, batch_size=settings.batch_size,
-                             learning_rate=settings.learning_rate, seed=prepared.plan.seed)
-    result = mlmodel.train(spec, prepared.train, len(prepared.train.classes))
+    given = prepared.shard_events[0].get_data().get("model") or {}  # the shards' spec; the user's model, if any
+    spec = mlmodel.ModelSpec.from_dict({k: v for k, v in given.items() if k in mlmodel.ModelSpec.keys()
+                                        and k != "proximal_mu"}, fleet.training.model_dump())
+    template = (mlmodel.from_bytes(fetch(given["template_uri"], given["template_sha256"]))
+                if "template_uri" in given else None)
+    result = mlmodel.train(spec, prepared.train, len(prepared.train.classes), template=template)
     probs = result.model.predict(prepared.test.X, verbose=0)
     return float((probs.argmax(1) == prepared.test.y).mean()), result.seconds
 
@@ -237,11 +323,27 @@ def score(prepared: Prepared, progress: Progress, centralized_accuracy: float, t
         "validation": fused["strategies"],
         "fused": {"strategy": fused["strategy"], "accuracy": strategies[fused["strategy"]], "version": fused["version"],
                   "model_uri": fused["model_uri"], "round": fused.get("round", 0),
-                  "missing_clouds": fused.get("missing_clouds", [])},
+                  "missing_clouds": fused.get("missing_clouds", []), "weights": cloud_weights(fused["members"])},
+        "placements": [decision(d) for d in progress.decisions if d["model_version"] == fused["version"]],
         "centralized_accuracy": centralized_accuracy,
         "failures": progress.failures,
         "timings": timings,
     }
+
+
+def cloud_weights(members: list[dict]) -> dict[str, float]:
+    """cloud → the fusion weight its members had, as used (summing to 1)."""
+    weights: dict[str, float] = {}
+    for m in members:
+        weights[m["cloud"]] = weights.get(m["cloud"], 0.0) + m["weight"]
+    return {cloud: round(w, 6) for cloud, w in weights.items()}
+
+
+def decision(data: dict) -> dict:
+    """A placement.changed as a line of the run's placement timeline."""
+    return {"at": data["decided_at"], "sequence": data["sequence"], "trigger": data["trigger"],
+            "serving": [p["cloud"] for p in data["placements"] if p["weight"] > 0],
+            "weights": {p["cloud"]: p["weight"] for p in data["placements"]}, "reason": data["reason"]}
 
 
 def save(summary: dict) -> Path:
@@ -260,7 +362,8 @@ def load(run_id: str | None = None) -> dict:
 
 def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: str | None = None,
                   timeout_s: float = 30) -> dict[str, dict]:
-    """POST the test rows to every placed cloud's endpoint; compare with the fused model run here."""
+    """POST the test rows to every placed cloud's endpoint once it serves the fused version (GET
+    /health says so, within the servers' pointer poll interval); compare with the fused model run here."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -269,23 +372,31 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: 
     fused = progress.fused
     model = fetch(fused["model_uri"], fused["sha256"])
     expected = [str(fused["classes"][i]) for i in fusion.predict(model, test.X).argmax(1)]
-    body = orjson.dumps({"instances": test.X.tolist(), "format": "compact"})
+    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+
+    def call(url, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        try:
+            conn.request(method, f"{url.path}{path}", body, headers)
+            response = conn.getresponse()
+            return response.status, orjson.loads(response.read() or b"{}")
+        finally:
+            conn.close()
+
     results = {}
     for cloud in progress.placed:
         url = urlsplit(endpoints[cloud])
-        deadline, answer = time.monotonic() + timeout_s, None
-        while time.monotonic() < deadline:  # the servers swap within their pointer poll interval
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-            conn.request("POST", f"{url.path}/predict", body,
-                         {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})})
-            response = conn.getresponse()
-            answer = (response.status, orjson.loads(response.read()))
-            conn.close()
-            if answer[0] == 200 and answer[1].get("model_version") == fused["version"]:
+        deadline = time.monotonic() + timeout_s
+        while call(url, "GET", "/health")[1].get("model_version") != fused["version"] and time.monotonic() < deadline:
+            time.sleep(0.1)  # health checks are not requests: they count in no error rate
+        got: list[str] = []
+        status, doc = 0, {}
+        for start in range(0, len(test.X), MAX_ROWS):  # the servers take at most MAX_ROWS rows per request
+            status, doc = call(url, "POST", "/predict",
+                               orjson.dumps({"instances": test.X[start:start + MAX_ROWS].tolist(), "format": "compact"}))
+            if status != 200:
                 break
-            time.sleep(0.25)
-        status, doc = answer
-        got = [str(c) for c in doc.get("predictions", [])] if status == 200 else []
+            got += [str(c) for c in doc.get("predictions", [])]
         results[cloud] = {"endpoint": endpoints[cloud], "status": status, "model_version": doc.get("model_version"),
                           "rows": len(expected), "agree": sum(a == b for a, b in zip(got, expected))}
     return results

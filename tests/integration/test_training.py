@@ -52,7 +52,8 @@ def test_train_end_to_end_from_the_command_line(backend, tmp_path, breast_cancer
     assert [s["cloud"] for s in summary["shards"]] == ["aws", "gcp", "azure"]
     assert sum(s["rows"] for s in summary["shards"]) == summary["rows"]["train"]
     assert all(0.8 <= s["accuracy"] <= 1 for s in summary["shards"])
-    assert set(summary["strategies"]) == {"wavg", "vote", "confidence", "fedavg"}
+    # auto: the ensembles, and the server steps scored each round (fedadam and fedyogi from round 1)
+    assert set(summary["strategies"]) == {"wavg", "vote", "confidence", "fedavg", "fedadam", "fedyogi"}
     assert summary["fused"]["strategy"] in summary["strategies"]
     assert summary["fused"]["accuracy"] == summary["strategies"][summary["fused"]["strategy"]]
     assert summary["fused"]["accuracy"] >= 0.88 and summary["centralized_accuracy"] >= 0.88
@@ -91,6 +92,56 @@ def test_train_refuses_bad_input_with_a_clear_message(tmp_path, breast_cancer_cs
     assert run.returncode == 2 and "label-skew:ALPHA" in run.stderr
     run = run_cli(env, "train", str(tmp_path / "nope.csv"), "--target", "diagnosis", cwd=tmp_path)
     assert run.returncode == 2 and "no such file" in run.stderr
+    cnn = str(REPO / "tests" / "models" / "digits_cnn.py")
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--model", f"{cnn}:nope", cwd=tmp_path)
+    assert run.returncode == 2 and "found:" in run.stderr, run.stderr  # names the functions the file has
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--model", f"{cnn}:build", cwd=tmp_path)
+    assert run.returncode == 2 and "64" in run.stderr and "30" in run.stderr, run.stderr  # its input is 8x8, not 30
+
+
+def test_weights_are_checked_before_anything_runs(tmp_path, breast_cancer_csv):
+    env = env_for("embedded", tmp_path)
+    cases = {"aws=0.5,gcp=x": "is not CLOUD=NUMBER", "aws=0.5,gcp=0.5": "missing: azure",
+             "aws=1,gcp=1,azure=1,mars=1": "not in the run: mars", "aws=-1,gcp=1,azure=1": "finite and >= 0",
+             "aws=0,gcp=0,azure=0": "all 0", "aws=1,aws=2,gcp=1,azure=1": "aws is given twice"}
+    for spec, said in cases.items():
+        run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--weights", spec, cwd=tmp_path)
+        assert run.returncode == 2 and said in " ".join(run.stderr.split()), (spec, run.stderr)  # unwrapped
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--clouds", "aws,mars", cwd=tmp_path)
+    assert run.returncode == 2 and "configured: aws, gcp, azure" in " ".join(run.stderr.split())
+
+
+def test_five_clouds_configured_twelve_shards_over_three_user_weights_served(tmp_path, breast_cancer_csv):
+    """A skyfuse.toml in the working directory names five clouds (two of them by provider); every
+    server the fleet starts reads it; 4 shards in each of three clouds are fused with the user's
+    cloud weights, shared inside each cloud by rows, and served."""
+    from skyfuse.serving.hosts import free_port
+
+    clouds = {"aws": "aws", "aws-eu": "aws", "gcp": "gcp", "azure": "azure", "azure-west": "azure"}
+    ports = {name: free_port() for name in clouds}
+    (tmp_path / "skyfuse.toml").write_text("".join(
+        f'[clouds.{name}]\nprovider = "{provider}"\nstore = "file://{tmp_path}/stores/{name}"\n'
+        f"inference_port = {ports[name]}\n\n" for name, provider in clouds.items()))
+    env = {**fleet_env("embedded", tmp_path), **{k: str(v) for k, v in FAST.items()}}
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--clouds", "aws-eu,gcp,azure-west",
+                  "--shards-per-cloud", "4", "--fusion", "wavg", "--weights", "aws-eu=1,gcp=1,azure-west=2", "--json",
+                  cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [s["cloud"] for s in summary["shards"]] == ["aws-eu", "gcp", "azure-west"] * 4
+    assert sum(s["rows"] for s in summary["shards"]) == summary["rows"]["train"]
+    assert summary["fused"]["weights"] == {"aws-eu": 0.25, "gcp": 0.25, "azure-west": 0.5}
+    assert summary["fused"]["accuracy"] >= 0.85
+    assert summary["placements"] and all({"at", "trigger", "serving", "reason"} <= set(p) for p in summary["placements"])
+    assert summary["serving"] and set(summary["serving"]) <= set(clouds)
+    for cloud, serving in summary["serving"].items():
+        assert serving["status"] == 200 and serving["agree"] == serving["rows"], cloud
+    assert not (tmp_path / ".skyfuse" / "endpoints.json").exists()
+    import socket
+
+    for name, port in ports.items():  # every server it started was stopped
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{name}'s server still listens on {port}"
 
 
 class Pipeline:

@@ -264,3 +264,30 @@ def test_fusion_and_data_do_not_import_tensorflow():
             "bad = [m for m in ('tensorflow', 'keras', 'tf2onnx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_server_step_replaces_the_averaged_parameters_by_name(keras_members):
+    """What the fuser does for fedadam/fedyogi: the fedavg graph of the members, with the global
+    model's parameters a server optimiser made set by initializer name."""
+    M, E, models, members = keras_members
+    averaged = F.fuse("fedavg", members, [1.0, 1.0, 2.0])
+    params = F.parameters(averaged)
+    assert {"dense_0.kernel", "out.bias", "standardize.mean"} <= set(params)
+    stepped = {name: value + 0.25 for name, value in params.items() if name.startswith("dense_")}
+    fused = F.with_parameters(averaged, stepped, "fedadam", lineage={"round": 3})
+    got = F.parameters(fused)
+    np.testing.assert_allclose(got["dense_0.kernel"], params["dense_0.kernel"] + 0.25)
+    np.testing.assert_array_equal(got["out.kernel"], params["out.kernel"])  # not given: kept
+    meta = F.metadata(fused)
+    assert meta["skyfuse.strategy"] == "fedadam" and F.lineage(fused) == {"round": 3}
+    assert json.loads(meta["skyfuse.weights"]) == pytest.approx([0.25, 0.25, 0.5])  # the members' weights
+    expected = M.from_onnx(averaged)
+    M.with_onnx_weights(expected, {**params, **stepped})
+    X = np.random.default_rng(3).normal(size=(20, 6)).astype(np.float32)
+    np.testing.assert_allclose(F.predict(fused, X), M.predict_proba(expected, X), atol=ATOL)
+    with pytest.raises(FusionError, match=r"the model has no initializers \['dense_9.kernel'\]"):
+        F.with_parameters(averaged, {"dense_9.kernel": np.zeros(2)}, "fedadam")
+    with pytest.raises(FusionError, match=r"initializer 'out.bias': shape \[3\] given, the model has \[4\]"):
+        F.with_parameters(averaged, {"out.bias": np.zeros(3)}, "fedyogi")
+    with pytest.raises(FusionError, match="'wavg' is not a server strategy; choose one of fedavg, fedprox"):
+        F.with_parameters(averaged, {}, "wavg")

@@ -35,7 +35,8 @@ def exported(trained):
 def test_spec_round_trips_through_a_dict():
     spec = M.ModelSpec.from_dict({"hidden": [4, 2], "epochs": 3, "learning_rate": 0.01, "seed": 9})
     assert spec.hidden == (4, 2) and spec.batch_size == 16
-    assert spec.to_dict() == {"hidden": [4, 2], "epochs": 3, "batch_size": 16, "learning_rate": 0.01, "seed": 9}
+    assert spec.to_dict() == {"hidden": [4, 2], "epochs": 3, "batch_size": 16, "learning_rate": 0.01, "seed": 9,
+                              "optimizer": "adam", "init": "glorot", "early_stopping": True, "proximal_mu": 0.0}
     assert M.ModelSpec.from_dict(spec.to_dict()) == spec
     assert M.ModelSpec.from_dict(None) == M.ModelSpec()
     with pytest.raises(ValueError, match="unknown model spec keys \\['layers'\\]"):
@@ -171,3 +172,97 @@ def test_pooled_stats_is_offered_by_the_model_module(shard):
     a, b = shard.subset(np.arange(50)), shard.subset(np.arange(50, 200))
     mean, var = M.pooled_stats([a.summary(), b.summary()])
     np.testing.assert_allclose(var, shard.X.astype(np.float64).var(0), rtol=1e-9)
+
+
+# ---------------------------------------------------------- worked-example options, FedProx
+
+
+def test_spec_options_are_checked_by_name():
+    for bad, message in (({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not one of adam, sgd"),
+                         ({"init": "he"}, "init 'he' is not one of glorot, normal"),
+                         ({"early_stopping": "no"}, "early_stopping must be true or false, got 'no'"),
+                         ({"proximal_mu": -0.1}, "proximal_mu must be a finite number >= 0, got -0.1")):
+        with pytest.raises(ValueError, match=message):
+            M.ModelSpec.from_dict(bad)
+    fleet = {"hidden": [3], "epochs": 7, "rounds": 10, "learning_rate": 0.5}  # rounds: not a spec key, ignored
+    spec = M.ModelSpec.from_dict({"epochs": 10, "optimizer": "sgd"}, defaults=fleet)
+    assert (spec.hidden, spec.epochs, spec.learning_rate, spec.optimizer) == ((3,), 10, 0.5, "sgd")
+
+
+def _dense_parameters(model) -> np.ndarray:
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+
+
+def test_normal_init_draws_every_parameter_from_a_standard_normal():
+    spec = M.ModelSpec(hidden=(64, 32), init="normal", seed=7)
+    values = _dense_parameters(M.build(spec, 20, 3, np.zeros(20), np.ones(20)))
+    assert len(values) == 20 * 64 + 64 + 64 * 32 + 32 + 32 * 3 + 3  # kernels and biases alike
+    assert abs(values.mean()) < 0.06 and 0.95 < values.std() < 1.05
+    again = _dense_parameters(M.build(spec, 20, 3, np.zeros(20), np.ones(20)))
+    other_spec = M.ModelSpec(hidden=(64, 32), init="normal", seed=8)
+    other = _dense_parameters(M.build(other_spec, 20, 3, np.zeros(20), np.ones(20)))
+    assert np.array_equal(values, again) and not np.allclose(values, other)
+    biases = M.build(spec, 20, 3, np.zeros(20), np.ones(20)).get_layer("dense_0").bias.numpy()
+    assert biases.std() > 0.5  # not zeros, as Glorot's biases are
+    glorot = _dense_parameters(M.build(M.ModelSpec(hidden=(64, 32), seed=7), 20, 3, np.zeros(20), np.ones(20)))
+    assert glorot.std() < 0.3
+
+
+def test_full_batch_sgd_takes_exactly_lr_times_the_gradient(shard):
+    import tensorflow as tf
+
+    spec = M.ModelSpec(hidden=(8,), init="normal", optimizer="sgd", learning_rate=0.01, batch_size=10_000,
+                       epochs=1, early_stopping=False, seed=4)
+    stats = (shard.X.mean(0), shard.X.var(0))
+    start = M.build(spec, shard.n_features, 2, *stats)
+    with tf.GradientTape() as tape:
+        loss = tf.keras.losses.SparseCategoricalCrossentropy()(shard.y, start(shard.X, training=True))
+    grads = tape.gradient(loss, start.trainable_variables)
+    expected = [v.numpy() - 0.01 * g.numpy() for v, g in zip(start.trainable_variables, grads)]
+    # validation_fraction=0: every row is a training row, so one epoch is one step on all of them
+    stepped = M.train(spec, shard, 2, stats=stats, validation_fraction=0.0)
+    assert stepped.epochs == 1
+    for got, want in zip(stepped.model.trainable_variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_without_early_stopping_exactly_the_epochs_run(shard):
+    # a learning rate this large makes the validation loss worse at once: early stopping would end
+    # after PATIENCE epochs and restore the first weights
+    spec = dict(hidden=(8,), init="normal", optimizer="sgd", learning_rate=5.0, batch_size=10_000, seed=2)
+    stopped = M.train(M.ModelSpec(**spec, epochs=40), shard, 2)
+    kept = M.train(M.ModelSpec(**spec, epochs=40, early_stopping=False), shard, 2)
+    ten = M.train(M.ModelSpec(**spec, epochs=10, early_stopping=False), shard, 2)
+    assert stopped.epochs < 40 and kept.epochs == 40 and ten.epochs == 10
+    assert not np.allclose(ten.model.get_weights()[2], stopped.model.get_weights()[2])
+
+
+def _distance(model, reference) -> float:
+    return float(sum(np.sum((a - b) ** 2) for a, b in zip(model.get_weights(), reference.get_weights())) ** 0.5)
+
+
+def test_fedprox_mu_zero_is_plain_fine_tuning_and_mu_pulls_towards_the_global_model(trained, cancer):
+    other = cancer.subset(np.arange(300, 500))
+    spec = dict(hidden=(8,), epochs=5, learning_rate=1e-2, seed=3, early_stopping=False)
+    plain = M.train(M.ModelSpec(**spec), other, 2, initial=trained.model).model
+    zero = M.train(M.ModelSpec(**spec, proximal_mu=0.0), other, 2, initial=trained.model).model
+    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), zero.get_weights()))
+    pulled = M.train(M.ModelSpec(**spec, proximal_mu=1.0), other, 2, initial=trained.model).model
+    held = M.train(M.ModelSpec(**spec, proximal_mu=100.0), other, 2, initial=trained.model).model
+    d_plain, d_pulled, d_held = (_distance(m, trained.model) for m in (plain, pulled, held))
+    assert d_held < d_pulled < d_plain
+    # without a global model (the first training) there is nothing to pull towards: mu changes nothing
+    a = M.train(M.ModelSpec(**spec), other, 2).model
+    b = M.train(M.ModelSpec(**spec, proximal_mu=100.0), other, 2).model
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_with_onnx_weights_sets_a_keras_model_from_onnx_parameters(trained, exported, shard):
+    values = {name: value * 0.5 for name, value in F.parameters(exported).items()}
+    target = M.from_bytes(M.to_bytes(trained.model))
+    M.with_onnx_weights(target, values)
+    np.testing.assert_allclose(target.get_layer("dense_0").kernel.numpy(), values["dense_0.kernel"])
+    np.testing.assert_allclose(M.standardization(target)[0], values["standardize.mean"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"no values for the model's weights \['out.bias'\]"):
+        M.with_onnx_weights(target, {k: v for k, v in values.items() if k != "out.bias"})
+

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import onnx  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 
 INPUT = "features"
 OUTPUT = "prob"
@@ -23,38 +23,52 @@ BATCH = "N"
 DEFAULT_OPSET = 17
 
 
-def _weight_name(path: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]", ".", path)
+def _weight_name(path: str, model_name: str) -> str:
+    """`conv.kernel` for the variable path `conv/kernel`; a freshly built Sequential prefixes its own
+    name (`sequential_3/conv/kernel`), which a loaded copy does not: dropped, so both export alike."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", ".", path.removeprefix(f"{model_name}/"))
 
 
 def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
     """The model as a serialized ONNX ModelProto: input `features` float32 [N, d], output `prob`.
 
-    The weights enter the traced function as inputs (through Keras' `stateless_call`) and become
-    initializers named after the Keras variable paths (`dense_0.kernel`, `standardize.mean`, ...)
-    afterwards. So TensorFlow's graph optimizer cannot fold them, and the ONNX graph's structure
-    and names depend only on the architecture, never on the weight values (zero biases, unit
-    variances): models of one spec always export to the same graph, as FedAvg needs.
-    Intermediate tensors and nodes get positional names (`t3_MatMul`, `n3_MatMul`).
+    Any Keras model with one input (None, d) and one output works: the built-in MLP or a user's
+    model (Reshape, Conv2D, pooling, BatchNormalization, Dropout, ...). The weights (`model.weights`)
+    enter the traced function as inputs (through Keras' `stateless_call`) and become initializers
+    named after the Keras variable paths (`dense_0.kernel`, `standardize.mean`, ...) afterwards.
+    So TensorFlow's graph optimizer cannot fold them, and the ONNX graph's structure and names
+    depend only on the architecture, never on the weight values (zero biases, unit variances):
+    models of one architecture always export to the same graph, as FedAvg needs; the initializers
+    are exactly the weights (other constants are Constant nodes). Other state (Dropout's
+    random-seed counter, named by a per-process counter and unused at inference) is passed as
+    constants and pruned. Nodes and intermediate tensors get positional names (`n3_MatMul`,
+    `t3_MatMul`), in an order fixed by the graph's structure.
     """
     import tensorflow as tf
     import tf2onnx
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError("to_onnx exports models with one input and one output")
-    n_features = int(model.inputs[0].shape[-1])
+        raise ValueError("to_onnx exports models with one input and one output, "
+                         f"this one has {len(model.inputs)} and {len(model.outputs)}")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) != 2 or shape[1] is None:
+        raise ValueError(f"to_onnx exports models whose input is (None, d) feature rows, this one takes {shape}")
+    n_features = int(shape[1])
     trainable, frozen = list(model.trainable_variables), list(model.non_trainable_variables)
-    variables = trainable + frozen
-    names = [_weight_name(v.path) for v in variables]
+    weight_ids = {id(v) for v in model.weights}
+    variables = [v for v in trainable + frozen if id(v) in weight_ids]
+    names = [_weight_name(v.path, model.name) for v in variables]
     if len(set(names)) != len(names) or INPUT in names:
         raise ValueError(f"ambiguous weight names {names}")
     specs = [tf.TensorSpec((None, n_features), tf.float32, name=INPUT)]
     specs += [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, names)]
+    state = {id(v): tf.constant(np.asarray(v.numpy())) for v in trainable + frozen if id(v) not in weight_ids}
 
     @tf.function(input_signature=specs)
     def serve(features, *weights):
-        out, _ = model.stateless_call(list(weights[:len(trainable)]), list(weights[len(trainable):]),
-                                      features, training=False)
+        given = {id(v): w for v, w in zip(variables, weights)}
+        values = [given.get(id(v), state.get(id(v))) for v in trainable + frozen]
+        out, _ = model.stateless_call(values[:len(trainable)], values[len(trainable):], features, training=False)
         return {OUTPUT: out}
 
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset)
@@ -64,6 +78,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
     for i in weight_inputs:
         graph.input.remove(i)
     graph.initializer.extend(numpy_helper.from_array(values[i.name], i.name) for i in weight_inputs)
+    _constants_as_nodes(graph, set(names))
     _canonical_names(graph)
     for value in list(graph.input) + list(graph.output):
         dim = value.type.tensor_type.shape.dim[0]
@@ -77,10 +92,30 @@ def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
     return proto.SerializeToString()
 
 
+def _constants_as_nodes(graph, weights: set[str]) -> None:
+    """Initializers that are not weights (shapes and scales tf2onnx folded, named by a process-wide
+    counter) become Constant nodes: the initializers are then exactly the model's weights, what
+    FedAvg and the server strategies average and move."""
+    constants = [t for t in graph.initializer if t.name not in weights]
+    if not constants:
+        return
+    made = [helper.make_node("Constant", [], [t.name], value=numpy_helper.from_array(numpy_helper.to_array(t)))
+            for t in constants]
+    kept = [t for t in graph.initializer if t.name in weights]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    nodes = made + list(graph.node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
 def _canonical_names(graph) -> None:
-    """Positional names for nodes and intermediate tensors (graph inputs, outputs and
-    initializers keep theirs); drops intermediate shape annotations."""
+    """Positional names for nodes and intermediate tensors (graph inputs, outputs and initializers
+    keep theirs), in a structural order; drops intermediate shape annotations."""
     keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    ordered = _structural_order(graph)
+    graph.ClearField("node")
+    graph.node.extend(ordered)
     rename = {}
     for j, node in enumerate(graph.node):
         node.name = f"n{j}_{node.op_type}"
@@ -91,6 +126,33 @@ def _canonical_names(graph) -> None:
         node.input[:] = [rename.get(x, x) for x in node.input]
         node.output[:] = [rename.get(x, x) for x in node.output]
     del graph.value_info[:]
+
+
+def _structural_order(graph) -> list:
+    """The nodes in a topological order that depends on the graph's structure only (tf2onnx breaks
+    ties differently from one export to the next): depth-first from each output, a node after its
+    inputs in input order. Nodes no output depends on follow in their own order. Returns copies."""
+    nodes = list(graph.node)
+    producer = {out: j for j, node in enumerate(nodes) for out in node.output if out}
+    placed, ordered = set(), []
+    for output in graph.output:
+        stack = [(producer[output.name], False)] if output.name in producer else []
+        while stack:
+            j, inputs_done = stack.pop()
+            if j in placed:
+                continue
+            if inputs_done:
+                placed.add(j)
+                ordered.append(j)
+                continue
+            stack.append((j, True))
+            stack.extend((producer[x], False) for x in reversed(nodes[j].input) if x in producer)
+    ordered += [j for j in range(len(nodes)) if j not in placed]
+    copies = []
+    for j in ordered:
+        copies.append(type(nodes[j])())
+        copies[-1].CopyFrom(nodes[j])
+    return copies
 
 
 def parity(model, onnx_bytes: bytes, X) -> float:

@@ -16,6 +16,8 @@ probabilities); so does the fused model. Strategies, with member weights w norma
   per row; output sum_i c_i p_i.
 - `fedavg`: one model whose initializers are the w-weighted average of the members' (members must
   share the graph: same nodes and initializer names/shapes/types, as models of one `ModelSpec` do).
+- `fedprox`, `fedadam`, `fedyogi` (and the fuser's fedavg): that graph with the parameters a server
+  strategy made (`skyfuse.ml.federated`), set by `with_parameters`.
 
 `combine` is the numpy reference of wavg/vote/confidence on member outputs.
 """
@@ -32,7 +34,9 @@ import onnx.version_converter
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-STRATEGIES = ("wavg", "vote", "confidence", "fedavg")
+STRATEGIES = ("wavg", "vote", "confidence", "fedavg")  # what `fuse` builds from members alone
+# parameter-averaged graphs whose weights a server optimiser set (skyfuse.ml.federated)
+SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 INPUT = "features"
 OUTPUT = "prob"
 BATCH = "N"
@@ -307,6 +311,27 @@ def _structure_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
     return None
 
 
+def fedavg_mismatch(members: Sequence[bytes]) -> tuple[int, str] | None:
+    """(i, what differs) for the first member whose graph FedAvg cannot average with member 0's
+    (another architecture: other layers, shapes or wiring), or None when all share one. Layers
+    missing on one side are named by their weights (`layer.variable`, as skyfuse exports them)
+    before any other difference."""
+    models = [_load(b, i) for i, b in enumerate(members)]
+    for i, m in enumerate(models[1:], start=1):
+        diff = _weights_difference(models[0], m) or _structure_difference(models[0], m)
+        if diff:
+            return i, diff
+    return None
+
+
+def _weights_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
+    wa, wb = ({t.name for t in m.graph.initializer if "." in t.name} for m in (a, b))
+    if wa == wb:
+        return None
+    return (f"weights differ: only in member 0: {sorted(wa - wb)[:8]}; "
+            f"only in this member: {sorted(wb - wa)[:8]}")
+
+
 def _fedavg(models: list[onnx.ModelProto], w: np.ndarray) -> onnx.ModelProto:
     base = models[0]
     for i, m in enumerate(models[1:], start=1):
@@ -350,14 +375,54 @@ def fuse(strategy: str, members: Sequence[bytes], weights: Sequence[float] | Non
         model = _fedavg(models, w)
     else:
         model = _ensemble(strategy, models, w, d, k, opset)
+    return _finish(model, strategy, w, len(models), lineage)
+
+
+def parameters(model_bytes: bytes) -> dict[str, np.ndarray]:
+    """The model's float initializers by name, in graph order: what a server step moves."""
+    model = _load(model_bytes, 0)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type in FLOAT_TYPES}
+
+
+def with_parameters(model_bytes: bytes, values: dict[str, np.ndarray], strategy: str,
+                    lineage: dict | None = None) -> bytes:
+    """A copy of a parameter-averaged model (`fuse("fedavg", ...)`) whose named initializers are
+    replaced by `values` (same shapes; cast to each initializer's type), labelled `strategy`: the
+    global model a server optimiser made from the same members (their weights stay in the metadata)."""
+    if strategy not in SERVER_STRATEGIES:
+        raise FusionError(f"{strategy!r} is not a server strategy; choose one of {', '.join(SERVER_STRATEGIES)}")
+    model = _load(model_bytes, 0)
+    current = {t.name for t in model.graph.initializer}
+    unknown = sorted(set(values) - current)
+    if unknown:
+        raise FusionError(f"the model has no initializers {unknown[:5]}")
+    replaced = []
+    for t in model.graph.initializer:
+        if t.name in values:
+            old, new = numpy_helper.to_array(t), np.asarray(values[t.name])
+            if new.shape != old.shape:
+                raise FusionError(f"initializer {t.name!r}: shape {list(new.shape)} given, "
+                                  f"the model has {list(old.shape)}")
+            t = numpy_helper.from_array(new.astype(old.dtype), t.name)
+        replaced.append(t)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(replaced)
+    model.graph.name = f"skyfuse_{strategy}"
+    meta = {p.key: p.value for p in model.metadata_props}
+    w = np.asarray(json.loads(meta.get(META_WEIGHTS, "[1.0]")), np.float64)
+    return _finish(model, strategy, w, len(w), lineage)
+
+
+def _finish(model: onnx.ModelProto, strategy: str, w: np.ndarray, members: int, lineage: dict | None) -> bytes:
+    """Producer, doc string and lineage metadata set, checked, serialized."""
     model.producer_name = PRODUCER
     from skyfuse import __version__
 
     model.producer_version = __version__
-    model.doc_string = f"skyfuse {strategy} fusion of {len(models)} member model(s)"
+    model.doc_string = f"skyfuse {strategy} fusion of {members} member model(s)"
     del model.metadata_props[:]
     meta = {META_STRATEGY: strategy, META_LINEAGE: json.dumps(lineage or {}, sort_keys=True, default=str),
-            META_WEIGHTS: json.dumps([float(x) for x in w]), META_MEMBERS: str(len(models))}
+            META_WEIGHTS: json.dumps([float(x) for x in w]), META_MEMBERS: str(members)}
     onnx.helper.set_model_props(model, meta)
     try:
         onnx.checker.check_model(model, full_check=True)

@@ -7,10 +7,15 @@ probabilities, with its standardization built in (so the exported ONNX model tak
 Every layer has a fixed name, and initial weights come from seeded initializers, so two models of
 the same spec have the same weight names (and ONNX initializer names) and, with the same seed,
 the same initial weights: what FedAvg needs.
+
+A user's own model (`load_user_model`: a .keras file or MODULE:FUNCTION, checked by
+`check_user_model`) can stand in for the MLP: `train(..., template=model)` trains it with the same
+loop. It gets the raw features (no built-in standardization) and must output class probabilities.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tempfile
 import logging
 import os
@@ -32,11 +37,8 @@ MODEL_NAME = "skyfuse_mlp"
 STANDARDIZE = "standardize"
 MIN_ROWS = 5
 PATIENCE = 10
-# FedAvg schedule tuned with the defaults above: round 0 trains every member from the same seed
-# with the pooled standardization; each of FEDAVG_ROUNDS rounds then fine-tunes every member from
-# the global model for FINETUNE_EPOCHS epochs and averages them weighted by rows.
-FEDAVG_ROUNDS = 10
-FINETUNE_EPOCHS = 2
+# The federated schedule (rounds, fine-tuning epochs, optimizer and learning rate) is the fleet's
+# `[training]` config, tuned by bench/fusion_quality.py.
 
 
 class _NoRetracingNoise(logging.Filter):
@@ -54,15 +56,30 @@ class TrainingError(ValueError):
     """A shard that cannot be trained on; the message says why."""
 
 
+OPTIMIZERS = ("adam", "sgd")
+INITIALIZERS = ("glorot", "normal")
+
+
 @dataclass
 class ModelSpec:
     """How a shard model is built and trained. The defaults are the ones bench/fusion_quality.py
-    tuned (breast cancer IID and label skew, digits label skew; 3 shards, 5 seeds)."""
+    tuned (breast cancer IID and label skew, digits label skew; 3 shards, 5 seeds).
+
+    `optimizer`: `adam`, or `sgd` (plain gradient descent, no momentum); a `batch_size` of at least
+    the shard's rows means full-batch steps (one step an epoch). `init`: `glorot` (Glorot-uniform
+    kernels, zero biases) or `normal` (every kernel and bias drawn from N(0, 1)); seeded either way.
+    `early_stopping`: stop after PATIENCE epochs without a better validation loss and keep the best
+    weights; off, exactly `epochs` epochs run and the last weights are kept. `proximal_mu`: FedProx's
+    mu/2 ||w - w_global||^2 added to the loss while fine-tuning from a global model (0: off)."""
     hidden: tuple[int, ...] = (64, 32)
     epochs: int = 100  # at most; early stopping (PATIENCE epochs on validation loss) usually ends sooner
     batch_size: int = 16
     learning_rate: float = 2e-3
     seed: int = 0
+    optimizer: str = "adam"
+    init: str = "glorot"
+    early_stopping: bool = True
+    proximal_mu: float = 0.0
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -72,19 +89,36 @@ class ModelSpec:
         self.learning_rate = float(self.learning_rate)
         if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
             raise ValueError("epochs and batch_size must be >= 1 and learning_rate > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.init not in INITIALIZERS:
+            raise ValueError(f"init {self.init!r} is not one of {', '.join(INITIALIZERS)}")
+        if not isinstance(self.early_stopping, (bool, np.bool_)):
+            raise ValueError(f"early_stopping must be true or false, got {self.early_stopping!r}")
+        self.early_stopping = bool(self.early_stopping)
+        self.proximal_mu = float(self.proximal_mu)
+        if not (np.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "ModelSpec":
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict | None, defaults: dict | None = None) -> "ModelSpec":
+        """The spec of `d`; keys it leaves out come from `defaults` (keys `d` may not have are
+        ignored there, e.g. a fleet's other training settings), then from the class."""
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
+        known = set(cls.keys())
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**{**{k: v for k, v in (defaults or {}).items() if k in known}, **d})
 
     def to_dict(self) -> dict:
         return {"hidden": list(self.hidden), "epochs": self.epochs, "batch_size": self.batch_size,
-                "learning_rate": self.learning_rate, "seed": self.seed}
+                "learning_rate": self.learning_rate, "seed": self.seed, "optimizer": self.optimizer,
+                "init": self.init, "early_stopping": self.early_stopping, "proximal_mu": self.proximal_mu}
 
 
 @dataclass
@@ -146,12 +180,19 @@ def build(spec: ModelSpec, n_features: int, n_classes: int, mean, variance) -> k
     x = Standardize(mean, variance, name=STANDARDIZE)(inputs)
     for i, units in enumerate(spec.hidden):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}",
-                               kernel_initializer=keras.initializers.GlorotUniform(seed=spec.seed * 1009 + i),
-                               bias_initializer="zeros")(x)
+                               **_initializers(spec, spec.seed * 1009 + i))(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name="out",
-                             kernel_initializer=keras.initializers.GlorotUniform(seed=spec.seed * 1009 + 1000),
-                             bias_initializer="zeros")(x)
+                             **_initializers(spec, spec.seed * 1009 + 1000))(x)
     return keras.Model(inputs, out, name=MODEL_NAME)
+
+
+def _initializers(spec: ModelSpec, seed: int) -> dict:
+    """A dense layer's seeded initializers: Glorot-uniform kernel and zero bias, or every
+    parameter from N(0, 1) (the bias with a seed of its own, so it is not the kernel's first values)."""
+    if spec.init == "normal":
+        return {"kernel_initializer": keras.initializers.RandomNormal(0.0, 1.0, seed=seed),
+                "bias_initializer": keras.initializers.RandomNormal(0.0, 1.0, seed=seed + 500_009)}
+    return {"kernel_initializer": keras.initializers.GlorotUniform(seed=seed), "bias_initializer": "zeros"}
 
 
 def standardization(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +235,7 @@ def check_shard(shard: Dataset, n_classes: int) -> None:
 
 def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fraction: float = 0.2,
           initial: keras.Model | None = None, stats: tuple | None = None, epochs: int | None = None,
-          verbose: int = 0) -> TrainResult:
+          verbose: int = 0, template: keras.Model | None = None) -> TrainResult:
     """Train a model on one shard.
 
     Keeps `validation_fraction` of the shard out (stratified when possible) for early stopping on
@@ -202,28 +243,38 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     `initial`: fine-tune from this (global) model: its weights and standardization are copied.
     `stats`: (mean, variance) to standardize with instead of the shard's own (FedAvg members share
     the pooled statistics). `epochs` overrides `spec.epochs` (e.g. a few for a FedAvg round).
+    `template`: a user's model (`load_user_model`) to train, in place, instead of building the MLP;
+    it gets the raw features (no standardization: `stats` is ignored) and `spec.hidden` is unused.
     """
     check_shard(shard, n_classes)
     started = time.perf_counter()
     keras.utils.set_random_seed(spec.seed)
-    if initial is not None:
-        mean, variance = standardization(initial)
-    elif stats is not None:
-        mean, variance = stats[0], stats[1]
+    if template is not None:
+        problem = _io_problem(template, shard.n_features, n_classes)
+        if problem:
+            raise TrainingError(f"the model template does not fit this task: {problem}")
+        model = template
     else:
-        mean, variance = shard.X.astype(np.float64).mean(axis=0), shard.X.astype(np.float64).var(axis=0)
-    model = build(spec, shard.n_features, n_classes, mean, variance)
+        if initial is not None:
+            mean, variance = standardization(initial)
+        elif stats is not None:
+            mean, variance = stats[0], stats[1]
+        else:
+            mean, variance = shard.X.astype(np.float64).mean(axis=0), shard.X.astype(np.float64).var(axis=0)
+        model = build(spec, shard.n_features, n_classes, mean, variance)
     if initial is not None:
         theirs = initial.get_weights()
         mine = model.get_weights()
         if [w.shape for w in theirs] != [w.shape for w in mine]:
-            raise TrainingError(f"the initial model's weights {[w.shape for w in theirs]} do not fit the spec "
-                                f"{spec.to_dict()} with {shard.n_features} features and {n_classes} classes "
+            fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
+            raise TrainingError(f"the initial model's weights {[w.shape for w in theirs]} do not fit {fits} "
+                                f"with {shard.n_features} features and {n_classes} classes "
                                 f"({[w.shape for w in mine]})")
         model.set_weights(theirs)
     tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
     n_epochs = int(epochs if epochs is not None else spec.epochs)
-    ran = _fit(model, spec, shard.X[tr], shard.y[tr], shard.X[va], shard.y[va], n_epochs, verbose)
+    ran = _fit(model, spec, shard.X[tr], shard.y[tr], shard.X[va], shard.y[va], n_epochs, verbose,
+               proximal=initial is not None)
     validation = {"rows": int(len(va)), "accuracy": None, "loss": None}
     if len(va):
         p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
@@ -234,19 +285,33 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
 
 
 def _fit(model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-         epochs: int, verbose: int = 0) -> int:
-    """Adam on mini-batches, one compiled TensorFlow loop per epoch (Keras `fit` costs ~50x more
-    per step for models this small); early stopping on validation loss with PATIENCE epochs,
-    best weights restored. Shuffling is seeded by spec.seed. Returns the epochs run."""
+         epochs: int, verbose: int = 0, proximal: bool = False) -> int:
+    """Adam (or plain SGD) on mini-batches, one compiled TensorFlow loop per epoch (Keras `fit`
+    costs ~50x more per step for models this small). With `spec.early_stopping`, stops after
+    PATIENCE epochs without a better validation loss and restores the best weights; without it,
+    runs exactly `epochs` epochs. `proximal`: the model holds the global weights now, and
+    spec.proximal_mu / 2 * ||w - those weights||^2 is added to the training loss (FedProx).
+    Shuffling is seeded by spec.seed. Returns the epochs run."""
     import tensorflow as tf
 
-    optimizer = keras.optimizers.Adam(learning_rate=spec.learning_rate)
+    if spec.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=spec.learning_rate)
     params = model.trainable_variables
     optimizer.build(params)
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
     X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
     batch = min(spec.batch_size, len(X))
     n_batches = -(-len(X) // batch)
+    mu = spec.proximal_mu if proximal else 0.0
+    anchor = [tf.constant(np.asarray(p.numpy())) for p in params] if mu > 0 else []
+
+    def objective(yb, xb):
+        loss = loss_fn(yb, model(xb, training=True))
+        if anchor:
+            loss += (mu / 2) * tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
+        return loss
 
     @tf.function
     def one_epoch(order):
@@ -255,12 +320,12 @@ def _fit(model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_va
             idx = order[i * batch:(i + 1) * batch]
             xb, yb = tf.gather(X_t, idx), tf.gather(y_t, idx)
             with tf.GradientTape() as tape:
-                loss = loss_fn(yb, model(xb, training=True))
+                loss = objective(yb, xb)
             optimizer.apply_gradients(zip(tape.gradient(loss, params), params))
             total += loss
         return total / tf.cast(n_batches, tf.float32)
 
-    has_val = len(X_val) > 0
+    has_val = len(X_val) > 0 and (spec.early_stopping or verbose)
     if has_val:
         Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
 
@@ -278,6 +343,8 @@ def _fit(model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_va
         current = float(val_loss())
         if verbose:
             print(f"epoch {ran}: loss {train_loss:.4f} val_loss {current:.4f}")
+        if not spec.early_stopping:
+            continue
         if current < best:
             best, best_weights, wait = current, model.get_weights(), 0
         else:
@@ -299,8 +366,10 @@ def average(models: list[keras.Model], weights: list[float] | None = None) -> ke
         raise ValueError(f"need one non-negative weight per model, not all 0; got {weights}")
     w = w / w.sum()
     shapes = [[x.shape for x in m.get_weights()] for m in models]
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError("average needs models of one architecture")
+    for i, other in enumerate(shapes):
+        if other != shapes[0]:
+            raise ValueError(f"average needs models of one architecture; model {i}'s weights {other} differ "
+                             f"from model 0's {shapes[0]}")
     averaged = [sum(wi * np.asarray(ws[j], np.float64) for wi, ws in zip(w, (m.get_weights() for m in models)))
                 for j in range(len(shapes[0]))]
     out = keras.models.clone_model(models[0])
@@ -332,6 +401,124 @@ def from_onnx(onnx_bytes: bytes, spec: ModelSpec | None = None) -> keras.Model:
                   len(mean), k, mean, np.ones_like(mean))
     model.set_weights([inits[v.path.replace("/", ".")] for v in model.weights])
     return model
+
+
+class UserModelError(ValueError):
+    """A user's model that cannot be used; the message says what was expected and what was found."""
+
+
+def load_user_model(spec: str, seed: int | None = None) -> keras.Model:
+    """The user's Keras model named by `spec`, to train instead of the built-in MLP:
+
+    - `PATH.keras`: a saved model;
+    - `MODULE:FUNCTION`: MODULE is a Python file (`models/cnn.py:build`) or an importable dotted
+      name (`mypkg.models:build`, the working directory included), FUNCTION takes no arguments and
+      returns a Keras model (compiled or not: skyfuse trains it with its own loop).
+
+    `seed` seeds Keras before FUNCTION runs, so its initial weights are reproducible. The model's
+    fit to the task is `check_user_model`'s job."""
+    spec = str(spec).strip()
+    if spec.endswith(".keras"):
+        if not Path(spec).is_file():
+            raise UserModelError(f"no such file: {spec}")
+        try:
+            return load(spec)
+        except Exception as exc:  # noqa: BLE001 - keras raises many kinds for a bad file
+            raise UserModelError(f"{spec} is not a loadable .keras model: {type(exc).__name__}: {exc}") from None
+    where, colon, name = spec.rpartition(":")
+    if not colon or not where or not name.isidentifier():
+        raise UserModelError(f"{spec!r}: expected a .keras file or MODULE:FUNCTION "
+                             "(e.g. models/cnn.py:build or mypkg.models:build)")
+    module = _user_module(where)
+    found = getattr(module, name, None)
+    if not callable(found):
+        defined = sorted(n for n, v in vars(module).items() if inspect.isfunction(v)
+                         and v.__module__ == module.__name__ and not n.startswith("_"))
+        raise UserModelError(f"{where} has no function {name!r}; found: {', '.join(defined) or 'no functions'}")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    try:
+        model = found()
+    except Exception as exc:  # noqa: BLE001 - the user's code: report whatever it raised
+        raise UserModelError(f"{spec}: {name}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, keras.Model):
+        raise UserModelError(f"{spec}: {name}() returned {type(model).__name__}, expected a keras.Model")
+    return model
+
+
+def _user_module(where: str):
+    """The module of a `MODULE:FUNCTION` spec: a .py file, or a dotted name importable from here."""
+    import importlib
+    import importlib.util
+    import sys
+
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    if is_file and not Path(where).is_file():
+        raise UserModelError(f"no such file: {where}")
+    name = f"skyfuse_user_model_{abs(hash(str(Path(where).resolve())))}" if is_file else where
+    try:
+        if is_file:
+            found = importlib.util.spec_from_file_location(name, where)
+            module = sys.modules[name] = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+            return module
+        sys.path.insert(0, os.getcwd())  # as `python -c` would: the user's own package here
+        try:
+            return importlib.import_module(where)
+        finally:
+            sys.path.remove(os.getcwd())
+    except Exception as exc:  # noqa: BLE001 - the user's code: report whatever it raised
+        if is_file:
+            sys.modules.pop(name, None)
+        if isinstance(exc, ModuleNotFoundError) and not is_file and f"{where}.".startswith(f"{exc.name}."):
+            raise UserModelError(f"{where} cannot be imported: {exc} (give a .py path, or put its folder on "
+                                 "PYTHONPATH)") from None
+        raise UserModelError(f"importing {where} raised {type(exc).__name__}: {exc}") from None
+
+
+def _io_problem(model: keras.Model, n_features: int, n_classes: int) -> str | None:
+    """What keeps `model` from taking (None, n_features) rows and giving (None, n_classes)
+    outputs, or None when it fits."""
+    try:
+        inputs, outputs = list(model.inputs), list(model.outputs)
+    except (AttributeError, TypeError, ValueError):
+        inputs = outputs = []
+    if not inputs or not outputs:
+        return "it has no defined input; begin it with keras.Input(shape=(d,))"
+    if len(inputs) != 1 or len(outputs) != 1:
+        return f"it has {len(inputs)} inputs and {len(outputs)} outputs; skyfuse needs one of each"
+    got_in, got_out = tuple(inputs[0].shape), tuple(outputs[0].shape)
+    if got_in != (None, n_features):
+        return (f"its input is {got_in}, the data has rows of {n_features} features: take (None, {n_features}) "
+                "and reshape inside the model (keras.layers.Reshape)")
+    if got_out != (None, n_classes):
+        binary = " (2 for a binary task: Dense(2, activation='softmax'), not one sigmoid unit)" * (n_classes == 2)
+        return f"its output is {got_out}, the task needs (None, {n_classes}): one probability per class{binary}"
+    return None
+
+
+def check_user_model(model: keras.Model, n_features: int, n_classes: int, sample: np.ndarray) -> None:
+    """Raise UserModelError unless `model` can stand in for the MLP: one input (None, n_features)
+    of raw features, one output (None, n_classes) of class probabilities (checked on `sample`
+    rows: finite, >= 0, rows summing to 1), and a .keras round trip that loads (what every trainer
+    does: custom layers must be registered with keras.saving.register_keras_serializable and
+    importable there; Lambda layers are refused)."""
+    problem = _io_problem(model, n_features, n_classes)
+    if problem:
+        raise UserModelError(problem)
+    p = np.asarray(model(np.asarray(sample, np.float32), training=False), np.float64)
+    sums = p.sum(axis=1)
+    if not np.isfinite(p).all() or p.min(initial=0) < -1e-6 or np.abs(sums - 1).max(initial=0) > 1e-3:
+        raise UserModelError(f"its outputs are not class probabilities (on {len(p)} rows: min {p.min():.3g}, "
+                             f"row sums {sums.min():.3g}..{sums.max():.3g}); end it with a softmax over the "
+                             f"{n_classes} classes")
+    try:
+        from_bytes(to_bytes(model))
+    except Exception as exc:  # noqa: BLE001 - keras raises many kinds when (de)serializing
+        raise UserModelError(f"it cannot be saved and loaded again as .keras, as every trainer must "
+                             f"({type(exc).__name__}: {exc}); register custom layers with "
+                             "keras.saving.register_keras_serializable in an importable module, "
+                             "and use no Lambda layers") from None
 
 
 def predict_proba(model: keras.Model, X: np.ndarray) -> np.ndarray:
@@ -375,3 +562,21 @@ def _quiet_keras():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
         yield
+
+
+def with_onnx_weights(model: keras.Model, values: dict) -> keras.Model:
+    """`model` with every weight set from `values`, keyed by the ONNX initializer name the
+    exporter gives that weight (`dense_0.kernel` for `dense_0/kernel`): how a global model a
+    server strategy made over ONNX parameters returns to Keras for the next round's trainers."""
+    from .export import _weight_name
+
+    names = [_weight_name(v.path, model.name) for v in model.weights]
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(f"no values for the model's weights {missing[:5]}")
+    shapes = [(n, tuple(v.shape), np.shape(values[n])) for n, v in zip(names, model.weights)
+              if tuple(v.shape) != np.shape(values[n])]
+    if shapes:
+        raise ValueError(f"weight {shapes[0][0]!r} has shape {shapes[0][1]}, the values {shapes[0][2]}")
+    model.set_weights([np.asarray(values[n], dtype=v.dtype) for n, v in zip(names, model.weights)])
+    return model

@@ -1,0 +1,274 @@
+"""The design's worked example as one command: `skyfuse demo --scenario worked-example`.
+
+Training half: a two-class task made by scikit-learn's `make_classification`, split at random into
+three subsets of 1000 training rows, one per cloud; each sub-model starts from parameters drawn
+from N(0, 1) and takes 10 steps of plain gradient descent (learning rate 0.01, the whole shard per
+step); the fuser takes their weighted average with the fixed weights 0.3 / 0.3 / 0.4.
+
+Serving half: every cloud holds the fused model (the serving one, and the others as warm
+standbys), probe clients call each cloud's real endpoint a few times a second (synthetic
+monitoring, so every cloud has a response time), and the monitor reports each cloud's CPU
+utilisation. Prices are equal, so the score is decided by response time. Then a load step: clients
+send full 1000-row batches to the serving cloud's endpoint until its response time rises and the
+scheduler moves serving, each decision with its reason.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+import orjson
+
+FULL_BATCH = 1_000_000  # at least the rows of any shard: every step sees the whole shard (gradient descent)
+WEIGHTS = (0.3, 0.3, 0.4)
+FEATURES = 10
+LOAD_CLIENTS = 4
+PROBE_PERIOD_S = 0.1
+BASELINE_SAMPLES = 6  # inference samples per cloud before the load step: the checks' big batches fade
+LOAD_TIMEOUT_S = 120.0
+
+# The scenario's timings and prices, for this process and every process the fleet starts (an
+# explicit SKYFUSE_* setting in the environment wins). Equal prices leave response time to decide.
+ENVIRONMENT = {
+    "SKYFUSE_TRAINING__TIMER_S": "1",  # the monitor samples every second
+    "INFERENCE_METRICS_S": "1",  # the inference servers report every second
+    "SKYFUSE_LAMBDA": "3",  # performance (response time) weighs three times cost
+    "SKYFUSE_SCHEDULER__SLO_P99_MS": "20",
+    "SKYFUSE_SCHEDULER__HALF_LIFE_S": "2",
+    "SKYFUSE_SCHEDULER__DWELL_S": "3",
+    "SKYFUSE_SCHEDULER__MIN_DWELL_S": "5",
+    "SKYFUSE_SCHEDULER__STALE_AFTER_S": "20",
+    "SKYFUSE_SCHEDULER__STANDBY": "true",
+}
+PRICE_PER_HOUR, PRICE_PER_MILLION = "0.04", "0.2"
+
+
+def prepare_environment(clouds: list[str]) -> None:
+    """Set the scenario's timings and equal prices for `clouds`, unless the environment sets them."""
+    for name, value in ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for cloud in clouds:
+        os.environ.setdefault(f"SKYFUSE_CLOUDS__{cloud.upper()}__PRICE_PER_HOUR", PRICE_PER_HOUR)
+        os.environ.setdefault(f"SKYFUSE_CLOUDS__{cloud.upper()}__PRICE_PER_MILLION_REQUESTS", PRICE_PER_MILLION)
+
+
+def worked_example(clouds: list[str], seed: int = 0):
+    """(dataset, plan): 5000 rows → 3000 training rows in three shards of 1000, 500 validation, 1500 test."""
+    import numpy as np
+    from sklearn.datasets import make_classification
+
+    from skyfuse.ml.data import Dataset
+    from skyfuse.training import Plan
+
+    if len(clouds) < 3:
+        raise ValueError(f"the worked example needs three clouds; the config has {len(clouds)} ({', '.join(clouds)})")
+    clouds = clouds[:3]
+    X, y = make_classification(n_samples=5000, n_features=FEATURES, n_informative=6, n_redundant=2, n_classes=2,
+                               class_sep=1.0, random_state=seed)
+    dataset = Dataset(X.astype(np.float32), y.astype(np.int64), [f"x{i}" for i in range(FEATURES)], [0, 1], "label",
+                      "worked-example")
+    plan = Plan(target="label", clouds=clouds, partition="iid", fusion="wavg", rounds=1, seed=seed,
+                weights=dict(zip(clouds, WEIGHTS)), holdout=(0.1, 0.3),
+                model_options={"hidden": [], "init": "normal", "optimizer": "sgd", "learning_rate": 0.01,
+                               "epochs": 10, "batch_size": FULL_BATCH, "early_stopping": False})
+    return dataset, plan
+
+
+# ---------------------------------------------------------------------------------- load step
+
+
+class Caller:
+    """Calls one endpoint's /predict in a loop on its own connection until stopped."""
+
+    def __init__(self, url: str, body: bytes, api_key: str | None, pause_s: float = 0.0):
+        parts = urlsplit(url)
+        self.port, self.path, self.body, self.pause_s = parts.port, f"{parts.path}/predict", body, pause_s
+        self.headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+        self.answers: dict[int, int] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Caller":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        conn = None
+        while not self.stopping.is_set():
+            try:
+                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("POST", self.path, self.body, self.headers)
+                response = conn.getresponse()
+                response.read()
+                self.answers[response.status] = self.answers.get(response.status, 0) + 1
+            except OSError:
+                self.answers[0] = self.answers.get(0, 0) + 1
+                conn = None
+                self.stopping.wait(0.1)
+            if self.pause_s:
+                self.stopping.wait(self.pause_s)
+        if conn:
+            conn.close()
+
+
+@dataclass
+class Watch:
+    """What the bus says during the load step: decisions about the served version, and every
+    cloud's samples (inference: requests and response time; monitor: CPU)."""
+
+    version: str
+    decisions: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+
+    def note(self, kind: str, data: dict) -> None:
+        if kind == "placement.changed" and data["model_version"] == self.version and \
+                data["decision_id"] not in {d["decision_id"] for d in self.decisions}:
+            self.decisions.append(data)
+        elif kind == "metrics.sampled":
+            self.samples.append(data)
+
+    def serving(self) -> list[str]:
+        last = self.decisions[-1] if self.decisions else None
+        return [p["cloud"] for p in last["placements"] if p["weight"] > 0] if last else []
+
+    def inference_samples(self, cloud: str, since: str) -> list[dict]:
+        return [s for s in self.samples if s["cloud"] == cloud and s["source"] == "inference"
+                and s["sampled_at"] >= since and s["latency_ms"]["p99"] is not None]
+
+    def phase(self, name: str, since: str, until: str, clouds: list[str], serving: list[str]) -> dict:
+        figures = {}
+        for cloud in clouds:
+            inside = [s for s in self.samples if s["cloud"] == cloud and since <= s["sampled_at"] <= until]
+            served = [s for s in inside if s["source"] == "inference" and s["latency_ms"]["p99"] is not None]
+            cpu = [s["cpu_utilisation"] for s in inside if s["source"] == "monitor" and s.get("cpu_utilisation") is not None]
+            figures[cloud] = {
+                "requests_per_s": sum(s["requests_per_s"] for s in served) / len(served) if served else None,
+                "p99_ms": sorted(s["latency_ms"]["p99"] for s in served)[len(served) // 2] if served else None,
+                "cpu": sum(cpu) / len(cpu) if cpu else None}
+        return {"name": name, "since": since, "until": until, "serving": serving, "clouds": figures}
+
+
+def _holds(endpoint: str, version: str, timeout_s: float) -> bool:
+    """Whether the server at `endpoint` serves `version` (GET /health) within `timeout_s`."""
+    url = urlsplit(endpoint)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", url.port, timeout=5)
+        try:
+            conn.request("GET", f"{url.path}/health")
+            if orjson.loads(conn.getresponse().read()).get("model_version") == version:
+                return True
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    return False
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def load_step(ctx) -> dict:
+    """Probe every cloud, step the load up on the serving one until serving moves, then stop."""
+    from skyfuse import contracts, events, local, signing, training
+
+    fleet, bus, console = ctx.fleet, ctx.bus, ctx.console
+    version = ctx.progress.fused["version"]
+    watch = Watch(version)
+    for decision in ctx.progress.decisions:
+        watch.note("placement.changed", decision)
+    clouds = list(ctx.endpoints)
+    key = local.api_key(fleet)
+    one_row = orjson.dumps({"instances": ctx.prepared.test.X[:1].tolist()})
+    batch = ctx.prepared.test.X[:1000]
+    full_batch = orjson.dumps({"instances": batch.tolist(), "format": "compact"})
+    topics = [contracts.event_type(t).topic for t in ("placement.changed", "metrics.sampled")]
+
+    def poll_until(done, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with_consumer.poll_into(watch)
+        while not done() and time.monotonic() < deadline:
+            with_consumer.poll_into(watch)
+        return done()
+
+    class _Consumer:
+        def __init__(self):
+            self.consumer = bus.consumer(f"cli.{ctx.prepared.plan.run_id}.scenario", topics)
+
+        def poll_into(self, w: Watch) -> None:
+            for record in self.consumer.poll(0.2, 500):
+                try:
+                    event = events.decode(record.key, record.value, record.headers)
+                    signing.check(fleet, event)
+                except (events.MalformedEvent, signing.Untrusted):
+                    continue
+                w.note(event["type"].removeprefix(contracts.TYPE_PREFIX), event.get_data())
+
+    with_consumer = _Consumer()
+    console.print(f"waiting for every cloud to hold {version} (the placed one serving, the others as standbys)…")
+    missing = [c for c in clouds if not _holds(ctx.endpoints[c], version, 60)]
+    if missing:
+        with_consumer.consumer.close()
+        error = f"{', '.join(missing)} never loaded {version}; is scheduler.standby on?"
+        console.print(f"[bold red]{error}[/]", highlight=False)
+        return {"placements": [training.decision(d) for d in watch.decisions], "load_phases": [],
+                "scenario": {"name": "worked-example", "moved": None, "error": error}}
+    probes = [Caller(ctx.endpoints[c], one_row, key, PROBE_PERIOD_S).start() for c in clouds]
+    load: list[Caller] = []
+    phases = []
+    moved, error, load_answers = None, None, {}
+    try:
+        started = _now()
+        console.print(f"probing {', '.join(clouds)} every {PROBE_PERIOD_S:g} s (one row per call) for a baseline…")
+        baseline = poll_until(lambda: all(len(watch.inference_samples(c, started)) >= BASELINE_SAMPLES for c in clouds)
+                              and watch.serving(), 90)
+        if not baseline:
+            raise ScenarioError("no response-time samples from every cloud within 90 s: "
+                                + ", ".join(f"{c} {len(watch.inference_samples(c, started))}" for c in clouds))
+        target = watch.serving()[0]
+        step = _now()
+        phases.append(watch.phase("baseline", started, step, clouds, watch.serving()))
+        console.print(f"load step: {LOAD_CLIENTS} clients sending {len(batch)}-row batches to {target} "
+                      f"({ctx.endpoints[target]}) until serving moves…")
+        load = [Caller(ctx.endpoints[target], full_batch, key).start() for _ in range(LOAD_CLIENTS)]
+        poll_until(lambda: target not in watch.serving(), LOAD_TIMEOUT_S)
+        moved_at = _now()
+        phases.append(watch.phase(f"load on {target}", step, moved_at, clouds, [target]))
+        if target in watch.serving():
+            raise ScenarioError(f"serving stayed on {target} for {LOAD_TIMEOUT_S:g} s of load")
+        moved = {"from": target, "to": watch.serving(), "reason": watch.decisions[-1]["reason"]}
+        console.print(f"moved: {target} → {', '.join(watch.serving())}: {watch.decisions[-1]['reason']}",
+                      highlight=False)
+        for caller in load:
+            caller.stop()
+            for status, n in caller.answers.items():
+                load_answers[str(status)] = load_answers.get(str(status), 0) + n
+        load = []
+        poll_until(lambda: all(len(watch.inference_samples(c, moved_at)) >= 2 for c in clouds), 30)
+        phases.append(watch.phase("after the move", moved_at, _now(), clouds, watch.serving()))
+    except ScenarioError as exc:
+        error = str(exc)
+        console.print(f"[bold red]{error}[/]", highlight=False)
+    finally:
+        for caller in [*load, *probes]:
+            caller.stop()
+        with_consumer.consumer.close()
+    return {"placements": [training.decision(d) for d in watch.decisions], "load_phases": phases,
+            "scenario": {"name": "worked-example", "moved": moved, "error": error,
+                         "load_answers": load_answers,
+                         "probe_answers": {c: {str(k): n for k, n in p.answers.items()} for c, p in zip(clouds, probes)}}}
+
+
+class ScenarioError(RuntimeError):
+    """The scenario could not show what it is for; the message says what was missing."""
