@@ -25,6 +25,7 @@ from rich.table import Table
 from skyfuse import config as fleet_config
 from skyfuse import contracts, events, signing
 from skyfuse.bus import Bus, open_bus
+from skyfuse.ml import federated
 from skyfuse.runtime import deadletter
 from skyfuse.runtime.fleet import Fabric, build_hosts, event_functions
 from skyfuse.runtime.function import JsonFormatter
@@ -464,7 +465,7 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
 
 
 PARTITIONS = ("iid", "stratified", "kmeans", "label-skew")
-FUSIONS = ("auto", "wavg", "vote", "confidence", "fedavg")
+FUSIONS = federated.FUSIONS
 
 
 def parse_partition(text: str) -> tuple[str, float]:
@@ -693,7 +694,7 @@ def make_plan(fleet: fleet_config.Fleet, dataset, clouds: str | None, partition:
             training.check_weights(options["weights"], chosen)
         except ValueError as exc:
             fail(str(exc))
-    rounds = rounds or (fleet.training.rounds if fusion in ("auto", "fedavg") else 1)
+    rounds = rounds or (fleet.training.rounds if fusion in ("auto", *federated.SERVER_STRATEGIES) else 1)
     return training.Plan(target=dataset.target, clouds=chosen, partition=method, alpha=alpha, fusion=fusion,
                          rounds=rounds, seed=seed, init=None if init == "random" else init, timeout_s=quorum_timeout,
                          **options)
