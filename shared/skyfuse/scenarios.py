@@ -136,6 +136,26 @@ class Watch:
         elif kind == "metrics.sampled":
             self.samples.append(data)
 
+    def read(self, consumer, fleet) -> None:
+        """Note every verified event the consumer has for us now."""
+        from skyfuse import contracts, events, signing
+
+        for record in consumer.poll(0.2, 500):
+            try:
+                event = events.decode(record.key, record.value, record.headers)
+                signing.check(fleet, event)
+            except (events.MalformedEvent, signing.Untrusted):
+                continue
+            self.note(event["type"].removeprefix(contracts.TYPE_PREFIX), event.get_data())
+
+    def until(self, consumer, fleet, done, timeout_s: float) -> bool:
+        """Read the bus until `done()` or `timeout_s`; whether `done()`."""
+        deadline = time.monotonic() + timeout_s
+        self.read(consumer, fleet)
+        while not done() and time.monotonic() < deadline:
+            self.read(consumer, fleet)
+        return done()
+
     def serving(self) -> list[str]:
         last = self.decisions[-1] if self.decisions else None
         return [p["cloud"] for p in last["placements"] if p["weight"] > 0] if last else []
@@ -157,33 +177,15 @@ class Watch:
         return {"name": name, "since": since, "until": until, "serving": serving, "clouds": figures}
 
 
-def _holds(endpoint: str, version: str, timeout_s: float) -> bool:
-    """Whether the server at `endpoint` serves `version` (GET /health) within `timeout_s`."""
-    url = urlsplit(endpoint)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        conn = http.client.HTTPConnection("127.0.0.1", url.port, timeout=5)
-        try:
-            conn.request("GET", f"{url.path}/health")
-            if orjson.loads(conn.getresponse().read()).get("model_version") == version:
-                return True
-        except (OSError, ValueError):
-            pass
-        finally:
-            conn.close()
-        time.sleep(0.1)
-    return False
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def load_step(ctx) -> dict:
     """Probe every cloud, step the load up on the serving one until serving moves, then stop."""
-    from skyfuse import contracts, events, local, signing, training
+    from skyfuse import contracts, local, training
 
-    fleet, bus, console = ctx.fleet, ctx.bus, ctx.console
+    fleet, console = ctx.fleet, ctx.console
     version = ctx.progress.fused["version"]
     watch = Watch(version)
     for decision in ctx.progress.decisions:
@@ -194,45 +196,21 @@ def load_step(ctx) -> dict:
     batch = ctx.prepared.test.X[:1000]
     full_batch = orjson.dumps({"instances": batch.tolist(), "format": "compact"})
     topics = [contracts.event_type(t).topic for t in ("placement.changed", "metrics.sampled")]
-
-    def poll_until(done, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with_consumer.poll_into(watch)
-        while not done() and time.monotonic() < deadline:
-            with_consumer.poll_into(watch)
-        return done()
-
-    class _Consumer:
-        def __init__(self):
-            self.consumer = bus.consumer(f"cli.{ctx.prepared.plan.run_id}.scenario", topics)
-
-        def poll_into(self, w: Watch) -> None:
-            for record in self.consumer.poll(0.2, 500):
-                try:
-                    event = events.decode(record.key, record.value, record.headers)
-                    signing.check(fleet, event)
-                except (events.MalformedEvent, signing.Untrusted):
-                    continue
-                w.note(event["type"].removeprefix(contracts.TYPE_PREFIX), event.get_data())
-
-    with_consumer = _Consumer()
     console.print(f"waiting for every cloud to hold {version} (the placed one serving, the others as standbys)…")
-    missing = [c for c in clouds if not _holds(ctx.endpoints[c], version, 60)]
-    if missing:
-        with_consumer.consumer.close()
-        error = f"{', '.join(missing)} never loaded {version}; is scheduler.standby on?"
-        console.print(f"[bold red]{error}[/]", highlight=False)
-        return {"placements": [training.decision(d) for d in watch.decisions], "load_phases": [],
-                "scenario": {"name": "worked-example", "moved": None, "error": error}}
-    probes = [Caller(ctx.endpoints[c], one_row, key, PROBE_PERIOD_S).start() for c in clouds]
+    missing = [c for c in clouds if not training.serves(ctx.endpoints[c], version, 60)]
+    consumer = ctx.bus.consumer(f"cli.{ctx.prepared.plan.run_id}.scenario", topics)
+    probes: list[Caller] = []
     load: list[Caller] = []
     phases = []
     moved, error, load_answers = None, None, {}
     try:
+        if missing:
+            raise ScenarioError(f"{', '.join(missing)} never loaded {version}; is scheduler.standby on?")
+        probes = [Caller(ctx.endpoints[c], one_row, key, PROBE_PERIOD_S).start() for c in clouds]
         started = _now()
         console.print(f"probing {', '.join(clouds)} every {PROBE_PERIOD_S:g} s (one row per call) for a baseline…")
-        baseline = poll_until(lambda: all(len(watch.inference_samples(c, started)) >= BASELINE_SAMPLES for c in clouds)
-                              and watch.serving(), 90)
+        baseline = watch.until(consumer, fleet, lambda: watch.serving() and all(
+            len(watch.inference_samples(c, started)) >= BASELINE_SAMPLES for c in clouds), 90)
         if not baseline:
             raise ScenarioError("no response-time samples from every cloud within 90 s: "
                                 + ", ".join(f"{c} {len(watch.inference_samples(c, started))}" for c in clouds))
@@ -242,7 +220,7 @@ def load_step(ctx) -> dict:
         console.print(f"load step: {LOAD_CLIENTS} clients sending {len(batch)}-row batches to {target} "
                       f"({ctx.endpoints[target]}) until serving moves…")
         load = [Caller(ctx.endpoints[target], full_batch, key).start() for _ in range(LOAD_CLIENTS)]
-        poll_until(lambda: target not in watch.serving(), LOAD_TIMEOUT_S)
+        watch.until(consumer, fleet, lambda: target not in watch.serving(), LOAD_TIMEOUT_S)
         moved_at = _now()
         phases.append(watch.phase(f"load on {target}", step, moved_at, clouds, [target]))
         if target in watch.serving():
@@ -255,7 +233,7 @@ def load_step(ctx) -> dict:
             for status, n in caller.answers.items():
                 load_answers[str(status)] = load_answers.get(str(status), 0) + n
         load = []
-        poll_until(lambda: all(len(watch.inference_samples(c, moved_at)) >= 2 for c in clouds), 30)
+        watch.until(consumer, fleet, lambda: all(len(watch.inference_samples(c, moved_at)) >= 2 for c in clouds), 30)
         phases.append(watch.phase("after the move", moved_at, _now(), clouds, watch.serving()))
     except ScenarioError as exc:
         error = str(exc)
@@ -263,7 +241,7 @@ def load_step(ctx) -> dict:
     finally:
         for caller in [*load, *probes]:
             caller.stop()
-        with_consumer.consumer.close()
+        consumer.close()
     return {"placements": [training.decision(d) for d in watch.decisions], "load_phases": phases,
             "scenario": {"name": "worked-example", "moved": moved, "error": error,
                          "load_answers": load_answers,

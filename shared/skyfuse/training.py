@@ -360,10 +360,33 @@ def load(run_id: str | None = None) -> dict:
     return orjson.loads((RUNS_DIR / run_id / "summary.json").read_bytes())
 
 
+def serves(endpoint: str, version: str, timeout_s: float) -> bool:
+    """Whether the server at `endpoint` serves `version` within `timeout_s`, asked by GET /health
+    (health checks are not requests: they count in no error rate)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
+        try:
+            conn.request("GET", f"{url.path}/health")
+            if orjson.loads(conn.getresponse().read()).get("model_version") == version:
+                return True
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: str | None = None,
                   timeout_s: float = 30) -> dict[str, dict]:
-    """POST the test rows to every placed cloud's endpoint once it serves the fused version (GET
-    /health says so, within the servers' pointer poll interval); compare with the fused model run here."""
+    """POST the test rows to every placed cloud's endpoint once it serves the fused version (within
+    the servers' pointer poll interval); compare with the fused model run here."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -374,10 +397,10 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: 
     expected = [str(fused["classes"][i]) for i in fusion.predict(model, test.X).argmax(1)]
     headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
 
-    def call(url, method: str, path: str, body: bytes | None = None) -> tuple[int, dict]:
+    def predict(url, body: bytes) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
         try:
-            conn.request(method, f"{url.path}{path}", body, headers)
+            conn.request("POST", f"{url.path}/predict", body, headers)
             response = conn.getresponse()
             return response.status, orjson.loads(response.read() or b"{}")
         finally:
@@ -386,14 +409,12 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: 
     results = {}
     for cloud in progress.placed:
         url = urlsplit(endpoints[cloud])
-        deadline = time.monotonic() + timeout_s
-        while call(url, "GET", "/health")[1].get("model_version") != fused["version"] and time.monotonic() < deadline:
-            time.sleep(0.1)  # health checks are not requests: they count in no error rate
+        serves(endpoints[cloud], fused["version"], timeout_s)
         got: list[str] = []
         status, doc = 0, {}
         for start in range(0, len(test.X), MAX_ROWS):  # the servers take at most MAX_ROWS rows per request
-            status, doc = call(url, "POST", "/predict",
-                               orjson.dumps({"instances": test.X[start:start + MAX_ROWS].tolist(), "format": "compact"}))
+            rows = test.X[start:start + MAX_ROWS].tolist()
+            status, doc = predict(url, orjson.dumps({"instances": rows, "format": "compact"}))
             if status != 200:
                 break
             got += [str(c) for c in doc.get("predictions", [])]
