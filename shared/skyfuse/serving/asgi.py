@@ -52,12 +52,14 @@ def replay(body: bytes) -> Receive:
 
 def noting_status(send: Send, tracked) -> Send:
     """`send`, noting the response's status on `tracked` (a `prometheus.Tracker`) as it starts, and
-    the body bytes it sends."""
+    the body bytes it sends; the request is finished (counted) as its last chunk goes."""
     async def noted(message: dict) -> None:
         if message["type"] == "http.response.start":
             tracked.status = message["status"]
         elif message["type"] == "http.response.body":
             tracked.sent += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                tracked.finish()  # counted before the client can see its answer
         await send(message)
 
     return noted

@@ -73,26 +73,36 @@ def _alive(pid: int) -> bool:
 
 
 class Tracker:
-    """One request being answered; the host sets `status` before it ends (500 if it raised)."""
+    """One request being answered; the host sets `status` before it ends (500 if it raised).
 
-    __slots__ = ("metrics", "route", "status", "started", "received", "sent")
+    An ASGI host calls `finish()` just before the last body chunk leaves, so a client that has its
+    answer and then reads /metrics always finds its request counted; `__exit__` finishes otherwise."""
+
+    __slots__ = ("metrics", "route", "status", "started", "received", "sent", "finished")
 
     def __init__(self, metrics: "Metrics", route: str):
         self.metrics, self.route, self.status = metrics, route, None
         self.received = self.sent = 0  # body bytes, noted by the host (the monitor's network figure)
+        self.finished = False
 
     def __enter__(self) -> "Tracker":
         self.metrics.in_flight.inc()
         self.started = time.perf_counter()
         return self
 
-    def __exit__(self, kind, exc, tb) -> None:
+    def finish(self, failed: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
         elapsed = time.perf_counter() - self.started
-        status = 500 if kind is not None or self.status is None else self.status
+        status = 500 if failed or self.status is None else self.status
         self.metrics.observe(self.route, status, elapsed)
         if self.route != "/metrics":  # a scrape is not the service's traffic
             self.metrics.transferred(self.received, self.sent)
         self.metrics.in_flight.dec()
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.finish(failed=kind is not None)
 
 
 class Metrics:
