@@ -6,16 +6,22 @@ Load is measured on the cloud's serving processes, not the machine (`signals` de
 (0 while no serving process is found). Each figure is null when it cannot be measured: the first
 tick, a server restarted or gone, or a cloud whose endpoint is not on this machine.
 
+Response time is measured from outside: `[monitor] probes` GET /health calls to the endpoint, each
+timed from connection to last byte, so it includes the queue before a busy server reads a request,
+which the server's own timing cannot see. The sample's `requests` are the probes sent, its latency
+their p50/p99 (null when none answered) and its `error_rate` the share that failed.
+
 Prices come from the fleet config, read again on every tick, so a price change in the file reaches
-the scheduler within one period. Request figures come from the inference functions' own
-metrics.sampled events; this one carries no requests (latency is null).
+the scheduler within one period. User traffic figures come from the inference functions' own
+metrics.sampled events.
 """
 from __future__ import annotations
 
+import math
 import threading
 from datetime import datetime, timezone
 
-from services.monitor.probe import Probe
+from services.monitor.probe import Probe, ResponseTimes, time_responses
 from services.monitor.signals import Reading, figures
 from skyfuse import config as fleet_config
 from skyfuse.runtime.function import Runtime
@@ -45,11 +51,24 @@ def on_timer(runtime: Runtime) -> None:
             _previous[runtime.cloud] = reading
     measured = figures(previous, reading)
     window_s = max(0.001, round(measured.window_s or fleet.training.timer_s, 3))
+    settings = runtime.fleet.monitor  # as the process started (prices, below, are read again each tick)
+    probed = time_responses(endpoint, settings.probes, settings.probe_timeout_s) if endpoint else ResponseTimes([], 0)
     runtime.emit("metrics.sampled", {
         "cloud": runtime.cloud, "source": "monitor", "window_s": window_s,
         "sampled_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "requests": 0, "requests_per_s": 0.0, "latency_ms": {"p50": None, "p99": None}, "error_rate": 0.0,
+        "requests": probed.sent, "requests_per_s": round(probed.sent / window_s, 3),
+        "latency_ms": percentiles(probed.answered_ms),
+        "error_rate": round(probed.failed / probed.sent, 4) if probed.sent else 0.0,
         "load": round(measured.cpu_utilisation or 0.0, 4), **measured.to_data(), "capacity_rps": cloud.capacity_rps,
         "price": {"per_hour": cloud.price_per_hour, "per_million_requests": cloud.price_per_million_requests,
                   "currency": "USD"},
     })
+
+
+def percentiles(times_ms: list[float]) -> dict[str, float | None]:
+    """p50 and p99 by nearest rank (with a few probes p99 is the slowest: the wait to fear)."""
+    if not times_ms:
+        return {"p50": None, "p99": None}
+    ordered = sorted(times_ms)
+    rank = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    return {"p50": round(rank(0.5), 3), "p99": round(rank(0.99), 3)}

@@ -1,4 +1,5 @@
-"""Reads a cloud's serving processes on this machine, found by the port its endpoint listens on.
+"""Reads a cloud's serving processes on this machine, found by the port its endpoint listens on,
+and times its endpoint from outside (`time_responses`, wherever the endpoint is).
 
 `skyfuse up` serves each cloud's inference on 127.0.0.1 and sets that cloud's `endpoint`; the
 process listening on the endpoint's port is the server (uvicorn, or gunicorn's master) and its
@@ -12,10 +13,13 @@ process of this user listens on its port, or without psutil (it comes with the `
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -51,6 +55,44 @@ def scrape_bytes(endpoint: str, timeout_s: float = 2.0) -> float | None:
         return None
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(BYTES_METRIC + "{")]
     return sum(values) if values else None
+
+
+@dataclass(frozen=True)
+class ResponseTimes:
+    """What the probes of one tick saw: the time of each answered one, and how many failed."""
+
+    answered_ms: list[float]
+    failed: int
+
+    @property
+    def sent(self) -> int:
+        return len(self.answered_ms) + self.failed
+
+
+def time_responses(endpoint: str, probes: int, timeout_s: float,
+                   clock: Callable[[], float] = time.perf_counter) -> ResponseTimes:
+    """`probes` GET /health calls to `endpoint`, one after another, each timed from opening the
+    connection to its last byte: what a caller waits, the queue before a busy server included. Any
+    HTTP answer is timed (a 503 only says no model is loaded yet); no answer in `timeout_s`, a
+    refused connection or another 5xx is a failure."""
+    url, answered, failed = endpoint.rstrip("/") + "/health", [], 0
+    for _ in range(probes):
+        started = clock()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                response.read()
+            status = response.status
+        except urllib.error.HTTPError as exc:  # an answer all the same
+            exc.read()
+            status = exc.code
+        except (OSError, ValueError, http.client.HTTPException):
+            failed += 1
+            continue
+        if status >= 500 and status != 503:
+            failed += 1
+        else:
+            answered.append((clock() - started) * 1000.0)
+    return ResponseTimes(answered, failed)
 
 
 class Probe:

@@ -578,13 +578,15 @@ def placement_table(placements: list[dict]) -> Table:
 
 
 def load_table(phases: list[dict]) -> Table:
-    """Per phase of a load step, per cloud: what the monitor and the inference servers reported."""
-    table = Table("phase", "cloud", "serving", "requests/s", "p99 ms", "CPU", title="load and response time per cloud")
+    """Per phase of a load step, per cloud: what the inference servers and the monitor reported."""
+    table = Table("phase", "cloud", "serving", "requests/s", "server p99 ms", "probe p99 ms", "CPU",
+                  title="load and response time per cloud (server: its own time per request; "
+                        "probe: what a caller waits, queue included)")
     for phase in phases:
         for cloud, m in phase["clouds"].items():
             table.add_row(phase["name"], cloud, "yes" if cloud in phase["serving"] else "",
-                          _num(m.get("requests_per_s"), "{:.0f}"), _num(m.get("p99_ms"), "{:.1f}"),
-                          _num(m.get("cpu"), "{:.0%}"))
+                          _num(m.get("requests_per_s"), "{:.0f}"), _num(m.get("server_p99_ms"), "{:.1f}"),
+                          _num(m.get("probe_p99_ms"), "{:.1f}"), _num(m.get("cpu"), "{:.0%}"))
     return table
 
 

@@ -299,6 +299,17 @@ class Scheduler(Section):
                                              "needs no copy, and each cloud's serving processes can be measured.")
 
 
+class Monitor(Section):
+    """The monitor's response-time probes: each timer tick it times a few GET /health calls to its
+    cloud's endpoint from outside the server, as a user waits for them (README "Load signals")."""
+
+    probes: int = Field(3, ge=0, le=100, description="GET /health calls per tick, one after another, timed "
+                                                     "from connection to last byte (0: no probes, latency null).")
+    probe_timeout_s: float = Field(1.0, gt=0, le=60, description="A probe without an answer in this time counts "
+                                                                 "as an error (as does a refused one, or a 5xx "
+                                                                 "but 503, which only says no model is loaded).")
+
+
 class Fleet(Section):
     _source: str | None = PrivateAttr(None)  # the file it was loaded from, absolute (None: defaults only)
     clouds: dict[str, Cloud] = Field(default_factory=_default_clouds)
@@ -312,6 +323,7 @@ class Fleet(Section):
     signing: Signing = Signing()
     tracing: Tracing = Tracing()
     dns: Dns = Dns()
+    monitor: Monitor = Monitor()
 
     @model_validator(mode="before")
     @classmethod

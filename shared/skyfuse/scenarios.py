@@ -6,11 +6,12 @@ from N(0, 1) and takes 10 steps of plain gradient descent (learning rate 0.01, t
 step); the fuser takes their weighted average with the fixed weights 0.3 / 0.3 / 0.4.
 
 Serving half: every cloud holds the fused model (the serving one, and the others as warm
-standbys), probe clients call each cloud's real endpoint a few times a second (synthetic
-monitoring, so every cloud has a response time), and the monitor reports each cloud's CPU
-utilisation. Prices are equal, so the score is decided by response time. Then a load step: clients
-send full 1000-row batches to the serving cloud's endpoint until its response time rises and the
-scheduler moves serving, each decision with its reason.
+standbys); every second each cloud's monitor reports the CPU utilisation of its serving processes
+and times probes to its real endpoint from outside (what a caller waits, queueing included), and
+each inference server reports the requests it served and its own time per request. Prices are
+equal, so the score is decided by response time. Then a load step: clients send full 1000-row
+batches to the serving cloud's endpoint until its response time rises and the scheduler moves
+serving, each decision with its reason.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ FULL_BATCH = 1_000_000  # at least the rows of any shard: every step sees the wh
 WEIGHTS = (0.3, 0.3, 0.4)
 FEATURES = 10
 LOAD_CLIENTS = 4
-PROBE_PERIOD_S = 0.1
-BASELINE_SAMPLES = 6  # inference samples per cloud before the load step: the checks' big batches fade
+BASELINE_SAMPLES = 6  # probed monitor samples per cloud before the load step: the checks' big batches fade
 LOAD_TIMEOUT_S = 120.0
 
 # The scenario's timings and prices, for this process and every process the fleet starts (an
@@ -85,9 +85,9 @@ def worked_example(clouds: list[str], seed: int = 0):
 class Caller:
     """Calls one endpoint's /predict in a loop on its own connection until stopped."""
 
-    def __init__(self, url: str, body: bytes, api_key: str | None, pause_s: float = 0.0):
+    def __init__(self, url: str, body: bytes, api_key: str | None):
         parts = urlsplit(url)
-        self.port, self.path, self.body, self.pause_s = parts.port, f"{parts.path}/predict", body, pause_s
+        self.port, self.path, self.body = parts.port, f"{parts.path}/predict", body
         self.headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
         self.answers: dict[int, int] = {}
         self.stopping = threading.Event()
@@ -114,8 +114,6 @@ class Caller:
                 self.answers[0] = self.answers.get(0, 0) + 1
                 conn = None
                 self.stopping.wait(0.1)
-            if self.pause_s:
-                self.stopping.wait(self.pause_s)
         if conn:
             conn.close()
 
@@ -123,7 +121,8 @@ class Caller:
 @dataclass
 class Watch:
     """What the bus says during the load step: decisions about the served version, and every
-    cloud's samples (inference: requests and response time; monitor: CPU)."""
+    cloud's samples (inference: the traffic served and the server's own time; monitor: CPU and
+    the probes' response time)."""
 
     version: str
     decisions: list[dict] = field(default_factory=list)
@@ -160,21 +159,36 @@ class Watch:
         last = self.decisions[-1] if self.decisions else None
         return [p["cloud"] for p in last["placements"] if p["weight"] > 0] if last else []
 
-    def inference_samples(self, cloud: str, since: str) -> list[dict]:
-        return [s for s in self.samples if s["cloud"] == cloud and s["source"] == "inference"
+    def probed(self, cloud: str, since: str) -> list[dict]:
+        """The cloud's monitor samples since `since` whose probes were answered."""
+        return [s for s in self.samples if s["cloud"] == cloud and s["source"] == "monitor"
                 and s["sampled_at"] >= since and s["latency_ms"]["p99"] is not None]
 
     def phase(self, name: str, since: str, until: str, clouds: list[str], serving: list[str]) -> dict:
+        """Per cloud over [since, until]: requests/s served, and the medians of the windows' p99
+        as the server timed itself and as the probes waited, of CPU utilisation and probe errors."""
         figures = {}
         for cloud in clouds:
             inside = [s for s in self.samples if s["cloud"] == cloud and since <= s["sampled_at"] <= until]
-            served = [s for s in inside if s["source"] == "inference" and s["latency_ms"]["p99"] is not None]
-            cpu = [s["cpu_utilisation"] for s in inside if s["source"] == "monitor" and s.get("cpu_utilisation") is not None]
+            served = [s for s in inside if s["source"] == "inference" and s["requests"] > 0]
+            monitored = [s for s in inside if s["source"] == "monitor"]
             figures[cloud] = {
-                "requests_per_s": sum(s["requests_per_s"] for s in served) / len(served) if served else None,
-                "p99_ms": sorted(s["latency_ms"]["p99"] for s in served)[len(served) // 2] if served else None,
-                "cpu": sum(cpu) / len(cpu) if cpu else None}
+                "requests_per_s": _mean([s["requests_per_s"] for s in served]),
+                "server_p99_ms": _median([s["latency_ms"]["p99"] for s in served]),
+                "probe_p99_ms": _median([s["latency_ms"]["p99"] for s in monitored]),
+                "probe_error_rate": _mean([s["error_rate"] for s in monitored if s["requests"] > 0]),
+                "cpu": _mean([s.get("cpu_utilisation") for s in monitored])}
         return {"name": name, "since": since, "until": until, "serving": serving, "clouds": figures}
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def _median(values: list) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
 
 
 def _now() -> str:
@@ -182,7 +196,7 @@ def _now() -> str:
 
 
 def load_step(ctx) -> dict:
-    """Probe every cloud, step the load up on the serving one until serving moves, then stop."""
+    """Take a baseline of every cloud, step the load up on the serving one until serving moves, then stop."""
     from skyfuse import contracts, local, training
 
     fleet, console = ctx.fleet, ctx.console
@@ -192,28 +206,25 @@ def load_step(ctx) -> dict:
         watch.note("placement.changed", decision)
     clouds = list(ctx.endpoints)
     key = local.api_key(fleet)
-    one_row = orjson.dumps({"instances": ctx.prepared.test.X[:1].tolist()})
     batch = ctx.prepared.test.X[:1000]
     full_batch = orjson.dumps({"instances": batch.tolist(), "format": "compact"})
     topics = [contracts.event_type(t).topic for t in ("placement.changed", "metrics.sampled")]
     console.print(f"waiting for every cloud to hold {version} (the placed one serving, the others as standbys)…")
     missing = [c for c in clouds if not training.serves(ctx.endpoints[c], version, 60)]
     consumer = ctx.bus.consumer(f"cli.{ctx.prepared.plan.run_id}.scenario", topics)
-    probes: list[Caller] = []
     load: list[Caller] = []
     phases = []
     moved, error, load_answers = None, None, {}
     try:
         if missing:
             raise ScenarioError(f"{', '.join(missing)} never loaded {version}; is scheduler.standby on?")
-        probes = [Caller(ctx.endpoints[c], one_row, key, PROBE_PERIOD_S).start() for c in clouds]
         started = _now()
-        console.print(f"probing {', '.join(clouds)} every {PROBE_PERIOD_S:g} s (one row per call) for a baseline…")
+        console.print(f"baseline: {BASELINE_SAMPLES} response-time samples from every cloud's monitor…")
         baseline = watch.until(consumer, fleet, lambda: watch.serving() and all(
-            len(watch.inference_samples(c, started)) >= BASELINE_SAMPLES for c in clouds), 90)
+            len(watch.probed(c, started)) >= BASELINE_SAMPLES for c in clouds), 90)
         if not baseline:
             raise ScenarioError("no response-time samples from every cloud within 90 s: "
-                                + ", ".join(f"{c} {len(watch.inference_samples(c, started))}" for c in clouds))
+                                + ", ".join(f"{c} {len(watch.probed(c, started))}" for c in clouds))
         target = watch.serving()[0]
         step = _now()
         phases.append(watch.phase("baseline", started, step, clouds, watch.serving()))
@@ -233,19 +244,18 @@ def load_step(ctx) -> dict:
             for status, n in caller.answers.items():
                 load_answers[str(status)] = load_answers.get(str(status), 0) + n
         load = []
-        watch.until(consumer, fleet, lambda: all(len(watch.inference_samples(c, moved_at)) >= 2 for c in clouds), 30)
+        watch.until(consumer, fleet, lambda: all(len(watch.probed(c, moved_at)) >= 2 for c in clouds), 30)
         phases.append(watch.phase("after the move", moved_at, _now(), clouds, watch.serving()))
     except ScenarioError as exc:
         error = str(exc)
         console.print(f"[bold red]{error}[/]", highlight=False)
     finally:
-        for caller in [*load, *probes]:
+        for caller in load:
             caller.stop()
         consumer.close()
     return {"placements": [training.decision(d) for d in watch.decisions], "load_phases": phases,
             "scenario": {"name": "worked-example", "moved": moved, "error": error,
-                         "load_answers": load_answers,
-                         "probe_answers": {c: {str(k): n for k, n in p.answers.items()} for c, p in zip(clouds, probes)}}}
+                         "load_answers": load_answers}}
 
 
 class ScenarioError(RuntimeError):

@@ -7,10 +7,13 @@ reaches more than 0.3 of a core in at least one of ten one-second windows, a sle
 under 0.2 of a core in every window."""
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import orjson
@@ -18,6 +21,7 @@ import psutil
 import pytest
 
 from services.monitor import handler as monitor
+from services.monitor.probe import time_responses
 from skyfuse import config, contracts
 from skyfuse.bus import open_bus
 from skyfuse.runtime.function import Runtime, hosted
@@ -45,9 +49,10 @@ server.serve_forever()
 class Monitor:
     """The monitor's core for some clouds, called as the fleet's timer calls it."""
 
-    def __init__(self, tmp_path, endpoints: dict[str, str]):
+    def __init__(self, tmp_path, endpoints: dict[str, str], probes: int = 3):
         monitor._previous.clear()  # a fresh monitor process
-        fleet = config.load(environ=fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__ENABLED="false"))
+        fleet = config.load(environ=fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__ENABLED="false",
+                                              SKYFUSE_MONITOR__PROBES=str(probes)))
         for cloud, url in endpoints.items():
             fleet.clouds[cloud].endpoint = url  # as `skyfuse up` sets it
         bus = open_bus(fleet)
@@ -119,7 +124,8 @@ def test_a_busy_worker_reads_high_and_a_sleeping_server_low(tmp_path, servers):
 
 
 def test_a_cloud_served_elsewhere_or_nowhere_reports_null(tmp_path):
-    m = Monitor(tmp_path, {"aws": "https://abc.lambda-url.us-east-1.on.aws", "gcp": "", "azure": "http://127.0.0.1:9"})
+    m = Monitor(tmp_path, {"aws": "https://abc.lambda-url.us-east-1.on.aws", "gcp": "", "azure": "http://127.0.0.1:9"},
+                probes=0)  # no calls leave this machine
     for _ in range(2):
         for data in m.tick().values():
             assert data["cpu_utilisation"] is None and data["memory_utilisation"] is None
@@ -137,7 +143,7 @@ def test_a_real_inference_server_reports_its_bytes_and_its_workers(tmp_path, pro
     try:
         while call(host.url, "GET", "/health")[0] != 200:  # the model loaded
             time.sleep(0.05)
-        m = Monitor(tmp_path / "monitor", {provider: host.url})
+        m = Monitor(tmp_path / "monitor", {provider: host.url}, probes=0)  # only the requests below
         m.tick()
         sent = 0
         for k in range(40):
@@ -157,3 +163,90 @@ def test_a_real_inference_server_reports_its_bytes_and_its_workers(tmp_path, pro
         assert measured == pytest.approx(sum(p.memory_info().rss for p in family), rel=0.1)  # the workers count
     finally:
         host.stop()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200  # of /health
+
+    def do_GET(self):  # the http.server name
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_probes_time_the_wait_a_caller_sees_the_queue_included():
+    """A server busy with one request (here: one whose headers are still arriving) leaves a probe
+    waiting in its queue before it even reads it; the probe's time includes that wait, which the
+    server's own timing of /health (microseconds) never shows."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)  # one request at a time
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    calls: list[float] = []
+
+    def clock() -> float:  # the real clock, each reading kept
+        calls.append(time.perf_counter())
+        return calls[-1]
+
+    released: list[float] = []
+
+    def release(sock):
+        released.append(time.perf_counter())
+        sock.sendall(b"\r\n")
+
+    try:
+        blocker = socket.create_connection(server.server_address)  # accepted first: the accept queue is FIFO
+        blocker.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line comes later
+        timer = threading.Timer(0.2, release, [blocker])
+        timer.start()
+        probed = time_responses(url, 3, timeout_s=10, clock=clock)
+        timer.join()
+        blocker.close()
+        assert probed.failed == 0 and len(probed.answered_ms) == 3
+        first_started = calls[0]
+        assert first_started + probed.answered_ms[0] / 1000 >= released[0]  # answered only after the release
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_sample_carries_its_probes(tmp_path):
+    """Each tick's sample: the probes sent as its requests, their p50/p99 as its latency, the share
+    that failed as its error rate (a refused endpoint: all errors, no latency)."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        m = Monitor(tmp_path, {"aws": f"http://127.0.0.1:{server.server_address[1]}", "azure": "http://127.0.0.1:9"},
+                    probes=4)
+        got = m.tick()
+        aws, azure = got["aws"], got["azure"]
+        assert aws["requests"] == 4 and aws["error_rate"] == 0.0
+        assert 0 < aws["latency_ms"]["p50"] <= aws["latency_ms"]["p99"]
+        assert azure["requests"] == 4 and azure["error_rate"] == 1.0
+        assert azure["latency_ms"] == {"p50": None, "p99": None}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, failed", [(503, 0), (500, 3), (404, 0)])
+def test_a_503_is_an_answer_other_5xx_are_failures(status, failed):
+    """503 only says no model is loaded yet (a cloud before its first deployment): timed, not an
+    error; a 500 is a broken server."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), type("Answer", (_Health,), {"status": status}))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        probed = time_responses(f"http://127.0.0.1:{server.server_address[1]}", 3, timeout_s=10)
+        assert probed.failed == failed and len(probed.answered_ms) == 3 - failed
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_percentiles_by_nearest_rank():
+    assert monitor.percentiles([]) == {"p50": None, "p99": None}
+    assert monitor.percentiles([3.0, 1.0, 2.0]) == {"p50": 2.0, "p99": 3.0}
+    assert monitor.percentiles([float(k) for k in range(1, 201)]) == {"p50": 100.0, "p99": 198.0}

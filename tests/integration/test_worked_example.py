@@ -22,9 +22,10 @@ def test_worked_example_moves_serving_by_response_time(tmp_path):
     step = {p["name"]: p for p in summary["load_phases"]}[f"load on {target}"]
     moves = [p for p in summary["placements"] if p["at"] > step["since"] and target not in p["serving"]]
     assert moves and moves[0]["trigger"] == "metrics" and "p99" in moves[0]["reason"], summary["placements"]
-    loaded = step["clouds"]
-    assert loaded[target]["p99_ms"] > max(m["p99_ms"] for c, m in loaded.items() if c != target)
+    loaded = step["clouds"]  # what callers waited (the monitor's probes): longest where the load is
+    assert loaded[target]["probe_p99_ms"] > max(m["probe_p99_ms"] for c, m in loaded.items() if c != target)
+    assert loaded[target]["requests_per_s"] > 0 and loaded[target]["cpu"] > 0
     assert set(summary["scenario"]["load_answers"]) == {"200"}
-    for cloud, answers in summary["scenario"]["probe_answers"].items():
-        assert set(answers) == {"200"}, cloud  # every cloud answered every probe: the standbys hold the model
+    for phase in summary["load_phases"]:  # every cloud's probes were answered throughout
+        assert all(m["probe_error_rate"] == 0.0 for m in phase["clouds"].values()), phase
     assert [s["agree"] for s in summary["serving"].values()] == [summary["rows"]["test"]] == [1500]

@@ -119,6 +119,50 @@ def test_empty_windows_do_not_touch_latency_or_errors():
     assert view.p99_ms == 40.0 and view.error_rate == pytest.approx(0.01)
 
 
+def test_latency_is_the_worse_of_the_servers_timing_and_the_probes():
+    """The server times its handler; the monitor's probes time the whole wait from outside, which
+    includes the queue before a busy server reads a request. Each is smoothed on its own and the
+    cloud is as slow as the worse, whatever the order the samples arrive in."""
+    m = MetricsState(half_life_s=120)
+    for k in range(5):
+        m.observe(data("aws", T0 + k * STEP, p99=2.0))  # the handler: fast
+        m.observe(data("aws", T0 + k * STEP, p99=30.0, rps=3.0, source="monitor"))  # callers wait behind a queue
+    view = m.view("aws", T0 + 4 * STEP, 150)
+    assert view.p99_ms == pytest.approx(30.0) and view.p50_ms == pytest.approx(10.0)
+    m.observe(data("gcp", T0, p99=50.0))  # a slow model with no queue: the handler's own time shows it
+    m.observe(data("gcp", T0, p99=1.0, rps=3.0, source="monitor"))
+    assert m.view("gcp", T0, 150).p99_ms == pytest.approx(50.0)
+    restored = MetricsState.from_data(json.loads(json.dumps(m.to_data())))
+    assert restored.view("aws", T0 + 4 * STEP, 150) == view
+
+
+def test_a_server_without_traffic_no_longer_speaks_for_its_latency():
+    """A check's big batch left the server's p99 at 40 ms; once it reports empty windows the probes
+    (2 ms) tell the cloud's latency, until traffic comes back. With neither source current, the
+    figure is the one heard last."""
+    m = MetricsState(half_life_s=120)
+    m.observe(data("aws", T0, p99=40.0))
+    m.observe(data("aws", T0, p99=2.0, rps=3.0, source="monitor"))
+    assert m.view("aws", T0, 150).p99_ms == pytest.approx(40.0)
+    m.observe(data("aws", T0 + 60, rps=0.0))  # idle now
+    m.observe(data("aws", T0 + 60, p99=2.0, rps=3.0, source="monitor"))
+    assert m.view("aws", T0 + 60, 150).p99_ms == pytest.approx(2.0)
+    m.observe(data("aws", T0 + 120, p99=30.0))  # serving again
+    assert m.view("aws", T0 + 120, 150).p99_ms == pytest.approx(30.0 * 2 / 3 + 40.0 / 3, rel=0.05)
+    m.observe(data("aws", T0 + 180, rps=0.0))
+    m.observe(data("aws", T0 + 180, rps=0.0, source="monitor"))  # no probe answered either
+    assert m.view("aws", T0 + 180, 150).p99_ms == m.clouds["aws"].p99["inference"].value
+
+
+def test_a_state_saved_with_one_latency_figure_restores_it_as_the_servers():
+    m = MetricsState(half_life_s=120)
+    m.observe(data("aws", T0, p99=40.0))
+    saved = m.to_data()
+    for name in ("p50", "p99"):  # the layout before latency was kept per source
+        saved["clouds"]["aws"][name] = saved["clouds"]["aws"][name]["inference"]
+    assert MetricsState.from_data(saved).view("aws", T0, 150).p99_ms == pytest.approx(40.0)
+
+
 def test_sample_errors_name_the_field():
     bad = data("aws", T0)
     bad["latency_ms"]["p99"] = -1

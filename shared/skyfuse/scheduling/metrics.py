@@ -18,8 +18,14 @@ Which sample feeds which figure:
 
 - `requests_per_s`: from `inference` samples (user traffic served); `monitor` samples (probes)
   count only for a cloud that never sent an `inference` sample.
-- `p50`/`p99`: from every sample whose latency is not null (probes tell the latency of a cloud
-  that serves no traffic).
+- `p50`/`p99`: smoothed per source from the samples whose latency is not null, and the cloud's
+  figure is the worse (higher) of the sources whose newest window had one. `inference` times the
+  handler, from the request handed over to the answer ready; `monitor` times its probes from
+  outside, connection to last byte, so it also sees the queueing before a busy server even reads
+  a request, and it tells the latency of a cloud that serves no traffic. A cloud is as slow as the
+  worse of what it measures and what its callers wait; once its server reports an empty window,
+  the server's time of its last traffic no longer speaks for it (the probes do). When no source's
+  newest window had a latency, the figure is the one heard last.
 - `error_rate`: from samples with `requests > 0` (an empty window says nothing about errors).
 - `load`: from every sample.
 - `cpu_utilisation`, `memory_utilisation`, `network_bytes_per_s` (the serving processes' own
@@ -245,8 +251,8 @@ class CloudMetrics:
     cloud: str
     half_life_s: float
     rps: dict[str, Ewma] = field(default_factory=dict)  # per source
-    p50: Ewma = None  # type: ignore[assignment]
-    p99: Ewma = None  # type: ignore[assignment]
+    p50: dict[str, Ewma] = field(default_factory=dict)  # per source
+    p99: dict[str, Ewma] = field(default_factory=dict)  # per source
     error_rate: Ewma = None  # type: ignore[assignment]
     load: Ewma = None  # type: ignore[assignment]
     resources: dict[str, Ewma] = field(default_factory=dict)  # RESOURCES name → smoothed, once reported
@@ -256,7 +262,7 @@ class CloudMetrics:
     samples: int = 0
 
     def __post_init__(self):
-        for name in ("p50", "p99", "error_rate", "load"):
+        for name in ("error_rate", "load"):
             if getattr(self, name) is None:
                 setattr(self, name, Ewma(self.half_life_s))
 
@@ -264,9 +270,9 @@ class CloudMetrics:
         w = s.window_s
         self.rps.setdefault(s.source, Ewma(self.half_life_s)).add(s.t, s.requests_per_s, w)
         if s.p50 is not None:
-            self.p50.add(s.t, s.p50, w)
+            self.p50.setdefault(s.source, Ewma(self.half_life_s)).add(s.t, s.p50, w)
         if s.p99 is not None:
-            self.p99.add(s.t, s.p99, w)
+            self.p99.setdefault(s.source, Ewma(self.half_life_s)).add(s.t, s.p99, w)
         if s.requests > 0:
             self.error_rate.add(s.t, s.error_rate, w)
         self.load.add(s.t, s.load, w)
@@ -282,8 +288,9 @@ class CloudMetrics:
             self.last_source_seen[s.source] = s.t
 
     def to_data(self) -> dict[str, Any]:
-        return {"rps": {k: v.to_data() for k, v in self.rps.items()}, "p50": self.p50.to_data(),
-                "p99": self.p99.to_data(), "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
+        return {"rps": {k: v.to_data() for k, v in self.rps.items()},
+                "p50": {k: v.to_data() for k, v in self.p50.items()},
+                "p99": {k: v.to_data() for k, v in self.p99.items()}, "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
                 "resources": {k: v.to_data() for k, v in self.resources.items()},
                 "last_seen": self.last_seen, "last_source_seen": dict(self.last_source_seen),
                 "latest": self.latest.to_data() if self.latest else None, "samples": self.samples}
@@ -291,11 +298,18 @@ class CloudMetrics:
     @classmethod
     def from_data(cls, cloud: str, half_life_s: float, data: Mapping[str, Any]) -> "CloudMetrics":
         ewma = lambda name: Ewma.from_data(half_life_s, data[name])  # noqa: E731
+
+        def per_source(name: str) -> dict[str, Ewma]:
+            saved = data[name]
+            if not isinstance(saved, Mapping):  # saved before latency was kept per source
+                saved = {"inference": saved} if saved[0] is not None else {}
+            return {k: Ewma.from_data(half_life_s, v) for k, v in saved.items()}
+
         latest = Sample.from_data(data["latest"]) if data.get("latest") else None
         if latest is not None and data.get("last_seen") is not None:
             latest = replace(latest, t=data["last_seen"])  # as counted (the clock may have bounded it)
         return cls(cloud, half_life_s, rps={k: Ewma.from_data(half_life_s, v) for k, v in data["rps"].items()},
-                   p50=ewma("p50"), p99=ewma("p99"), error_rate=ewma("error_rate"), load=ewma("load"),
+                   p50=per_source("p50"), p99=per_source("p99"), error_rate=ewma("error_rate"), load=ewma("load"),
                    resources={k: Ewma.from_data(half_life_s, v) for k, v in data.get("resources", {}).items()},
                    last_seen=data.get("last_seen"), last_source_seen=dict(data.get("last_source_seen", {})),
                    latest=latest, samples=int(data.get("samples", 0)))
@@ -309,7 +323,7 @@ class CloudMetrics:
             cloud=self.cloud,
             requests_per_s=(self.rps[source].value or 0.0) if source in self.rps else 0.0,
             traffic_fresh=traffic_age <= stale_after_s,
-            p50_ms=self.p50.value, p99_ms=self.p99.value,
+            p50_ms=_worst(self.p50, self.last_source_seen), p99_ms=_worst(self.p99, self.last_source_seen),
             error_rate=self.error_rate.value or 0.0, load=self.load.value or 0.0,
             **{name: self.resources[name].value if name in self.resources else None for name in RESOURCES},
             price_per_hour=latest.price_per_hour if latest else None,
@@ -318,6 +332,17 @@ class CloudMetrics:
             replicas=latest.replicas if latest else None,
             last_seen=self.last_seen, age_s=age, stale=age > stale_after_s, samples=self.samples,
         )
+
+
+def _worst(per_source: Mapping[str, Ewma], last_seen: Mapping[str, float]) -> float | None:
+    """The worse of the sources whose newest window had a latency; when none had (no traffic, no
+    probe answered), the one heard from last."""
+    known = {source: e for source, e in per_source.items() if e.t is not None}
+    current = [e.value for source, e in known.items() if e.t >= last_seen.get(source, -math.inf)]
+    if current:
+        return max(current)
+    newest = max(known.values(), key=lambda e: e.t, default=None)
+    return newest.value if newest else None
 
 
 @dataclass(frozen=True)
