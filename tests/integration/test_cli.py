@@ -118,7 +118,17 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
 def test_dlq_lists_what_was_given_up_and_why(env, bus):
     bus.ensure_topics(["skyfuse.shard.ready"], 3)
     bus.publish("skyfuse.shard.ready", b"garbage", b"x")
-    run = cli(env, "up", "--function", "trainer", "--cloud", "aws", "--for", "8")
-    assert run.returncode == 0, run.stderr
-    listed = json.loads(cli(env, "dlq", "trainer", "--json").stdout)
-    assert any(row["cloud"] == "aws" and "not a CloudEvent" in row["reason"] for row in listed)
+    up = subprocess.Popen([*SKYFUSE, "up", "--function", "trainer", "--cloud", "aws", "--for", "300"], cwd=REPO,
+                          env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, listed = time.monotonic() + 240, []
+        while time.monotonic() < deadline and up.poll() is None:  # as long as the consumer needs to join
+            listed = json.loads(cli(env, "dlq", "trainer", "--json", "--limit", "100000").stdout)
+            if any(row["cloud"] == "aws" and "not a CloudEvent" in row["reason"] for row in listed):
+                break
+            time.sleep(0.5)
+    finally:
+        up.terminate()
+        _, stderr = up.communicate(timeout=120)
+    assert up.returncode == 0, stderr
+    assert any(row["cloud"] == "aws" and "not a CloudEvent" in row["reason"] for row in listed), listed

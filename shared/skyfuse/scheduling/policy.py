@@ -71,7 +71,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
-from skyfuse.scheduling.metrics import RESOURCES, MetricsState, Sample, format_time
+from skyfuse.scheduling.metrics import RESOURCES, CloudView, MetricsState, Sample, format_time
 
 WEIGHT_DIGITS = 4
 
@@ -346,12 +346,16 @@ class Policy:
 
     # -- scoring ----------------------------------------------------------------------------------
 
-    def demand(self, state: State, now: float) -> float:
-        """Observed total requests/s (see the module doc)."""
+    def views(self, state: State, now: float) -> dict[str, CloudView]:
+        """Every reporting cloud's metrics as of `now`, by name (sorted)."""
+        return {cloud: state.metrics.view(cloud, now, self.config.stale_after_s)
+                for cloud in sorted(state.metrics.clouds)}
+
+    def demand(self, state: State, now: float, views: Mapping[str, CloudView] | None = None) -> float:
+        """Observed total requests/s (see the module doc); `views` as `self.views(state, now)` gives."""
         placed = set(state.clouds)
         total = 0.0
-        for cloud in sorted(state.metrics.clouds):
-            view = state.metrics.view(cloud, now, self.config.stale_after_s)
+        for cloud, view in (views if views is not None else self.views(state, now)).items():
             if view.traffic_fresh or cloud in placed:
                 total += view.requests_per_s
         return total
@@ -359,10 +363,11 @@ class Policy:
     def score(self, state: State, now: float) -> tuple[list[Score], float]:
         """Every configured cloud's score (config order) and the demand L they were scored for."""
         cfg = self.config
-        load = self.demand(state, now)
+        views = self.views(state, now)  # once per decision: demand and every score read them
+        load = self.demand(state, now, views)
         raw = []
         for cloud, spec in cfg.clouds.items():
-            view = state.metrics.view(cloud, now, cfg.stale_after_s)
+            view = views.get(cloud)
             price_h = view.price_per_hour if view and view.price_per_hour is not None else spec.price_per_hour
             price_m = (view.price_per_million_requests if view and view.price_per_million_requests is not None
                        else spec.price_per_million_requests)
