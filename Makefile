@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 KAFKA_TLS_DIR ?= .skyfuse/kafka-tls
 KAFKA_TLS := $(KAFKA_TLS_DIR)/ca.pem
 
-.PHONY: help install run run-emulated test test-clock-shift test-unit test-package chaos bench package kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
+.PHONY: help install run run-emulated test test-clock-shift test-unit test-package chaos bench bench-quality package kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -49,9 +49,15 @@ chaos: install $(KAFKA_TLS)  ## 30 shards on Apache Kafka while hosts are SIGKIL
 	bash infra/kafka/kafka.sh up
 	$(BIN)/python -m tests.chaos.chaos --shards 30 --broker-restart; rc=$$?; bash infra/kafka/kafka.sh down; exit $$rc
 
-bench: install  ## figures: fusion quality over 5 seeds, HTTP serving per cloud, placement policy vs. baselines, hot-path costs
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	@touch $@
+
+bench: $(VENV)/.bench  ## the suite: serving, cold start, fusion, bus, pipeline, scheduler against floors and peers; bench/results.json + growth.png
+	$(BIN)/python bench/suite.py
+
+bench-quality: install  ## fusion quality over 5 seeds, placement policy vs. baselines, hot-path costs
 	$(BIN)/python bench/fusion_quality.py
-	$(BIN)/python bench/serving.py
 	$(BIN)/skyfuse simulate
 	$(BIN)/python bench/micro.py
 

@@ -90,13 +90,12 @@ def run(ctx: Context) -> None:
         ctx.add("demo_profile", None, "", "py-spy samples of the demo",
                 note=f"see {profile.relative_to(REPO)}" if profile else "py-spy not installed (pip install py-spy)")
 
-    from sklearn.datasets import load_breast_cancer
+    from skyfuse.ml import data as mldata
 
-    frame = load_breast_cancer(as_frame=True).frame.rename(columns={"target": "diagnosis"})
     csv = ctx.workdir / "breast_cancer.csv"
-    frame.to_csv(csv, index=False)
+    csv.write_bytes(mldata.to_csv_bytes(mldata.sample_dataset("breast_cancer")))
     points = []
-    for per_cloud in SHARDS_PER_CLOUD[:2] if ctx.smoke else SHARDS_PER_CLOUD:
+    for per_cloud in (1, 2) if ctx.smoke else SHARDS_PER_CLOUD:
         shards = 3 * per_cloud
         ctx.progress(f"pipeline: {shards} shards, shard events to fused.ready")
         grown, _ = _skyfuse(ctx.workdir / f"shards-{shards}", "train", str(csv), "--target", "diagnosis",

@@ -4,7 +4,7 @@
 `LambdaFunctionUrlResolver`. The same routes are registered on Powertools' ASGI resolver
 `HttpResolverLocal`, which `asgi` (below) serves locally under uvicorn:
 
-    uvicorn services.inference.aws:asgi --host 127.0.0.1 --port 8081 --loop uvloop --http httptools
+    uvicorn services.inference.aws:asgi --host 127.0.0.1 --port 8081 --loop uvloop --http httptools --ws none
 
     POST /predict   GET /health   GET /metadata   GET /openapi.json   GET /metrics
     the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`): GET /v2, /v2/health/{live,ready},
@@ -50,7 +50,7 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
     """The inference routes on a Powertools resolver; each reads `app.current_event`."""
 
     def header(name: str) -> str | None:
-        return next((v for k, v in (app.current_event.headers or {}).items() if k.lower() == name), None)
+        return app.current_event.headers.get(name)  # Powertools' CaseInsensitiveDict
 
     def body() -> bytes | str:
         event = app.current_event

@@ -3,7 +3,7 @@ request into an `azure.functions.HttpRequest`, calls the v2 `FunctionApp` functi
 `httpTrigger` route and methods match, and sends back its `HttpResponse`.
 
     uvicorn services.inference.azure_host:create_app --factory --host 127.0.0.1 --port 8083 \
-        --loop uvloop --http httptools
+        --loop uvloop --http httptools --ws none
 
 Routes get the Functions host's default `api/` prefix and match case-insensitively, as there;
 `{name}` segments of a route template become the request's `route_params`. Every request is

@@ -163,13 +163,23 @@ def service() -> Service:
     """This process's service (created on first use, and again in a forked child)."""
     global _service, _pid
     svc = _service
-    if svc is not None and _pid == os.getpid():
+    if svc is not None:  # a forked child starts with None (_forget_after_fork): no getpid per call
         return svc
     with _lock:
         if _service is None or _pid != os.getpid():
             _service, _pid = Service(current(FUNCTION)), os.getpid()
             atexit.register(_at_exit, os.getpid())
         return _service
+
+
+def _forget_after_fork() -> None:
+    """In a forked child (gunicorn's workers): the parent's service, whose threads did not come
+    along, is not this process's; the next `service()` makes its own."""
+    global _service, _pid, _lock
+    _service, _pid, _lock = None, None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _at_exit(pid: int) -> None:

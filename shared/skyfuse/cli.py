@@ -250,7 +250,7 @@ def up(
             out.print(f"  {'router':<18} → {running.router.url}/predict  [dim]by placement weights; GET /router[/]",
                       highlight=False)
         for name, server in running.servers.items():
-            out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.argv[2:4])}[/]",
+            out.print(f"  {name + '.inference':<18} → {server.url}/predict  [dim]{' '.join(server.server_argv[:2])}[/]",
                       highlight=False)
         if emulate and "aws" in running.servers:
             gateway = emulation.api_gateway(running.servers["aws"].url)

@@ -3,6 +3,9 @@
 In a real cloud it is built from the environment (`SKYFUSE_CLOUD`, the bus settings as
 `SKYFUSE_BUS__*`); under the local function host, the host provides it for the duration of each
 invocation, so one process can host the same entry point for several clouds.
+
+Emitting, signing and dead-lettering are imported where they are used: a server that only answers
+requests (inference) starts without loading cloudevents, cryptography or the bus (cold start).
 """
 from __future__ import annotations
 
@@ -12,17 +15,20 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import orjson
-from cloudevents.http import CloudEvent
 
 from skyfuse import config as fleet_config
-from skyfuse import events, signing, tracing
-from skyfuse.bus import Bus, open_bus
+from skyfuse import tracing
 from skyfuse.redact import redact
-from skyfuse.runtime import deadletter
 from skyfuse.storage import Store, open_store
+
+if TYPE_CHECKING:
+    from cloudevents.http import CloudEvent
+
+    from skyfuse import signing
+    from skyfuse.bus import Bus
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,6 +67,8 @@ class Runtime:
 
     @cached_property
     def bus(self) -> Bus:
+        from skyfuse.bus import open_bus
+
         return self.bus_factory() if self.bus_factory else open_bus(self.fleet)
 
     @cached_property
@@ -69,14 +77,20 @@ class Runtime:
 
     @property
     def principal(self) -> str:
+        from skyfuse import signing
+
         return signing.principal(self.cloud, self.function)
 
     @property
     def source(self) -> str:
+        from skyfuse import signing
+
         return signing.source_of(self.principal)
 
     @cached_property
     def signer(self) -> signing.Signer | None:
+        from skyfuse import signing
+
         return signing.signer_for(self.fleet, self.principal)
 
     def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None,
@@ -88,6 +102,8 @@ class Runtime:
         It is published in a PRODUCER span (`skyfuse.tracing.producing`) and its traceparent names
         that span: the trace of `traceparent`, else of `caused_by`, else of the event being handled,
         goes on (a fresh one only with none of them)."""
+        from skyfuse import events
+
         event_id = events.derived_id(self.source, type_name, dedupe_key) if dedupe_key is not None else None
         event = events.new_event(type_name, data, source=self.source, subject=data.get("cloud"), caused_by=caused_by,
                                  event_id=event_id, traceparent=traceparent)
@@ -144,6 +160,9 @@ class Runtime:
     def reject(self, event: CloudEvent, reason: str) -> None:
         """Dead-letter an event this function can never handle, with the reason; the delivery
         then counts as done, so the trigger does not retry it."""
+        from skyfuse import events
+        from skyfuse.runtime import deadletter
+
         key, value, headers = events.encode(event)
         deadletter.write(self.bus, self.function, self.cloud, key, value, headers, reason)
         if len(self.rejected) >= KEEP:  # in a real cloud nothing reads them back
@@ -153,6 +172,8 @@ class Runtime:
                                             "function": self.function})
 
     def received(self, event: CloudEvent, note: str = "handled") -> None:
+        from skyfuse import events
+
         info = events.EventInfo.of(event)
         _append_bounded(self.handled, info.id)
         self.log.info(note, extra={"event_id": info.id, "event_type": info.type, "trace_id": info.trace_id,
@@ -198,7 +219,7 @@ def current(function: str) -> Runtime:
     return _from_env[function]
 
 
-Handler = Callable[[CloudEvent, Runtime], None]
+Handler = Callable[["CloudEvent", Runtime], None]
 
 
 class Rejected(Exception):
@@ -210,6 +231,7 @@ def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
     """What every entry point does with one event: check who sent it, run the core; dead-letter
     what is untrusted or what the core rejects. All of it in a CONSUMER span, child of the span
     that published the event (`skyfuse.tracing.consuming`), with its outcome."""
+    from skyfuse import signing
     from skyfuse.runtime.idempotency import InProgress
 
     try:

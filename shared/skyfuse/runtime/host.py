@@ -65,6 +65,7 @@ class FunctionHost:
         self.max_buffer = max(100, 4 * invoker.limits.max_records * self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None
         self.consumer = None
+        self._delivered = False  # the last step ran batches
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -89,7 +90,9 @@ class FunctionHost:
 
     def step(self) -> None:
         room = self.max_buffer - len(self.tracker)
-        timeout = self._idle_timeout()
+        # Right after a delivery, take only what has already arrived: the records still buffered
+        # may fill the next batch now, and a poll that waits for more would hold them back.
+        timeout = 0.0 if self._delivered else self._idle_timeout()
         if room > 0:
             for record in self.consumer.poll(timeout, room):
                 self._accept(record)
@@ -102,6 +105,7 @@ class FunctionHost:
             runs = self._pool.map(self._invoke, batches) if self._pool else map(self._invoke, batches)
             for batch, outcome in zip(batches, list(runs)):
                 self._settle(batch, outcome)
+        self._delivered = bool(batches)
         self._commit()
 
     def _idle_timeout(self) -> float:
@@ -121,7 +125,8 @@ class FunctionHost:
             pending.event = events.decode(record.key, record.value, record.headers)
         except events.MalformedEvent as exc:
             pending.invalid = str(exc)
-        size, limit = self.invoker.cost(record), self.invoker.limits.max_bytes
+        pending.cost = size = self.invoker.cost(record)  # once: the batching below reads it every step
+        limit = self.invoker.limits.max_bytes
         if pending.invalid is None and size > limit:
             pending.invalid = (f"record of {size} bytes exceeds the {limit // (1024 * 1024)} MB payload limit of a "
                                f"{self.invoker.shape}; store large data in the cloud's store and send its URI")
@@ -142,7 +147,7 @@ class FunctionHost:
         for i, queue in enumerate(lanes):
             slot = i % self.concurrency
             for pending in queue:
-                cost = self.invoker.cost(pending.record)
+                cost = pending.cost
                 if len(batches[slot]) >= limits.max_records or sizes[slot] + cost > limits.max_bytes:
                     break
                 if pending.invalid is not None:

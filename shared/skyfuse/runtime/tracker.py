@@ -22,6 +22,7 @@ class Pending:
     event: object = None  # the decoded CloudEvent
     invalid: str | None = None  # set when the record cannot be delivered at all (malformed)
     arrived: float = 0.0  # monotonic time the host received it
+    cost: int = 0  # bytes it adds to the cloud's native event (the invoker's `cost`)
     attempts: int = 0
     first_failed: float | None = None  # monotonic time of the first failure (the record's age for max_record_age_s)
     not_before: float = 0.0

@@ -9,6 +9,7 @@
 - `skyfuse.serving.metrics`: latency/error recorder and the `metrics.sampled` emitter.
 - `skyfuse.serving.asgi`: the few ASGI helpers the local hosts share.
 - `skyfuse.serving.hosts`: start each cloud's real HTTP server on 127.0.0.1 as a subprocess.
+- `skyfuse.serving.launch`: how those servers start (imports with the garbage collector off).
 - `skyfuse.serving.testing`: tiny ONNX classifiers for tests and the benchmark (imports `onnx`
   when called; never used on the serving path).
 
