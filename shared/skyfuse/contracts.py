@@ -102,11 +102,24 @@ def dlq_topic(function: str) -> str:
 
 
 @cache
+def _schema(name: str) -> dict:
+    return json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
+
+
+@cache
 def _validator(name: str):
     from jsonschema import Draft202012Validator  # here: not every process validates (cold start)
 
-    schema = json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return Draft202012Validator(_schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+@cache
+def _fast_validator(name: str):
+    """jsonschema-rs (compiled; ~100x faster) for the yes/no every delivered event needs; the
+    errors of a no are worded by `jsonschema` (`validation_errors`)."""
+    import jsonschema_rs
+
+    return jsonschema_rs.validator_for(_schema(name), validate_formats=True)
 
 
 def validation_errors(name: str, data: object) -> list[str]:
@@ -116,9 +129,18 @@ def validation_errors(name: str, data: object) -> list[str]:
 
 
 def validate(name: str, data: object) -> None:
+    name = event_type(name).name
+    fast = _fast_validator(name)
+    try:
+        if fast.is_valid(data):
+            return
+    except (ValueError, TypeError):  # a Python value JSON has no type for: the full check words it
+        pass
     errors = validation_errors(name, data)
-    if errors:
-        raise ContractError(event_type(name).name, errors)
+    if not errors:  # the compiled checker is the stricter here: say what it saw
+        errors = [f"{e.instance_path and '.'.join(map(str, e.instance_path)) or '(root)'}: {e.message}"
+                  for e in fast.iter_errors(data)] or ["does not match the schema"]
+    raise ContractError(name, errors)
 
 
 def sample(name: str) -> dict:
