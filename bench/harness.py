@@ -158,6 +158,8 @@ def plot_growth(ctx: Context, path: Path) -> Path | None:
         ax.plot(xs, [ys[0] * x / xs[0] for x in xs], ":", color="grey", label="linear")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the sizes measured, not powers of ten
         ax.set_xlabel(g.size)
         ax.set_ylabel(g.unit)
         ax.set_title(g.name, fontsize=10)
