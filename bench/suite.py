@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness  # noqa: E402
+import harness
 
 # group name → module under bench/; the order they run in
 GROUPS = {"http": "http_serving", "cold": "cold_start", "fusion": "fusion_speed", "bus": "bus_speed",

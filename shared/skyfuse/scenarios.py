@@ -244,8 +244,12 @@ def load_step(ctx) -> dict:
             for status, n in caller.answers.items():
                 load_answers[str(status)] = load_answers.get(str(status), 0) + n
         load = []
-        watch.until(consumer, fleet, lambda: all(len(watch.probed(c, moved_at)) >= 2 for c in clouds), 30)
-        phases.append(watch.phase("after the move", moved_at, _now(), clouds, watch.serving()))
+        stopped = _now()
+        watch.until(consumer, fleet, lambda: all(len(watch.probed(c, stopped)) >= 3 for c in clouds), 30)
+        # from a second after the load stopped: the 1 s windows ending then saw none of it
+        times = [sorted(s["sampled_at"] for s in watch.probed(c, stopped)) for c in clouds]
+        settled = max((t[1] for t in times if len(t) > 1), default=stopped)
+        phases.append(watch.phase("after the move, load stopped", settled, _now(), clouds, watch.serving()))
     except ScenarioError as exc:
         error = str(exc)
         console.print(f"[bold red]{error}[/]", highlight=False)
