@@ -50,8 +50,8 @@ ROUNDS = 5  # of every load on every server, interleaved
 LIMITS = {
     "aws": "Powertools' HttpResolverLocal (proxy event, route match, response builder): about half "
            "of the app's time per request; the core about a fifth",
-    "gcp": "gunicorn's gthread worker, Flask/Werkzeug and functions-framework's middleware: about 85% "
-           "of the time holding the GIL, skyfuse's code about 13%",
+    "gcp": "functions-framework's ASGI stack (its two middlewares, Starlette's router and Request/"
+           "Response objects, the run-in-wrapper) on gunicorn's uvicorn worker, on top of the core",
     "azure": "the azure.functions HttpRequest/HttpResponse per request and the metrics (Prometheus, "
              "latency window) on top of the core",
 }

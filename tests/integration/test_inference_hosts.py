@@ -93,7 +93,7 @@ def host_env(provider: str, root, **extra: str) -> tuple[str, dict[str, str]]:
 def served(request, tmp_path_factory):
     provider = request.param
     root = tmp_path_factory.mktemp(f"inference-{provider}")
-    store_uri, env = host_env(provider, root, INFERENCE_RETRY_FAILED_S="0.3", INFERENCE_METRICS_S="0.5", THREADS="4")
+    store_uri, env = host_env(provider, root, INFERENCE_RETRY_FAILED_S="0.3", INFERENCE_METRICS_S="0.5")
     host = hosts.start(provider, env=env, log_dir=root)
     s = Served(provider, host, open_store(store_uri), str(root / "bus"))
     try:

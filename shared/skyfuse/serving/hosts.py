@@ -3,7 +3,7 @@
 | provider | server | serves |
 | --- | --- | --- |
 | aws | uvicorn (uvloop, httptools): Powertools `HttpResolverLocal` routes of `services.inference.aws` | `/predict`, … |
-| gcp | functions-framework's gunicorn (gthread; `WORKERS`, `THREADS`): `services/inference/gcp.py`, target `inference` | `/predict`, … |
+| gcp | functions-framework's ASGI mode (gunicorn, uvicorn workers; `WORKERS`): `services/inference/gcp.py`, target `inference` | `/predict`, … |
 | azure | uvicorn (uvloop, httptools): `services.inference.azure_host`, the v2 `FunctionApp` of `services.inference.azure` | `/api/predict`, … |
 
 Production servers only (never Flask's development server), each started through
@@ -60,8 +60,9 @@ def command(provider: str, port: int, workers: int | None = None) -> list[str]:
         return _launched(["services.inference.azure_host", "services.inference.azure"] if own_app else [],
                          "uvicorn", "services.inference.azure_host:create_app", "--factory", *uvicorn)
     if provider == "gcp":  # gunicorn's master imports the app, then forks the workers
-        return _launched(["functions_framework._http.gunicorn", "services.inference.handler"],
-                         "functions_framework", "--target", "inference",
+        return _launched(["functions_framework._http.gunicorn", "functions_framework.aio", "uvicorn_worker",
+                          "services.inference.handler"],
+                         "functions_framework", "--asgi", "--target", "inference",
                          "--source", str(REPO / "services" / "inference" / "gcp.py"), "--signature-type", "http",
                          "--host", "127.0.0.1", "--port", str(port))
     raise HostError(f"unknown cloud provider {provider!r}; one of {', '.join(PROVIDERS)}")
