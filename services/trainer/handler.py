@@ -67,7 +67,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
     template = user_model(runtime, given)
     try:
         result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs,
-                               template=template)
+                               template=template, keep_warm=round_ > 0)  # each round reuses one compiled loop
     except mlmodel.TrainingError as exc:
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
     saved = store.put(f"{base}.keras", mlmodel.to_bytes(result.model))

@@ -156,6 +156,37 @@ def test_fine_tuning_starts_from_the_initial_model(trained, cancer):
         M.train(M.ModelSpec(hidden=(5,), epochs=1), other, 2, initial=trained.model)
 
 
+def test_fine_tuning_kept_warm_compiles_once_and_trains_as_a_fresh_loop(trained, cancer):
+    """A trainer instance fine-tunes the same shard every FedAvg round: the kept loop is compiled
+    once, and each round's result equals that of a loop built for it."""
+    other = cancer.subset(np.arange(300, 400))
+    spec = M.ModelSpec(hidden=(8,), optimizer="sgd", early_stopping=False, seed=3)
+    warm_models = []
+    for round_, lr in enumerate((0.3, 0.2, 0.1)):
+        round_spec = M.ModelSpec(**{**spec.to_dict(), "learning_rate": lr})
+        warm = M.train(round_spec, other, 2, initial=trained.model, epochs=3, keep_warm=True)
+        cold = M.train(round_spec, other, 2, initial=trained.model, epochs=3)
+        for a, b in zip(warm.model.get_weights(), cold.model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert warm.validation == cold.validation
+        warm_models.append(warm.model)
+    assert warm_models[0] is warm_models[1] is warm_models[2]  # one loop, one model, kept
+    (loop,) = [loop for loop in M._warm_loops().loops.values() if loop.model is warm_models[0]]
+    assert loop.one_epoch.experimental_get_tracing_count() == 1
+    adam = M.train(M.ModelSpec(hidden=(8,), seed=3), other, 2, initial=trained.model, epochs=3, keep_warm=True)
+    assert adam.model is not warm_models[0]  # other settings: a loop of its own
+
+
+def test_a_second_model_of_one_architecture_exports_without_tracing(trained, shard, cancer, monkeypatch):
+    other = M.train(M.ModelSpec(**{**TINY.to_dict(), "seed": 5}), cancer.subset(np.arange(300, 400)), 2).model
+    E.to_onnx(trained.model)  # this architecture's graph, kept
+    traced = E.to_onnx(other, fresh=True)
+    monkeypatch.setattr(E, "_trace", lambda *a: pytest.fail("traced again"))
+    reused = E.to_onnx(other)
+    assert reused == traced  # byte for byte: the graph is the architecture's, the initializers the weights
+    assert E.parity(other, reused, shard.X) <= 1e-5
+
+
 def test_save_and_load(trained, shard, tmp_path):
     path = M.save(trained.model, tmp_path / "member")
     assert path.name == "member.keras" and path.exists()

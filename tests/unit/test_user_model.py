@@ -165,7 +165,7 @@ def test_a_convolutional_model_exports_with_parity_and_a_graph_fixed_by_its_arch
     parts = mldata.partition(train, 2, "iid", seed=0)
     models = [M.train(M.ModelSpec(epochs=10, seed=i), p, 10, template=M.from_bytes(template)).model
               for i, p in enumerate(parts)]
-    members = [E.to_onnx(m) for m in models]
+    members = [E.to_onnx(m, fresh=True) for m in models]  # each traced on its own, not the graph reused
     for m, raw in zip(models, members):
         assert E.parity(m, raw, test.X) < 1e-5
         graph = onnx.load_from_string(raw).graph

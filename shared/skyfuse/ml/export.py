@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import re
+import threading
 
 import numpy as np
 
@@ -29,8 +30,11 @@ def _weight_name(path: str, model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", ".", path.removeprefix(f"{model_name}/"))
 
 
-def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
+def to_onnx(model, opset: int = DEFAULT_OPSET, fresh: bool = False) -> bytes:
     """The model as a serialized ONNX ModelProto: input `features` float32 [N, d], output `prob`.
+    A model whose architecture was exported before in this process reuses that graph with its own
+    weights as initializers (no tracing: a FedAvg round exports the same architecture again);
+    `fresh` traces anyway.
 
     Any Keras model with one input (None, d) and one output works: the built-in MLP or a user's
     model (Reshape, Conv2D, pooling, BatchNormalization, Dropout, ...). The weights (`model.weights`)
@@ -44,6 +48,42 @@ def to_onnx(model, opset: int = DEFAULT_OPSET) -> bytes:
     constants and pruned. Nodes and intermediate tensors get positional names (`n3_MatMul`,
     `t3_MatMul`), in an order fixed by the graph's structure.
     """
+    architecture = (model.to_json(), opset)
+    with _GRAPHS_LOCK:
+        graph = _GRAPHS.get(architecture)
+    if graph is not None and not fresh:
+        return _with_weights(graph, model)
+    exported = _trace(model, opset)
+    with _GRAPHS_LOCK:
+        _GRAPHS[architecture] = exported
+        while len(_GRAPHS) > _GRAPHS_KEPT:
+            del _GRAPHS[next(iter(_GRAPHS))]
+    return exported
+
+
+_GRAPHS: dict[tuple[str, int], bytes] = {}  # architecture -> a model exported from it
+_GRAPHS_KEPT = 8
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _with_weights(exported: bytes, model) -> bytes:
+    """`exported` (a model of `model`'s architecture) with `model`'s weights as its initializers."""
+    proto = onnx.load_from_string(exported)
+    values = {_weight_name(v.path, model.name): np.asarray(v.numpy()) for v in model.weights}
+    initializers = []
+    for old in proto.graph.initializer:
+        new = values[old.name]
+        if list(new.shape) != list(old.dims) or onnx.helper.np_dtype_to_tensor_dtype(new.dtype) != old.data_type:
+            raise RuntimeError(f"weight {old.name!r} {new.dtype}{list(new.shape)} does not fit the exported graph "
+                               f"({list(old.dims)})")  # the architecture key missed a difference
+        initializers.append(numpy_helper.from_array(new, old.name))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(initializers)
+    return proto.SerializeToString()
+
+
+def _trace(model, opset: int) -> bytes:
+    """`to_onnx` the long way: trace the model with TensorFlow and convert with tf2onnx."""
     import tensorflow as tf
     import tf2onnx
 

@@ -15,10 +15,12 @@ loop. It gets the raw features (no built-in standardization) and must output cla
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import tempfile
 import logging
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field, fields
@@ -235,7 +237,7 @@ def check_shard(shard: Dataset, n_classes: int) -> None:
 
 def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fraction: float = 0.2,
           initial: keras.Model | None = None, stats: tuple | None = None, epochs: int | None = None,
-          verbose: int = 0, template: keras.Model | None = None) -> TrainResult:
+          verbose: int = 0, template: keras.Model | None = None, keep_warm: bool = False) -> TrainResult:
     """Train a model on one shard.
 
     Keeps `validation_fraction` of the shard out (stratified when possible) for early stopping on
@@ -244,7 +246,11 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     `stats`: (mean, variance) to standardize with instead of the shard's own (FedAvg members share
     the pooled statistics). `epochs` overrides `spec.epochs` (e.g. a few for a FedAvg round).
     `template`: a user's model (`load_user_model`) to train, in place, instead of building the MLP;
-    it gets the raw features (no standardization: `stats` is ignored) and `spec.hidden` is unused.
+    it gets the raw features (no built-in standardization) and `spec.hidden` is unused.
+    `keep_warm` (fine-tuning only): keep the compiled training loop in this thread and reuse it
+    when the same architecture fine-tunes on the same shard again (the next FedAvg round), as a
+    warm function instance would: the returned model is then that loop's, overwritten by the next
+    such call, so save it first. The result is the same as without it.
     """
     check_shard(shard, n_classes)
     started = time.perf_counter()
@@ -253,15 +259,23 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
         problem = _io_problem(template, shard.n_features, n_classes)
         if problem:
             raise TrainingError(f"the model template does not fit this task: {problem}")
-        model = template
-    else:
-        if initial is not None:
-            mean, variance = standardization(initial)
-        elif stats is not None:
-            mean, variance = stats[0], stats[1]
+    tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
+    warm_key = _warm_key(template or initial, spec, shard, tr, n_classes) if keep_warm and initial is not None else None
+    loop = _warm_loops().get(warm_key) if warm_key else None
+    if loop is None:
+        if template is not None:
+            model = template
+        elif initial is not None:
+            model = build(spec, shard.n_features, n_classes, *standardization(initial))
         else:
-            mean, variance = shard.X.astype(np.float64).mean(axis=0), shard.X.astype(np.float64).var(axis=0)
-        model = build(spec, shard.n_features, n_classes, mean, variance)
+            mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
+                                                              shard.X.astype(np.float64).var(axis=0))
+            model = build(spec, shard.n_features, n_classes, mean, variance)
+        loop = _Loop(model, spec, shard.X[tr], shard.y[tr], shard.X[va], shard.y[va], verbose,
+                     proximal=initial is not None)
+        if warm_key:
+            _warm_loops().put(warm_key, loop)
+    model = loop.model
     if initial is not None:
         theirs = initial.get_weights()
         mine = model.get_weights()
@@ -271,10 +285,7 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
                                 f"with {shard.n_features} features and {n_classes} classes "
                                 f"({[w.shape for w in mine]})")
         model.set_weights(theirs)
-    tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
-    n_epochs = int(epochs if epochs is not None else spec.epochs)
-    ran = _fit(model, spec, shard.X[tr], shard.y[tr], shard.X[va], shard.y[va], n_epochs, verbose,
-               proximal=initial is not None)
+    ran = loop.run(int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
     validation = {"rows": int(len(va)), "accuracy": None, "loss": None}
     if len(va):
         p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
@@ -284,76 +295,120 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     return TrainResult(model, len(shard), validation, time.perf_counter() - started, ran, shard.subset(va))
 
 
-def _fit(model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-         epochs: int, verbose: int = 0, proximal: bool = False) -> int:
-    """Adam (or plain SGD) on mini-batches, one compiled TensorFlow loop per epoch (Keras `fit`
-    costs ~50x more per step for models this small). With `spec.early_stopping`, stops after
-    PATIENCE epochs without a better validation loss and restores the best weights; without it,
-    runs exactly `epochs` epochs. `proximal`: the model holds the global weights now, and
-    spec.proximal_mu / 2 * ||w - those weights||^2 is added to the training loss (FedProx).
-    Shuffling is seeded by spec.seed. Returns the epochs run."""
-    import tensorflow as tf
+class _Loop:
+    """One model's training loop, compiled once: Adam (or plain SGD) on mini-batches, one
+    TensorFlow function per epoch (Keras `fit` costs ~50x more per step for models this small).
+    `run` trains from the model's current weights with a fresh optimizer state, so a loop kept
+    warm trains exactly as a new one would. With `spec.early_stopping`, stops after PATIENCE
+    epochs without a better validation loss and restores the best weights; without it, runs
+    exactly `epochs` epochs. `proximal`: spec.proximal_mu / 2 * ||w - the weights at the start
+    of the run||^2 is added to the training loss (FedProx). Shuffling is seeded by spec.seed."""
 
-    if spec.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=spec.learning_rate)
-    params = model.trainable_variables
-    optimizer.build(params)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
-    batch = min(spec.batch_size, len(X))
-    n_batches = -(-len(X) // batch)
-    mu = spec.proximal_mu if proximal else 0.0
-    anchor = [tf.constant(np.asarray(p.numpy())) for p in params] if mu > 0 else []
+    def __init__(self, model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
+                 y_val: np.ndarray, verbose: int = 0, proximal: bool = False):
+        import tensorflow as tf
 
-    def objective(yb, xb):
-        loss = loss_fn(yb, model(xb, training=True))
-        if anchor:
-            loss += (mu / 2) * tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
-        return loss
+        self.model, self.spec, self.verbose, self.rows = model, spec, verbose, len(X)
+        if spec.optimizer == "sgd":
+            self.optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
+        else:
+            self.optimizer = keras.optimizers.Adam(learning_rate=spec.learning_rate)
+        params = model.trainable_variables
+        self.optimizer.build(params)
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
+        batch = min(spec.batch_size, len(X))
+        n_batches = -(-len(X) // batch)
+        mu = spec.proximal_mu if proximal else 0.0
+        self.anchor = [tf.Variable(p.numpy(), trainable=False) for p in params] if mu > 0 else []
+        anchor = self.anchor
 
-    @tf.function
-    def one_epoch(order):
-        total = tf.constant(0.0)
-        for i in tf.range(n_batches):
-            idx = order[i * batch:(i + 1) * batch]
-            xb, yb = tf.gather(X_t, idx), tf.gather(y_t, idx)
-            with tf.GradientTape() as tape:
-                loss = objective(yb, xb)
-            optimizer.apply_gradients(zip(tape.gradient(loss, params), params))
-            total += loss
-        return total / tf.cast(n_batches, tf.float32)
-
-    has_val = len(X_val) > 0 and (spec.early_stopping or verbose)
-    if has_val:
-        Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
+        def objective(yb, xb):
+            loss = loss_fn(yb, model(xb, training=True))
+            if anchor:
+                loss += (mu / 2) * tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
+            return loss
 
         @tf.function
-        def val_loss():
-            return loss_fn(yv_t, model(Xv_t, training=False))
+        def one_epoch(order):
+            total = tf.constant(0.0)
+            for i in tf.range(n_batches):
+                idx = order[i * batch:(i + 1) * batch]
+                xb, yb = tf.gather(X_t, idx), tf.gather(y_t, idx)
+                with tf.GradientTape() as tape:
+                    loss = objective(yb, xb)
+                self.optimizer.apply_gradients(zip(tape.gradient(loss, params), params))
+                total += loss
+            return total / tf.cast(n_batches, tf.float32)
 
-    rng = np.random.default_rng(spec.seed)
-    best, best_weights, wait, ran = np.inf, None, 0, 0
-    for epoch in range(epochs):
-        train_loss = float(one_epoch(tf.constant(rng.permutation(len(X)).astype(np.int32))))
-        ran = epoch + 1
-        if not has_val:
-            continue
-        current = float(val_loss())
-        if verbose:
-            print(f"epoch {ran}: loss {train_loss:.4f} val_loss {current:.4f}")
-        if not spec.early_stopping:
-            continue
-        if current < best:
-            best, best_weights, wait = current, model.get_weights(), 0
-        else:
-            wait += 1
-            if wait >= PATIENCE:
-                break
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    return ran
+        self.one_epoch, self.val_loss = one_epoch, None
+        if len(X_val) > 0 and (spec.early_stopping or verbose):
+            Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
+            self.val_loss = tf.function(lambda: loss_fn(yv_t, model(Xv_t, training=False)))
+
+    def run(self, epochs: int, learning_rate: float) -> int:
+        """Train for at most `epochs` epochs; the epochs run."""
+        import tensorflow as tf
+
+        for variable in self.optimizer.variables:  # a fresh optimizer: no moments, step 0
+            variable.assign(tf.zeros_like(variable))
+        self.optimizer.learning_rate = learning_rate
+        for anchor, param in zip(self.anchor, self.model.trainable_variables):
+            anchor.assign(param)
+        rng = np.random.default_rng(self.spec.seed)
+        best, best_weights, wait, ran = np.inf, None, 0, 0
+        for epoch in range(epochs):
+            train_loss = float(self.one_epoch(tf.constant(rng.permutation(self.rows).astype(np.int32))))
+            ran = epoch + 1
+            if self.val_loss is None:
+                continue
+            current = float(self.val_loss())
+            if self.verbose:
+                print(f"epoch {ran}: loss {train_loss:.4f} val_loss {current:.4f}")
+            if not self.spec.early_stopping:
+                continue
+            if current < best:
+                best, best_weights, wait = current, self.model.get_weights(), 0
+            else:
+                wait += 1
+                if wait >= PATIENCE:
+                    break
+        if best_weights is not None:
+            self.model.set_weights(best_weights)
+        return ran
+
+
+class _WarmLoops:
+    """The compiled loops one thread keeps (a few: one per shard a trainer instance holds)."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.loops = size, {}
+
+    def get(self, key):
+        return self.loops.get(key)
+
+    def put(self, key, loop: _Loop) -> None:
+        self.loops[key] = loop
+        while len(self.loops) > self.size:
+            del self.loops[next(iter(self.loops))]
+
+
+_thread_state = threading.local()
+
+
+def _warm_loops() -> _WarmLoops:
+    if not hasattr(_thread_state, "loops"):
+        _thread_state.loops = _WarmLoops()
+    return _thread_state.loops
+
+
+def _warm_key(model: keras.Model, spec: ModelSpec, shard: Dataset, rows: np.ndarray, n_classes: int) -> tuple:
+    """What a compiled loop depends on: the architecture, the spec's training settings but the
+    learning rate (set per run), and the training rows."""
+    digest = hashlib.sha256(np.ascontiguousarray(shard.X[rows]).tobytes())
+    digest.update(np.ascontiguousarray(shard.y[rows]).tobytes())
+    settings = {k: v for k, v in spec.to_dict().items() if k not in ("learning_rate", "epochs")}
+    return model.to_json(), n_classes, repr(sorted(settings.items())), digest.hexdigest()
 
 
 def average(models: list[keras.Model], weights: list[float] | None = None) -> keras.Model:
