@@ -20,7 +20,8 @@ manifest's timeout has passed. With a server strategy (fusion `fedavg`, `fedprox
 `fedyogi`, or `auto`: fedavg, fedadam and fedyogi, the step with the best validation accuracy
 continuing) and rounds left, it makes the next global model from the members' parameters and the
 strategy's state after the round before (skyfuse.ml.federated), keeps the new state in
-server.json and emits round.started; after the last round it picks the strategy with the best
+server.json and emits round.started; after the last round (or earlier, once `[training]
+rounds_patience` rounds in a row scored no better on validation than the best before them) it picks the strategy with the best
 validation accuracy over all rounds (or the one the manifest forces) and emits fused.ready. The
 server strategies need one architecture in every member (the built-in MLP, or one user model every
 trainer started from): members that differ are dead-lettered with the difference when one is
@@ -137,7 +138,8 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
                                 scores) if servers else None
     store.put(f"{base}/scores.json", orjson.dumps(scores))
     clouds = sorted({m["cloud"] for m in members})
-    if next_global is not None and round_ + 1 < manifest["rounds"]:
+    if next_global is not None and round_ + 1 < manifest["rounds"] and not federated.plateaued(
+            _best_by_round(store, run_id, round_), runtime.fleet.training.rounds_patience):
         global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras",
                                  _global_keras(runtime, members, next_global))
         # the next round waits for the members this one had, not for the ones that already failed
@@ -175,6 +177,13 @@ def architecture_mismatch(members: list[dict], onnx_models: list[bytes]) -> str 
     what = what.replace("member 0", first).replace("this member", other)
     return (f"fedavg needs the same model architecture in every member, and {other} differs from {first}: {what} "
             "(train every shard from one model: skyfuse train --model, or fuse with wavg, vote or confidence)")
+
+
+def _best_by_round(store: Store, run_id: str, last_round: int) -> list[float]:
+    """Each scored round's best validation accuracy (any strategy), rounds 0 to `last_round`."""
+    keys = [f"runs/{run_id}/round-{r}/scores.json" for r in range(last_round + 1)]
+    return [max((s["accuracy"] for s in orjson.loads(store.get(k)).values()), default=0.0)
+            for k in keys if store.exists(k)]
 
 
 def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict]:

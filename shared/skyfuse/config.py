@@ -246,6 +246,7 @@ class Training(Section):
     batch_size: int = Field(16, ge=1, description="Mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     rounds: int = Field(10, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
+    rounds_patience: int = Field(3, ge=0, description="Stop the rounds early when this many in a row scored no better on validation than the best before them (any strategy); 0 runs every round.")
     proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning rounds of a fedprox run.")
     server_lr: float = Field(0.03, gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + tau)).")
     server_tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing (adaptivity).")

@@ -130,3 +130,16 @@ def test_refusals_name_what_is_wrong():
         FL.loads(b"{not json")
     assert FL.strategy("fedyogi", eta=0.2, proximal_mu=1.0).params() == {"eta": 0.2, "beta_1": 0.9, "beta_2": 0.99,
                                                                          "tau": 1e-3}
+
+
+@pytest.mark.parametrize("best_by_round, patience, stop", [
+    ([0.9, 0.9], 1, True),            # one round without gain
+    ([0.9, 0.95], 1, False),          # the last round improved
+    ([0.9, 0.95, 0.95, 0.94], 2, True),
+    ([0.9, 0.95, 0.94, 0.96], 2, False),  # a gain inside the window keeps going
+    ([0.9, 0.9, 0.9], 3, False),      # not enough rounds to judge
+    ([0.9, 0.9, 0.9, 0.9], 0, False),  # 0: every round runs
+    ([1.0, 1.0, 1.0, 1.0], 3, True),  # a perfect score cannot be beaten
+])
+def test_the_server_stops_once_patience_rounds_bring_no_better_score(best_by_round, patience, stop):
+    assert FL.plateaued(best_by_round, patience) is stop

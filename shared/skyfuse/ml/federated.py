@@ -215,6 +215,14 @@ def follow(states: dict[str, dict], chosen: str) -> dict[str, dict]:
     return {name: {**state, "global": list(states[chosen]["global"])} for name, state in states.items()}
 
 
+def plateaued(best_by_round: Sequence[float], patience: int) -> bool:
+    """Whether the last `patience` rounds' best validation scores beat none of the rounds before
+    them: the server's early stop (never with `patience` 0, or before `patience` + 1 rounds)."""
+    if patience < 1 or len(best_by_round) <= patience:
+        return False
+    return max(best_by_round[-patience:]) <= max(best_by_round[:-patience])
+
+
 def strategy(name: str, **params) -> FedAvg:
     """The server strategy called `name`, with its hyper-parameters (others are ignored)."""
     kinds = {k.name: k for k in (FedAvg, FedProx, FedAdam, FedYogi)}
