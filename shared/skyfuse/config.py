@@ -229,11 +229,23 @@ class Dns(Section):
         return self
 
 
+CRITICAL_PATH = ("trainer", "exporter", "fuser", "deployer")  # a batching window only delays a run
+
+
 class Function(Section):
     ordering: Literal["partition", "key", "unordered"] = Field(
         "partition", description="In order per partition, per key, or not at all (bounded by `concurrency`).")
     concurrency: int = Field(1, ge=1, le=64, description="Batches in flight at once (of distinct partitions/keys).")
     clouds: list[str] | None = Field(None, description="Clouds hosting this function; default every cloud.")
+    batch_window_s: float | None = Field(
+        None, ge=0, le=300, description="How long the trigger gathers records before invoking (Lambda's "
+        "MaximumBatchingWindowInSeconds). Default: 0 for the functions on a run's critical path (trainer, exporter, "
+        "fuser, deployer: a few events, each waited for), the trigger's own for the rest (Lambda 0.5 s).")
+
+    def batch_window(self, function: str, trigger_default_s: float) -> float:
+        if self.batch_window_s is not None:
+            return self.batch_window_s
+        return 0.0 if function in CRITICAL_PATH else trigger_default_s
 
 
 class Training(Section):

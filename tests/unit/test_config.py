@@ -100,3 +100,14 @@ def test_the_inference_servers_read_the_same_config_file_whatever_their_director
     assert env["SKYFUSE_CONFIG"] == str(tmp_path / "skyfuse.toml")
     monkeypatch.chdir("/")
     assert list(config.load(environ=env).clouds) == ["aws", "aws-eu", "gcp", "azure", "azure-west"]
+
+
+def test_a_runs_critical_path_waits_for_no_batching_window_unless_configured():
+    fleet = config.load(environ={"SKYFUSE_FUNCTIONS__SCHEDULER__BATCH_WINDOW_S": "2",
+                                 "SKYFUSE_FUNCTIONS__FUSER__BATCH_WINDOW_S": "0.1"})
+    assert fleet.function("trainer").batch_window("trainer", 0.5) == 0.0  # critical path: no window
+    assert fleet.function("monitor").batch_window("monitor", 0.5) == 0.5  # the trigger's own
+    assert fleet.function("scheduler").batch_window("scheduler", 0.5) == 2.0  # configured
+    assert fleet.function("fuser").batch_window("fuser", 0.5) == 0.1
+    with pytest.raises(ValueError, match="batch_window_s"):
+        config.load(environ={"SKYFUSE_FUNCTIONS__TRAINER__BATCH_WINDOW_S": "-1"})

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from skyfuse import contracts, events
@@ -62,7 +62,9 @@ class FunctionHost:
         self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus, settings=settings)
         self.listener = listener or (lambda delivery: None)
         self.metrics = metrics  # a skyfuse.runtime.metrics.HostMetrics, or None
-        self.max_buffer = max(100, 4 * invoker.limits.max_records * self.concurrency)
+        # the trigger's batching window, as this function's settings set it
+        self.limits = replace(invoker.limits, max_wait_s=settings.batch_window(function, invoker.limits.max_wait_s))
+        self.max_buffer = max(100, 4 * self.limits.max_records * self.concurrency)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None
         self.consumer = None
         self._delivered = False  # the last step ran batches
@@ -115,7 +117,7 @@ class FunctionHost:
         if due is not None:
             timeout = min(timeout, max(0.0, due - time.monotonic()))
         if len(self.tracker):
-            timeout = min(timeout, self.invoker.limits.max_wait_s / 4 or 0.01)
+            timeout = min(timeout, self.limits.max_wait_s / 4 or 0.01)
         return timeout
 
     # -- records in ---------------------------------------------------------------------------
@@ -126,7 +128,7 @@ class FunctionHost:
         except events.MalformedEvent as exc:
             pending.invalid = str(exc)
         pending.cost = size = self.invoker.cost(record)  # once: the batching below reads it every step
-        limit = self.invoker.limits.max_bytes
+        limit = self.limits.max_bytes
         if pending.invalid is None and size > limit:
             pending.invalid = (f"record of {size} bytes exceeds the {limit // (1024 * 1024)} MB payload limit of a "
                                f"{self.invoker.shape}; store large data in the cloud's store and send its URI")
@@ -136,7 +138,7 @@ class FunctionHost:
         lanes = self.tracker.ready(now)
         if not lanes:
             return []
-        limits = self.invoker.limits
+        limits = self.limits
         waiting = sum(len(queue) for queue in lanes)
         retrying = any(queue[0].attempts for queue in lanes)
         oldest = min(queue[0].arrived for queue in lanes)
