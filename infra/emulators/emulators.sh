@@ -39,6 +39,9 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
+SCRIPT_NAME=emulators
+# shellcheck source=../lib/common.sh
+source "$REPO/infra/lib/common.sh"
 
 STATE="${EMULATORS_STATE_DIR:-$REPO/.skyfuse/emulators}"
 LOGS="$STATE/logs"
@@ -67,9 +70,6 @@ AZURITE_CONN="DefaultEndpointsProtocol=http;AccountName=$AZURITE_ACCOUNT;Account
 
 ALL=(localstack gcs azurite)
 
-say() { echo "emulators: $*"; }
-die() { echo "emulators: $*" >&2; exit 1; }
-
 usage() {
   echo "usage: $0 up [SERVICE...] | down [--purge] [SERVICE...] | status [SERVICE...] | install [SERVICE...] | env" >&2
   echo "       SERVICE: ${ALL[*]}" >&2
@@ -87,8 +87,6 @@ port_of() {
 url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
 
 # ---------------------------------------------------------------- install ---
-
-sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 find_python313() {   # print a Python >= 3.13 interpreter, or fail
   local cand root
@@ -113,9 +111,9 @@ find_python313() {   # print a Python >= 3.13 interpreter, or fail
 
 installed() {
   case "$1" in
-    localstack) [[ -x "$LS_VENV/bin/python" && -f "$LS_VENV/.installed" && "$(cat "$LS_VENV/.installed")" == "$(sha "$LS_REQS")" ]] ;;
-    azurite) [[ -f "$AZ_MAIN" && -f "$HERE/node_modules/.installed" && "$(cat "$HERE/node_modules/.installed")" == "$(sha "$HERE/package-lock.json")" ]] ;;
-    gcs) [[ -x "$GCS_BIN" && -f "$HERE/bin/.installed" && "$(cat "$HERE/bin/.installed")" == "$FAKE_GCS_VERSION" ]] ;;
+    localstack) [[ -x "$LS_VENV/bin/python" ]] && file_holds "$LS_VENV/.installed" "$(sha_of "$LS_REQS")" ;;
+    azurite) [[ -f "$AZ_MAIN" ]] && file_holds "$HERE/node_modules/.installed" "$(sha_of "$HERE/package-lock.json")" ;;
+    gcs) [[ -x "$GCS_BIN" ]] && file_holds "$HERE/bin/.installed" "$FAKE_GCS_VERSION" ;;
   esac
 }
 
@@ -127,18 +125,18 @@ install_localstack() {
   # --no-compile: byte-compiling ~500 MB of packages triples the install time (61 s → 19 s with warm
   # caches here); Python compiles what LocalStack imports on its first start instead (about +1 s).
   "$LS_VENV/bin/pip" install --quiet --disable-pip-version-check --no-compile -r "$LS_REQS"
-  sha "$LS_REQS" >"$LS_VENV/.installed"   # written last: an interrupted install is redone
+  sha_of "$LS_REQS" >"$LS_VENV/.installed"   # written last: an interrupted install is redone
 }
 
 install_azurite() {
-  command -v "$NPM" >/dev/null || die "npm ($NPM) not found; it is needed once to install Azurite"
+  need "$NPM" "npm ($NPM)" "install Azurite"
   rm -rf "$HERE/node_modules"
   (cd "$HERE" && "$NPM" ci --omit=dev --no-audit --no-fund --loglevel=error)
-  sha "$HERE/package-lock.json" >"$HERE/node_modules/.installed"
+  sha_of "$HERE/package-lock.json" >"$HERE/node_modules/.installed"
 }
 
 install_gcs() {
-  command -v "$GO" >/dev/null || die "go ($GO) not found; it is needed once to build fake-gcs-server"
+  need "$GO" "go ($GO)" "build fake-gcs-server"
   rm -rf "${HERE:?}/bin"
   mkdir -p "$HERE/bin"
   # The module's own go.mod pins every dependency (go.sum checked); GOTOOLCHAIN=local never fetches a toolchain.
@@ -163,7 +161,7 @@ install_services() {
   for i in "${!todo[@]}"; do
     if ! wait "${workers[$i]}"; then
       failed=1
-      echo "emulators: installing ${todo[$i]} failed; last lines of $LOGS/install-${todo[$i]}.log:" >&2
+      say "installing ${todo[$i]} failed; last lines of $LOGS/install-${todo[$i]}.log:" >&2
       tail -n 30 "$LOGS/install-${todo[$i]}.log" >&2
     fi
   done
@@ -176,21 +174,9 @@ install_services() {
 pidfile() { echo "$STATE/$1.pid"; }
 logfile() { echo "$LOGS/$1.log"; }
 
-port_open() {   # port_open PORT: something accepts TCP connections on 127.0.0.1:PORT
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-who_listens() {   # best effort: which process holds 127.0.0.1:PORT
-  command -v ss >/dev/null || return 0
-  ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\(.*\)))/\1/p' | head -1
-}
-
-# Is PID a live emulator of ours? (guards against a stale pid file whose number was reused)
-is_ours() {
-  local name="$1" pid="$2" cmd
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+is_ours() {   # is_ours NAME PID: is PID a live emulator NAME of ours?
+  local name="$1" cmd
+  cmd="$(proc_cmdline "$2")" || return 1
   case "$name" in
     localstack) [[ "$cmd" == *"$LS_VENV/bin/python"*"localstack.runtime.main"* ]] ;;
     gcs) [[ "$cmd" == *"$GCS_BIN "*"-port $GCS_PORT "* ]] ;;
@@ -198,27 +184,22 @@ is_ours() {
   esac
 }
 
+# Our emulators lead their own process group (setsid); a child with the same command line does not.
+is_our_leader() {   # is_our_leader NAME PID
+  is_ours "$1" "$2" && [[ "$(ps -o pgid= -p "$2" 2>/dev/null | tr -d ' ')" == "$2" ]]
+}
+
 running_pid() {   # print the PID of our running emulator NAME, if any: from its pid file, else
-  local name="$1" pid="" f d   # by looking for it (a pid file deleted by `make clean`, say)
+  local name="$1" pid f   # by looking for it (a pid file deleted by `make clean`, say)
   f="$(pidfile "$name")"
-  if [[ -f "$f" ]]; then
-    pid="$(tr -dc '0-9' <"$f")"
-    if is_ours "$name" "$pid"; then
-      echo "$pid"
-      return 0
-    fi
+  if pid="$(pid_in_file "$f" is_ours "$name")"; then
+    echo "$pid"
+    return 0
   fi
-  for d in /proc/[0-9]*; do
-    pid="${d#/proc/}"
-    # our emulators lead their own process group (setsid); a child with the same command line does not
-    if is_ours "$name" "$pid" && [[ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" == "$pid" ]]; then
-      mkdir -p "$STATE"
-      echo "$pid" >"$f"
-      echo "$pid"
-      return 0
-    fi
-  done
-  return 1
+  pid="$(find_pid is_our_leader "$name")" || return 1
+  mkdir -p "$STATE"
+  echo "$pid" >"$f"
+  echo "$pid"
 }
 
 # Ready = the emulator answers its API over HTTP (not merely an open port).
@@ -263,33 +244,15 @@ launch() {   # launch NAME: start it detached (own session, so it outlives us); 
   {
     echo "---- $(date -u +%FT%TZ) emulators.sh up: ${cmd[*]}"
   } >>"$(logfile "$name")"
-  setsid nohup "${cmd[@]}" </dev/null >>"$(logfile "$name")" 2>&1 9>&- &
+  start_detached "$(logfile "$name")" "${cmd[@]}"
   echo $!
 }
 
-stop_pid() {   # stop_pid PID: SIGTERM to its process group, wait, then SIGKILL
-  local pid="$1" i
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
-  say "pid $pid still alive ${STOP_TIMEOUT} s after SIGTERM; sending SIGKILL"
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
+stop_emulator() {   # stop_emulator PID: SIGTERM to its process group, wait, then SIGKILL
+  stop_pid --group "$1" "$STOP_TIMEOUT"
 }
 
-show_log_tail() {
-  local f
-  f="$(logfile "$1")"
-  if [[ -s "$f" ]]; then
-    echo "emulators: ---- last 30 lines of $f ----" >&2
-    tail -n 30 "$f" >&2
-  fi
-}
+show_log_tail() { tail_log "$(logfile "$1")" 30; }
 
 # --------------------------------------------------------------- commands ---
 
@@ -347,7 +310,7 @@ cmd_up() {
         if ! kill -0 "$pid" 2>/dev/null; then
           show_log_tail "$s"
           rm -f "$(pidfile "$s")"
-          echo "emulators: $s exited during startup (log: $(logfile "$s"))" >&2
+          say "$s exited during startup (log: $(logfile "$s"))" >&2
           failed=1
         elif answers "$s"; then
           say "$s up on $(url_of "$s") (pid $pid, ready in $((SECONDS - since[$s])) s)"
@@ -361,7 +324,7 @@ cmd_up() {
         for s in "${waiting[@]}"; do
           show_log_tail "$s"
           say "$s did not answer within ${START_TIMEOUT} s; stopping it"
-          stop_pid "${pids[$s]}"
+          stop_emulator "${pids[$s]}"
           rm -f "$(pidfile "$s")"
         done
         failed=1
@@ -379,21 +342,13 @@ cmd_down() {   # stops them all at once
   local s pid
   for s in "$@"; do
     if pid="$(running_pid "$s")"; then
-      ( t0=$SECONDS; stop_pid "$pid"; rm -f "$(pidfile "$s")"; say "$s stopped (pid $pid, $((SECONDS - t0)) s)" ) &
+      ( t0=$SECONDS; stop_emulator "$pid"; rm -f "$(pidfile "$s")"; say "$s stopped (pid $pid, $((SECONDS - t0)) s)" ) &
     else
       rm -f "$(pidfile "$s")"
       say "$s not running"
     fi
   done
   wait
-}
-
-cmd_purge() {
-  case "$STATE" in
-    "" | / | "$REPO" | "$HOME") die "refusing to purge EMULATORS_STATE_DIR=$STATE" ;;
-  esac
-  rm -rf "$STATE"
-  say "purged $STATE"
 }
 
 cmd_status() {
@@ -426,10 +381,7 @@ EOF
 
 with_lock() {   # serialise up/down/install against concurrent callers
   mkdir -p "$STATE"
-  if command -v flock >/dev/null; then
-    exec 9>"$STATE/.lock"
-    flock -w 300 9 || die "another emulators.sh holds $STATE/.lock"
-  fi
+  lock_state "$STATE/.lock" 300
   "$@"
 }
 
@@ -440,7 +392,7 @@ services() {   # validate SERVICE arguments; none = all
     return 0
   fi
   for s in "$@"; do
-    [[ " ${ALL[*]} " == *" $s "* ]] || { echo "emulators: unknown service '$s'" >&2; usage; }
+    [[ " ${ALL[*]} " == *" $s "* ]] || { say "unknown service '$s'" >&2; usage; }
   done
   echo "$*"
 }
@@ -457,7 +409,7 @@ case "$action" in
   up) with_lock cmd_up "${S[@]}" ;;
   down)
     with_lock cmd_down "${S[@]}"
-    if ((purge)); then cmd_purge; fi ;;
+    if ((purge)); then purge_dir EMULATORS_STATE_DIR "$STATE"; fi ;;
   status) cmd_status "${S[@]}" ;;
   install) with_lock install_services "${S[@]}" ;;
   env)

