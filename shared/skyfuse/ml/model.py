@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from skyfuse.errors import InvalidInput
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -54,7 +56,7 @@ class _NoRetracingNoise(logging.Filter):
 logging.getLogger("tensorflow").addFilter(_NoRetracingNoise())
 
 
-class TrainingError(ValueError):
+class TrainingError(InvalidInput):
     """A shard that cannot be trained on; the message says why."""
 
 
@@ -379,9 +381,10 @@ class _Loop:
 
 
 class _WarmLoops:
-    """The compiled loops one thread keeps (a few: one per shard a trainer instance holds)."""
+    """The compiled loops one thread keeps: one per shard a trainer instance holds (a few MB each
+    for these models; the oldest goes first)."""
 
-    def __init__(self, size: int = 8):
+    def __init__(self, size: int = 32):
         self.size, self.loops = size, {}
 
     def get(self, key):
@@ -458,7 +461,7 @@ def from_onnx(onnx_bytes: bytes, spec: ModelSpec | None = None) -> keras.Model:
     return model
 
 
-class UserModelError(ValueError):
+class UserModelError(InvalidInput):
     """A user's model that cannot be used; the message says what was expected and what was found."""
 
 
