@@ -365,72 +365,54 @@ class Policy:
         cfg = self.config
         views = self.views(state, now)  # once per decision: demand and every score read them
         load = self.demand(state, now, views)
-        raw = []
-        for cloud, spec in cfg.clouds.items():
-            view = views.get(cloud)
-            price_h = view.price_per_hour if view and view.price_per_hour is not None else spec.price_per_hour
-            price_m = (view.price_per_million_requests if view and view.price_per_million_requests is not None
-                       else spec.price_per_million_requests)
-            replicas = cfg.replicas_for(cloud, load)
-            usd = replicas * price_h + load * 3600.0 * price_m / 1e6
-            util = load / (replicas * spec.capacity_rps) if replicas > 0 else 0.0
-            p99 = view.p99_ms if view else None
-            errors = view.error_rate if view else 0.0
-            ratio = p99 / cfg.slo_p99_ms if p99 is not None else 0.0
-            reported = {name: getattr(view, name) if view else None for name in RESOURCES}
-            terms = {"latency": ratio + cfg.slo_breach_weight * max(0.0, ratio - 1.0),
-                     "errors": errors / cfg.error_budget,
-                     "saturation": max(0.0, util - cfg.saturation_knee) / (1.0 - cfg.saturation_knee),
-                     **self.resource_terms(reported)}
-            perf = sum(terms.values())
-            why, urgent = None, False
-            if not cfg.is_allowed(cloud):
-                why, urgent = "not allowed by the policy", True
-            elif view is None:
-                why = "no metrics yet"
-            elif view.stale:
-                why, urgent = (f"no metrics for {view.age_s:.0f} s (stale after {cfg.stale_after_s:.0f} s): "
-                               "treated as down"), True
-            elif errors >= cfg.failover_error_rate:
-                why, urgent = f"error rate {errors:.1%} at or above {cfg.failover_error_rate:.0%}", True
-            elif p99 is None:
-                why = "no latency measured yet"
-            elif spec.max_replicas == 0:
-                why = "max_replicas is 0"
-            raw.append(dict(cloud=cloud, usd=usd, replicas=replicas, util=util, p99=p99, errors=errors,
-                            perf=perf, why=why, urgent=urgent, stale=bool(view and view.stale),
-                            short=spec.max_rps() < load, terms=terms, reported=reported))
+        candidates = [self._candidate(cloud, views.get(cloud), load) for cloud in cfg.clouds]
         # capacity: clouds that cannot hold the whole load are eligible only when none can
-        whole = [r for r in raw if r["why"] is None and not r["short"]]
-        for r in raw:
-            if r["why"] is None and r["short"]:
-                share = cfg.clouds[r["cloud"]].max_rps() / load
+        whole = [c for c in candidates if c.why is None and not c.short]
+        for c in candidates:
+            if c.why is None and c.short:
+                share = cfg.clouds[c.cloud].max_rps() / load
                 if whole:
-                    r["why"] = f"can hold only {share:.0%} of {load:.0f} rps (max_replicas)"
+                    c.why = f"can hold only {share:.0%} of {load:.0f} rps (max_replicas)"
                 else:
-                    r["part"] = f"can hold only {share:.0%} of {load:.0f} rps; load spread"
-        eligible = [r for r in raw if r["why"] is None]
-        ref_pool = [r["usd"] for r in (eligible or raw) if r["usd"] > 0]
+                    c.part = f"can hold only {share:.0%} of {load:.0f} rps; load spread"
+        eligible = [c for c in candidates if c.why is None]
+        ref_pool = [c.usd for c in (eligible or candidates) if c.usd > 0]
         ref = min(ref_pool) if ref_pool else 0.0
-        scores = []
-        for r in raw:
-            cost = r["usd"] / ref if ref > 0 else 1.0
-            total = cost + cfg.lambda_ * r["perf"]
-            if r["why"] is None:
-                p99_text = f"p99 {r['p99']:.0f} ms"
-                if r["p99"] > cfg.slo_p99_ms:
-                    p99_text += f" above the {cfg.slo_p99_ms:.0f} ms SLO"
-                note = (f"{p99_text}, {r['errors']:.2%} errors, {r['util']:.0%} utilised by {r['replicas']} "
-                        f"replica(s) at {load:.0f} rps, ${r['usd']:.4f}/h" + _reported_text(r["reported"]))
-                if "part" in r:
-                    note += "; " + r["part"]
-            else:
-                note = r["why"]
-            scores.append(Score(cloud=r["cloud"], cost=cost, performance=r["perf"], total=total,
-                                eligible=r["why"] is None, note=note, usd_per_hour=r["usd"], replicas=r["replicas"],
-                                p99_ms=r["p99"], error_rate=r["errors"], utilisation=r["util"], stale=r["stale"],
-                                urgent=r["urgent"], terms=r["terms"], **r["reported"]))
-        return scores, load
+        return [c.score(ref, cfg, load) for c in candidates], load
+
+    def _candidate(self, cloud: str, view: CloudView | None, load: float) -> _Candidate:
+        """One cloud's figures at demand `load`, and why it may not serve (None: it may)."""
+        cfg, spec = self.config, self.config.clouds[cloud]
+        price_h = view.price_per_hour if view and view.price_per_hour is not None else spec.price_per_hour
+        price_m = (view.price_per_million_requests if view and view.price_per_million_requests is not None
+                   else spec.price_per_million_requests)
+        replicas = cfg.replicas_for(cloud, load)
+        util = load / (replicas * spec.capacity_rps) if replicas > 0 else 0.0
+        p99 = view.p99_ms if view else None
+        errors = view.error_rate if view else 0.0
+        ratio = p99 / cfg.slo_p99_ms if p99 is not None else 0.0
+        reported = {name: getattr(view, name) if view else None for name in RESOURCES}
+        terms = {"latency": ratio + cfg.slo_breach_weight * max(0.0, ratio - 1.0),
+                 "errors": errors / cfg.error_budget,
+                 "saturation": max(0.0, util - cfg.saturation_knee) / (1.0 - cfg.saturation_knee),
+                 **self.resource_terms(reported)}
+        why, urgent = None, False
+        if not cfg.is_allowed(cloud):
+            why, urgent = "not allowed by the policy", True
+        elif view is None:
+            why = "no metrics yet"
+        elif view.stale:
+            why, urgent = (f"no metrics for {view.age_s:.0f} s (stale after {cfg.stale_after_s:.0f} s): "
+                           "treated as down"), True
+        elif errors >= cfg.failover_error_rate:
+            why, urgent = f"error rate {errors:.1%} at or above {cfg.failover_error_rate:.0%}", True
+        elif p99 is None:
+            why = "no latency measured yet"
+        elif spec.max_replicas == 0:
+            why = "max_replicas is 0"
+        return _Candidate(cloud, usd=replicas * price_h + load * 3600.0 * price_m / 1e6, replicas=replicas,
+                          util=util, p99=p99, errors=errors, terms=terms, reported=reported, why=why, urgent=urgent,
+                          stale=bool(view and view.stale), short=spec.max_rps() < load)
 
     def resource_terms(self, reported: Mapping[str, float | None]) -> dict[str, float]:
         """The cpu, memory and network parts of P (see the module doc) for reported figures
@@ -539,6 +521,44 @@ class Policy:
         state.placements, state.placed_at, state.better_since = best, now, None
         state.decisions += 1
         return decision
+
+
+@dataclass
+class _Candidate:
+    """A cloud on its way to a Score: its figures, and why it may not serve (None: it may)."""
+
+    cloud: str
+    usd: float  # per hour, for the whole load
+    replicas: int
+    util: float
+    p99: float | None
+    errors: float
+    terms: dict[str, float]
+    reported: dict[str, float | None]
+    why: str | None
+    urgent: bool
+    stale: bool
+    short: bool  # cannot hold the whole load
+    part: str = ""  # holds only part of it, and no cloud holds all: the load is spread
+
+    def score(self, ref_usd: float, cfg: PolicyConfig, load: float) -> Score:
+        cost = self.usd / ref_usd if ref_usd > 0 else 1.0
+        performance = sum(self.terms.values())
+        if self.why is None:
+            assert self.p99 is not None  # eligible clouds have a latency
+            p99_text = f"p99 {self.p99:.0f} ms"
+            if self.p99 > cfg.slo_p99_ms:
+                p99_text += f" above the {cfg.slo_p99_ms:.0f} ms SLO"
+            note = (f"{p99_text}, {self.errors:.2%} errors, {self.util:.0%} utilised by {self.replicas} "
+                    f"replica(s) at {load:.0f} rps, ${self.usd:.4f}/h" + _reported_text(self.reported))
+            if self.part:
+                note += "; " + self.part
+        else:
+            note = self.why
+        return Score(cloud=self.cloud, cost=cost, performance=performance, total=cost + cfg.lambda_ * performance,
+                     eligible=self.why is None, note=note, usd_per_hour=self.usd, replicas=self.replicas,
+                     p99_ms=self.p99, error_rate=self.errors, utilisation=self.util, stale=self.stale,
+                     urgent=self.urgent, terms=self.terms, **self.reported)
 
 
 def _driver(now: Score, best: Score, lambda_: float) -> str:
