@@ -1,6 +1,6 @@
 """Cold start: process start (Popen) to the first 200 on POST /predict, per host, against TensorFlow.
 
-Each cloud's host is started as `skyfuse.serving.hosts.command` starts it, with the bench's MLP
+Each cloud's host is started as `skyfuse.dev.hosts.command` starts it, with the bench's MLP
 already published in its store; the clock runs from Popen until a POST /predict (retried on a
 refused connection every 2 ms) answers 200. The reference is the same function serving the same
 MLP as a Keras model with TensorFlow (`bench/tf_function.py`, stdlib http.server); the floor (the
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import harness
 import orjson
-from skyfuse.serving import hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import testing
 from skyfuse.serving.model import publish
 from skyfuse.storage import open_store
 

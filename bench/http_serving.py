@@ -6,7 +6,7 @@ the same number of worker processes (`BENCH_WORKERS`, default 1), on 127.0.0.1:
 | server | what |
 | --- | --- |
 | floor | `bench/floor_app.py`, a bare ASGI app on uvicorn: read body, orjson parse, run, orjson answer |
-| aws, gcp, azure | skyfuse's hosts, started by `skyfuse.serving.hosts.start` as the tests start them |
+| aws, gcp, azure | skyfuse's hosts, started by `skyfuse.dev.hosts.start` as the tests start them |
 | bentoml | the peer, `bench/peer_bentoml.py`, from its own venv `build/bench/bentoml` (made on first use) |
 
 The load generator runs in its own process: wrk (installed with apt-get when missing and we are
@@ -38,7 +38,8 @@ import orjson
 import psutil
 
 from harness import BENCH, REPO, Context, Goal  # first: harness puts the project's modules on sys.path
-from skyfuse.serving import api, hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import api, testing
 from skyfuse.serving.model import LoadedModel, ModelSlot, publish
 from skyfuse.storage import open_store
 

@@ -5,7 +5,7 @@ The same entry points `skyfuse up` hosts locally: the Kafka triggers come from
 as `services/<fn>/azure.py` registers them (one trigger per catalog topic, consumer group
 `%SKYFUSE_CLOUD%.<fn>`, brokers from the `KafkaBrokerList` app setting); the inference routes are
 the ones `services/inference/azure.py` declares; the timer cores (`on_timer`) run every minute,
-what `skyfuse.runtime.fleet.TimerHost` plays locally.
+what `skyfuse.dev.fleet.TimerHost` plays locally.
 
 Deploy the repo root with this file, host.json and requirements.txt copied next to it (see
 infra/README.md); the repo's `services/` and `shared/skyfuse/` must be importable.

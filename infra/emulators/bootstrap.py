@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gcp-bucket", default="skyfuse-gcp")
     p.add_argument("--azure-container", default="skyfuse-azure")
     p.add_argument("--dns-zone", default="skyfuse.example.", help="the zone `skyfuse up --emulate` sets records in "
-                                                                   "(skyfuse.emulation.DNS_ZONE)")
+                                                                   "(skyfuse.dev.emulation.DNS_ZONE)")
     args = p.parse_args(argv)
     try:
         if args.s3:

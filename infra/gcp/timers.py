@@ -1,5 +1,5 @@
 """Google Cloud entry points of the timer cores: functions-framework HTTP targets that Cloud
-Scheduler calls every minute (what `skyfuse.runtime.fleet.TimerHost` plays locally)."""
+Scheduler calls every minute (what `skyfuse.dev.fleet.TimerHost` plays locally)."""
 import functions_framework
 
 from skyfuse.runtime.function import current

@@ -3,7 +3,7 @@
     .venv/bin/python infra/package/coldstart.py                       # this checkout, every cloud
     .venv/bin/python infra/package/coldstart.py --python /tmp/v/bin/python --installed --runs 3
 
-For each cloud's inference server (the command lines of `skyfuse.serving.hosts`: uvicorn for aws
+For each cloud's inference server (the command lines of `skyfuse.dev.hosts`: uvicorn for aws
 and azure, functions-framework's gunicorn for gcp) it reports
 
 - import: `python -X importtime -c "import <entry point>"`, the cumulative time of the entry
@@ -12,7 +12,7 @@ and azure, functions-framework's gunicorn for gcp) it reports
   with a model already published in a file store (median of `--runs`; each run a fresh process).
 
 `--python` picks the interpreter that runs the servers (default: this one). Without `--installed`
-the checkout is put on PYTHONPATH (what `skyfuse.serving.hosts` does); with it, the interpreter
+the checkout is put on PYTHONPATH (what `skyfuse.dev.hosts` does); with it, the interpreter
 must have skyfuse and services installed (a wheel), and nothing of the checkout is on its path.
 The servers run in a temporary folder, never in the checkout. The model is built here with
 `skyfuse.serving.testing.classifier` (onnx), or read from `--model FILE.onnx`.

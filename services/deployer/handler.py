@@ -14,11 +14,13 @@ versions travel in different partitions, so a late one must not roll serving bac
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import tracing
+from skyfuse.payloads import DeploymentState, DeploymentStatus, PlacementChanged
 from skyfuse.runtime.function import Runtime
 from skyfuse.serving.model import POINTER_KEY as POINTER
 from skyfuse.serving.model import LoadedModel, ModelError, publish
@@ -28,7 +30,7 @@ APPLIED = "serving/decision.json"  # the newest decision applied here, so an old
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
-    data = event.get_data()
+    data = cast(PlacementChanged, event.get_data())
     with runtime.once(_key(runtime, data)) as claim:
         if claim.done:
             runtime.received(event, "skipped: decision already applied (duplicate event)")
@@ -36,11 +38,11 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         _apply(runtime, event, data)
 
 
-def _key(runtime: Runtime, data: dict) -> str:
+def _key(runtime: Runtime, data: PlacementChanged) -> str:
     return f"deploy/{data['decision_id']}/{runtime.cloud}"
 
 
-def _apply(runtime: Runtime, event: CloudEvent, data: dict) -> None:
+def _apply(runtime: Runtime, event: CloudEvent, data: PlacementChanged) -> None:
     weights = {p["cloud"]: p["weight"] for p in data["placements"]}
     was_serving = any(p["cloud"] == runtime.cloud and p["weight"] > 0 for p in data["previous"])
     standby = runtime.fleet.scheduler.standby
@@ -70,7 +72,7 @@ def _applied(runtime: Runtime) -> dict | None:
     return orjson.loads(store.get(APPLIED)) if store.exists(APPLIED) else None
 
 
-def deploy(runtime: Runtime, event: CloudEvent, data: dict, state: str = "serving") -> None:
+def deploy(runtime: Runtime, event: CloudEvent, data: PlacementChanged, state: DeploymentState = "serving") -> None:
     """Bring the model here and point the servers at it; `state` is `serving`, or `standby` (no traffic)."""
     store = runtime.store()
     current = orjson.loads(store.get(POINTER)) if store.exists(POINTER) else None
@@ -91,11 +93,13 @@ def deploy(runtime: Runtime, event: CloudEvent, data: dict, state: str = "servin
             reason="a warm standby, no traffic routed here" if state == "standby" else None)
 
 
-def _status(runtime: Runtime, event: CloudEvent, data: dict, state: str, reason: str | None = None,
-            warm_ms: float | None = None) -> None:
-    status = {"decision_id": data["decision_id"], "cloud": runtime.cloud, "model_version": data["model_version"],
-              "state": state, "sha256": data["sha256"],
-              "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")}
+def _status(runtime: Runtime, event: CloudEvent, data: PlacementChanged, state: DeploymentState,
+            reason: str | None = None, warm_ms: float | None = None) -> None:
+    status: DeploymentStatus = {
+        "decision_id": data["decision_id"], "cloud": runtime.cloud, "model_version": data["model_version"],
+        "state": state, "sha256": data["sha256"],
+        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
     endpoint = runtime.fleet.clouds[runtime.cloud].endpoint
     if endpoint:
         status["endpoint"] = endpoint
@@ -103,5 +107,5 @@ def _status(runtime: Runtime, event: CloudEvent, data: dict, state: str, reason:
         status["reason"] = reason
     if warm_ms is not None:
         status["warm_ms"] = warm_ms
-    runtime.emit("deployment.status", status, caused_by=event, dedupe_key=f"{_key(runtime, data)}/{state}")
+    runtime.emit("deployment.status", dict(status), caused_by=event, dedupe_key=f"{_key(runtime, data)}/{state}")
     runtime.received(event, f"{state}" + (f": {reason}" if reason else ""))

@@ -8,16 +8,19 @@ layer; its onnx.ready id is derived from it.
 """
 from __future__ import annotations
 
+from typing import cast
+
 from cloudevents.http import CloudEvent
 
+from skyfuse.payloads import ModelReady
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import StoreError
+from skyfuse.storage import StoreError, keys
 
 PARITY_LIMIT = 1e-5
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
-    data = event.get_data()
+    data = cast(ModelReady, event.get_data())
     if data["cloud"] != runtime.cloud:
         runtime.received(event, "skipped: the model lives in another cloud")
         return
@@ -29,13 +32,12 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         _export(runtime, event, data, key)
 
 
-def _export(runtime: Runtime, event: CloudEvent, data: dict, key: str) -> None:
+def _export(runtime: Runtime, event: CloudEvent, data: ModelReady, key: str) -> None:
     from skyfuse.ml import data as mldata
     from skyfuse.ml import export
     from skyfuse.ml import model as mlmodel
 
     store = runtime.store()
-    base = f"runs/{data['run_id']}/round-{data['round']}/onnx/{data['cloud']}-{data['shard_id']}"
     try:
         model = mlmodel.from_bytes(runtime.fetch(data["model_uri"], data["sha256"]))
         raw = runtime.fetch(data["validation_uri"], data.get("validation_sha256"))
@@ -53,7 +55,7 @@ def _export(runtime: Runtime, event: CloudEvent, data: dict, key: str) -> None:
     if diff > PARITY_LIMIT:
         raise Rejected(f"ONNX export of {data['model_uri']} differs from Keras by {diff:.3g} "
                        f"(limit {PARITY_LIMIT:g}) on {len(rows)} validation rows")
-    saved = store.put(f"{base}.onnx", onnx_bytes)
+    saved = store.put(keys.member_onnx(data["run_id"], data["round"], data["cloud"], data["shard_id"]), onnx_bytes)
     shape = export.describe(onnx_bytes)
     runtime.emit("onnx.ready", {
         "run_id": data["run_id"], "round": data["round"], "shard_id": data["shard_id"], "cloud": data["cloud"],

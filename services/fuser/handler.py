@@ -1,14 +1,9 @@
 """The fuser's core: collects the members of a training round and fuses them into one ONNX graph.
 
-It acts in the control cloud and keeps each round's state in that cloud's store:
-
-    runs/<run>/run.json                       target, classes, features (written by `skyfuse train`)
-    runs/<run>/validation.csv                 the rows strategies are chosen on (never the test rows)
-    runs/<run>/round-<r>/members/<cloud>-<shard>.json   one per onnx.ready
-    runs/<run>/round-<r>/opened.json          when the first member arrived (quorum timeout clock)
-    runs/<run>/round-<r>/fused-<strategy>.onnx and scores.json
-    runs/<run>/round-<r>/server.json          server strategies' state after round r (global model, moments)
-    runs/<run>/round-<r+1>/global.keras       the model the trainers fine-tune in round r+1
+It acts in the control cloud and keeps each round's state in that cloud's store
+(`runs/<run>/round-<r>/`, the layout in skyfuse.storage.keys): a record per onnx.ready member, the
+time the first one arrived (the quorum timeout clock), each strategy's fused model and scores, the
+server strategies' state, and the global model the trainers fine-tune in the next round.
 
 Each round is fused once through the idempotency layer (key `fuse/<run>/round-<r>`): a duplicated
 onnx.ready, or the timer and the last member at the same time, never fuse twice, and a fusion that
@@ -31,30 +26,39 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import NotRequired, cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
+from skyfuse.payloads import Manifest, OnnxReady
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.serving.onnx_refs import refuse_external_data
-from skyfuse.storage import Store
+from skyfuse.storage import Store, keys
 from skyfuse.storage.confine import OutsideFleet
 
-MAX_ID = 128  # events/schemas: $defs/id
+MAX_ID = keys.MAX_ID
+
+
+class MemberRecord(OnnxReady):
+    """What the fuser keeps of each member (`keys.member_record`): its onnx.ready and where it came from."""
+
+    event_id: NotRequired[str]
+    traceparent: NotRequired[str | None]
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
     if runtime.cloud != runtime.control_cloud:
         runtime.received(event, f"skipped: the fuser acts in the control cloud ({runtime.control_cloud})")
         return
-    data = event.get_data()
+    data = cast(OnnxReady, event.get_data())
     store = runtime.store()
-    base = f"runs/{data['run_id']}/round-{data['round']}"
-    store.put(f"{base}/members/{data['cloud']}-{data['shard_id']}.json",
+    run_id, round_ = data["run_id"], data["round"]
+    store.put(keys.member_record(run_id, round_, data["cloud"], data["shard_id"]),
               orjson.dumps({**data, "event_id": event["id"], "traceparent": event.get("traceparent")}))
-    store.create(f"{base}/opened.json", orjson.dumps({"at": time.time(), "manifest": data["manifest"]}))
-    if len(store.list(f"{base}/members/")) >= data["manifest"]["expected_members"]:
-        complete_round(runtime, data["run_id"], data["round"], caused_by=event)
+    store.create(keys.round_opened(run_id, round_), orjson.dumps({"at": time.time(), "manifest": data["manifest"]}))
+    if len(store.list(keys.round_members(run_id, round_))) >= data["manifest"]["expected_members"]:
+        complete_round(runtime, run_id, round_, caused_by=event)
     runtime.received(event)
 
 
@@ -64,23 +68,21 @@ def on_timer(runtime: Runtime) -> None:
     if runtime.cloud != runtime.control_cloud:
         return
     store = runtime.store()
-    for key in store.list("runs/"):
-        if key.endswith("/opened.json"):
+    for key in store.list(keys.ROOT):
+        if (opened := keys.parse_round_opened(key)) is not None:
             try:
-                _check_quorum(runtime, store, key.removesuffix("/opened.json"))
+                _check_quorum(runtime, store, *opened)
             except Exception as exc:  # noqa: BLE001 - one bad round must not block every other run
                 runtime.log.warning("quorum check of %s failed: %s: %s", key, type(exc).__name__, exc)
 
 
-def _check_quorum(runtime: Runtime, store: Store, base: str) -> None:
-    _, run_id, round_name = base.split("/")
-    round_ = int(round_name.removeprefix("round-"))
+def _check_quorum(runtime: Runtime, store: Store, run_id: str, round_: int) -> None:
     if runtime.done(_fusion_key(run_id, round_)):
         return
-    opened = orjson.loads(store.get(f"{base}/opened.json"))
-    manifest = opened["manifest"]
+    opened = orjson.loads(store.get(keys.round_opened(run_id, round_)))
+    manifest: Manifest = opened["manifest"]
     if time.time() - opened["at"] >= manifest["timeout_s"] and \
-            len(store.list(f"{base}/members/")) >= manifest["quorum"]:
+            len(store.list(keys.round_members(run_id, round_))) >= manifest["quorum"]:
         complete_round(runtime, run_id, round_, caused_by=None)
 
 
@@ -100,11 +102,10 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     from skyfuse.ml import federated, fusion
 
     store = runtime.store()
-    base = f"runs/{run_id}/round-{round_}"
-    members = [orjson.loads(store.get(k)) for k in store.list(f"{base}/members/")]
+    members: list[MemberRecord] = [orjson.loads(store.get(k)) for k in store.list(keys.round_members(run_id, round_))]
     manifest = members[0]["manifest"]
-    run = orjson.loads(store.get(f"runs/{run_id}/run.json"))
-    validation = mldata.load_csv(store.get(f"runs/{run_id}/validation.csv"), run["target"], classes=run["classes"])
+    run = orjson.loads(store.get(keys.run_info(run_id)))
+    validation = mldata.load_csv(store.get(keys.validation(run_id)), run["target"], classes=run["classes"])
     try:
         onnx_models = [runtime.fetch(m["onnx_uri"], m["sha256"]) for m in members]
     except OutsideFleet as exc:
@@ -115,14 +116,15 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
         except ValueError as exc:
             raise Rejected(str(exc)) from None
     weights = member_weights(members, manifest)
-    strategies = federated.AUTO if manifest["fusion"] == "auto" else (manifest["fusion"],)
+    strategies: tuple[str, ...] = federated.AUTO if manifest["fusion"] == "auto" else (manifest["fusion"],)
     averaging = set(strategies) & set(federated.SERVER_STRATEGIES)
     mismatch = architecture_mismatch(members, onnx_models) if averaging else None
     if mismatch and manifest["fusion"] in federated.SERVER_STRATEGIES:
         raise Rejected(mismatch)
     if mismatch:  # auto: the ensembles fuse members of any architecture
         strategies = tuple(s for s in strategies if s not in federated.SERVER_STRATEGIES)
-        runtime.log.warning("%s: %s; fusing with %s only", base, mismatch, ", ".join(strategies))
+        runtime.log.warning("%s: %s; fusing with %s only", keys.round_folder(run_id, round_), mismatch,
+                            ", ".join(strategies))
     lineage = {
         "run_id": run_id, "round": round_, "features": run["features"], "classes": run["classes"],
         "members": [{"cloud": m["cloud"], "shard_id": m["shard_id"], "samples": m["samples"], "weight": w / sum(weights),
@@ -131,16 +133,16 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     scores = {}
     for strategy in (s for s in strategies if s in federated.ENSEMBLES):
         fused = fusion.fuse(strategy, onnx_models, weights, lineage={**lineage, "strategy": strategy})
-        saved = store.put(f"{base}/fused-{strategy}.onnx", fused)
+        saved = store.put(keys.round_fused(run_id, round_, strategy), fused)
         scores[strategy] = {"accuracy": fusion.accuracy(fused, validation), "uri": saved.uri, "sha256": saved.sha256}
     servers = tuple(s for s in strategies if s in federated.SERVER_STRATEGIES)
     next_global = _server_round(runtime, run_id, round_, servers, onnx_models, weights, validation, lineage,
                                 scores) if servers else None
-    store.put(f"{base}/scores.json", orjson.dumps(scores))
+    store.put(keys.round_scores(run_id, round_), orjson.dumps(scores))
     clouds = sorted({m["cloud"] for m in members})
     if next_global is not None and round_ + 1 < manifest["rounds"] and not federated.plateaued(
             _best_by_round(store, run_id, round_), runtime.fleet.training.rounds_patience):
-        global_model = store.put(f"runs/{run_id}/round-{round_ + 1}/global.keras",
+        global_model = store.put(keys.global_model(run_id, round_ + 1),
                                  _global_keras(runtime, members, next_global))
         # the next round waits for the members this one had, not for the ones that already failed
         following = {**manifest, "expected_members": len(members), "quorum": min(manifest["quorum"], len(members))}
@@ -153,7 +155,7 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
     _announce(runtime, run_id, round_, members, weights, manifest, run, caused_by, key)
 
 
-def member_weights(members: list[dict], manifest: dict) -> list[float]:
+def member_weights(members: list[MemberRecord], manifest: Manifest) -> list[float]:
     """Each member's fusion weight: its rows; or, when the user fixed per-cloud weights (manifest
     `weights`), its cloud's weight shared by that cloud's members in proportion to their rows."""
     given = manifest.get("weights")
@@ -165,7 +167,7 @@ def member_weights(members: list[dict], manifest: dict) -> list[float]:
     return [given.get(m["cloud"], 0.0) * m["samples"] / rows[m["cloud"]] for m in members]
 
 
-def architecture_mismatch(members: list[dict], onnx_models: list[bytes]) -> str | None:
+def architecture_mismatch(members: list[MemberRecord], onnx_models: list[bytes]) -> str | None:
     """Why FedAvg cannot average these members (one has another architecture), or None."""
     from skyfuse.ml import fusion
 
@@ -181,16 +183,16 @@ def architecture_mismatch(members: list[dict], onnx_models: list[bytes]) -> str 
 
 def _best_by_round(store: Store, run_id: str, last_round: int) -> list[float]:
     """Each scored round's best validation accuracy (any strategy), rounds 0 to `last_round`."""
-    keys = [f"runs/{run_id}/round-{r}/scores.json" for r in range(last_round + 1)]
+    scored = [keys.round_scores(run_id, r) for r in range(last_round + 1)]
     return [max((s["accuracy"] for s in orjson.loads(store.get(k)).values()), default=0.0)
-            for k in keys if store.exists(k)]
+            for k in scored if store.exists(k)]
 
 
 def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict]:
     """For each strategy, its best-scoring round (earliest on ties)."""
     best: dict[str, dict] = {}
     for round_ in range(last_round + 1):
-        key = f"runs/{run_id}/round-{round_}/scores.json"
+        key = keys.round_scores(run_id, round_)
         if not store.exists(key):
             continue
         for strategy, score in orjson.loads(store.get(key)).items():
@@ -199,8 +201,8 @@ def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, 
     return best
 
 
-def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], weights: list[float],
-              manifest: dict, run: dict, caused_by: CloudEvent | None, key: str) -> None:
+def _announce(runtime: Runtime, run_id: str, round_: int, members: list[MemberRecord], weights: list[float],
+              manifest: Manifest, run: dict, caused_by: CloudEvent | None, key: str) -> None:
     store = runtime.store()
     best = _best_per_strategy(store, run_id, round_)
     forced = manifest["fusion"] != "auto"
@@ -210,7 +212,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[dict], w
     pick = best[chosen]
     model = runtime.fetch(pick["uri"], pick["sha256"])
     version = model_version(run_id, chosen, pick["sha256"])
-    saved = store.put(f"runs/{run_id}/fused/{version}.onnx", model)
+    saved = store.put(keys.fused_model(run_id, version), model)
     total = sum(weights)
     runtime.emit("fused.ready", {
         "run_id": run_id, "version": version, "round": pick["round"], "strategy": chosen, "model_uri": saved.uri,
@@ -254,7 +256,7 @@ def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str
     names = list(params[0])
     previous = None
     if round_ > 0:
-        previous = federated.loads(store.get(f"runs/{run_id}/round-{round_ - 1}/server.json"))
+        previous = federated.loads(store.get(keys.server_state(run_id, round_ - 1)))
         if previous["names"] != names:
             raise federated.FederatedError(f"round {round_}'s members have other parameters than round {round_ - 1}'s")
     members = [[p[n] for n in names] for p in params]
@@ -263,16 +265,16 @@ def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str
         s = optimizer.name
         fused = fusion.with_parameters(averaged, dict(zip(names, states[s]["global"])), s,
                                        lineage={**lineage, "strategy": s, "server": optimizer.params()})
-        saved = store.put(f"runs/{run_id}/round-{round_}/fused-{s}.onnx", fused)
+        saved = store.put(keys.round_fused(run_id, round_, s), fused)
         scores[s] = {"accuracy": fusion.accuracy(fused, validation), "uri": saved.uri, "sha256": saved.sha256}
     chosen = max((s for s in servers if s in scores), key=lambda s: (scores[s]["accuracy"], -servers.index(s)))
     states = federated.follow(states, chosen)
-    store.put(f"runs/{run_id}/round-{round_}/server.json",
+    store.put(keys.server_state(run_id, round_),
               federated.dumps({"round": round_, "names": names, "chosen": chosen, "states": states}))
     return dict(zip(names, states[chosen]["global"]))
 
 
-def _global_keras(runtime: Runtime, members: list[dict], params: dict) -> bytes:
+def _global_keras(runtime: Runtime, members: list[MemberRecord], params: dict) -> bytes:
     """The next global model as a .keras file: a member's model (every member has the one
     architecture) with its weights set from the parameters a server strategy made."""
     from skyfuse.ml import model as mlmodel

@@ -6,9 +6,10 @@
 
     uvicorn services.inference.aws:asgi --host 127.0.0.1 --port 8081 --loop uvloop --http httptools --ws none
 
-    POST /predict   GET /health   GET /metadata   GET /openapi.json   GET /metrics
-    the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`): GET /v2, /v2/health/{live,ready},
-    /v2/models/<name>[/versions/<version>][/ready]; POST /v2/models/<name>[/versions/<version>]/infer
+    its own routes (`skyfuse.serving.routes.ROUTES`): POST /predict, GET /health, GET /metadata,
+    GET /openapi.json, GET /metrics; the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`):
+    GET /v2, /v2/health/{live,ready}, /v2/models/<name>[/versions/<version>][/ready];
+    POST /v2/models/<name>[/versions/<version>]/infer
 
 `asgi` puts a small guard in front of the resolver: it refuses bodies over the size limit with
 413 before reading them, and hands on a body that is not UTF-8 (binary tensor data, or garbage)
@@ -27,7 +28,7 @@ from aws_lambda_powertools.event_handler import HttpResolverLocal, LambdaFunctio
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
 
 from services.inference import handler
-from skyfuse.serving import oip
+from skyfuse.serving import oip, routes
 from skyfuse.serving.asgi import content_length, counting, lifespan, noting_status, read_body, replay, send_response
 
 logger = Logger(service="skyfuse-inference")
@@ -56,29 +57,13 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
         event = app.current_event
         return base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
 
-    @app.post("/predict")
-    def predict() -> Response:
-        denied = handler.authorize(header)
-        if denied:
-            return _answer(denied)
-        return _answer(handler.predict(body(), header("content-type")))
+    def route_view(route: routes.Route):
+        def view() -> Response:
+            return _answer(handler.answer(route, header, body() if route.method == "POST" else b""))
+        return view
 
-    @app.get("/health")
-    def health() -> Response:
-        return _answer(handler.health())
-
-    @app.get("/metadata")
-    def metadata() -> Response:
-        return _answer(handler.authorize(header) or handler.metadata())
-
-    @app.get("/openapi.json")
-    def openapi() -> Response:
-        return _answer(handler.openapi())
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        status, text, content_type = handler.metrics()
-        return _answer((status, text, {"Content-Type": content_type}))
+    for route in routes.ROUTES:
+        app.route(route.path, route.method)(route_view(route))
 
     def v2_view(endpoint: str, method: str):
         def view(**params) -> Response:

@@ -4,9 +4,10 @@ Function auth level (a function key in `x-functions-key` or `?code=` before the 
 code; skyfuse's own API keys, `INFERENCE_API_KEY_HASHES`, come on top); under the Functions host the
 routes get its `api/` prefix:
 
-    POST /api/predict   GET /api/health   GET /api/metadata   GET /api/openapi.json   GET /api/metrics
-    the Open Inference Protocol v2 routes: GET /api/v2, /api/v2/health/{live,ready},
-    /api/v2/models/{name}[/versions/{version}][/ready]; POST /api/v2/models/{name}[/versions/{version}]/infer
+    its own routes (`skyfuse.serving.routes.ROUTES`): POST /api/predict, GET /api/health, GET /api/metadata,
+    GET /api/openapi.json, GET /api/metrics; the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`):
+    GET /api/v2, /api/v2/health/{live,ready}, /api/v2/models/{name}[/versions/{version}][/ready];
+    POST /api/v2/models/{name}[/versions/{version}]/infer
 
 The v2 routes stay under the prefix like the others (the Functions host serves nothing outside it
 unless host.json sets `routePrefix` to ""): an Open Inference Protocol client takes the base path
@@ -18,7 +19,7 @@ functions with real `azure.functions.HttpRequest` objects).
 import azure.functions as func
 
 from services.inference import handler
-from skyfuse.serving import oip
+from skyfuse.serving import oip, routes
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -31,33 +32,15 @@ def _answer(result: tuple) -> func.HttpResponse:
                              mimetype=headers["Content-Type"].split(";")[0])
 
 
-@app.route(route="predict", methods=[func.HttpMethod.POST])
-def predict(req: func.HttpRequest) -> func.HttpResponse:
-    denied = handler.authorize(req.headers.get)
-    if denied:
-        return _answer(denied)
-    return _answer(handler.predict(req.get_body(), req.headers.get("Content-Type")))
+def _function(route: routes.Route):
+    def function(req: func.HttpRequest) -> func.HttpResponse:
+        return _answer(handler.answer(route, req.headers.get, req.get_body() if route.method == "POST" else b""))
+    return function
 
 
-@app.route(route="health", methods=[func.HttpMethod.GET])
-def health(req: func.HttpRequest) -> func.HttpResponse:
-    return _answer(handler.health())
-
-
-@app.route(route="metadata", methods=[func.HttpMethod.GET])
-def metadata(req: func.HttpRequest) -> func.HttpResponse:
-    return _answer(handler.authorize(req.headers.get) or handler.metadata())
-
-
-@app.route(route="openapi.json", methods=[func.HttpMethod.GET])
-def openapi(req: func.HttpRequest) -> func.HttpResponse:
-    return _answer(handler.openapi())
-
-
-@app.route(route="metrics", methods=[func.HttpMethod.GET])
-def metrics(req: func.HttpRequest) -> func.HttpResponse:
-    status, text, content_type = handler.metrics()
-    return _answer((status, text, {"Content-Type": content_type}))
+for _route in routes.ROUTES:  # function names: the routes' names (predict, health, ...)
+    app.function_name(name=_route.name)(app.route(route=_route.path.lstrip("/"), methods=[_route.method])(
+        _function(_route)))
 
 
 def _v2_function(endpoint: str):

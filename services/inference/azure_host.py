@@ -28,10 +28,14 @@ ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRAC
 
 
 @functools.cache  # get_functions() may run once per app: a second call fails its name check
+def _functions(app: func.FunctionApp) -> tuple:
+    return tuple(app.get_functions())
+
+
 def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, dict[str, tuple]]:
     """'/api/<route>' (lower case) → {METHOD: (user function, name of its HttpRequest argument)}."""
     routes: dict[str, dict[str, tuple]] = {}
-    for fn in app.get_functions():
+    for fn in _functions(app):
         trigger = fn.get_trigger()
         if trigger is None or trigger.get_binding_name() != "httpTrigger":
             continue

@@ -8,9 +8,10 @@ itself, locally and on Cloud Run, with or without `--asgi`:
 
     functions-framework --asgi --target inference --source services/inference/gcp.py --host 127.0.0.1 --port 8082
 
-    POST /predict   GET /health   GET /metadata   GET /openapi.json   GET /metrics
-    the Open Inference Protocol v2 routes: GET /v2, /v2/health/{live,ready},
-    /v2/models/{name}[/versions/{version}][/ready]; POST /v2/models/{name}[/versions/{version}]/infer
+    its own routes (`skyfuse.serving.routes.ROUTES`): POST /predict, GET /health, GET /metadata,
+    GET /openapi.json, GET /metrics; the Open Inference Protocol v2 routes (`skyfuse.serving.oip.ROUTES`):
+    GET /v2, /v2/health/{live,ready}, /v2/models/{name}[/versions/{version}][/ready];
+    POST /v2/models/{name}[/versions/{version}]/infer
 
 functions-framework keeps GET /robots.txt, /favicon.ico and any path with a newline from the
 function (its own plain-text 404). It imports this file in gunicorn's parent process, before it forks the workers: the place to
@@ -29,22 +30,10 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
 from services.inference import handler  # noqa: E402
-from skyfuse.serving import oip  # noqa: E402
+from skyfuse.serving import oip, routes  # noqa: E402
 
 _JSON = "application/json"
-_ROUTES = {  # path: (method, answer(request, body) -> (status, body[, headers])); body read for POST only
-    "/health": ("GET", lambda request, body: handler.health()),
-    "/metadata": ("GET", lambda request, body: handler.authorize(request.headers.get) or handler.metadata()),
-    "/openapi.json": ("GET", lambda request, body: handler.openapi()),
-    "/predict": ("POST", lambda request, body: handler.authorize(request.headers.get)
-                 or handler.predict(body, request.headers.get("content-type"))),
-    "/metrics": ("GET", lambda request, body: _metrics()),
-}
-
-
-def _metrics():
-    status, text, content_type = handler.metrics()
-    return status, text, {"Content-Type": content_type}
+_ROUTES = routes.BY_PATH  # path: the service's own route; the v2 routes are matched by oip.match
 
 
 async def _body(request: Request, path: str) -> bytes | tuple:
@@ -86,10 +75,10 @@ async def _route(request: Request, path: str) -> tuple:
         if isinstance(body, tuple):
             return body
         return handler.v2(endpoint, params, request.headers.get, body)
-    if method != route[0]:
-        return handler.method_not_allowed(method, path, route[0])
-    body = await _body(request, path) if route[0] == "POST" else b""
-    return body if isinstance(body, tuple) else route[1](request, body)
+    if method != route.method:
+        return handler.method_not_allowed(method, path, route.method)
+    body = await _body(request, path) if route.method == "POST" else b""
+    return body if isinstance(body, tuple) else handler.answer(route, request.headers.get, body)
 
 
 @functions_framework.aio.http

@@ -38,11 +38,12 @@ from dataclasses import dataclass, fields
 
 from skyfuse import tracing
 from skyfuse.runtime.function import Runtime, current
-from skyfuse.serving import api, oip, prometheus
+from skyfuse.serving import api, oip, prometheus, routes
 from skyfuse.serving.metrics import LatencyRecorder, MetricsEmitter
 from skyfuse.serving.model import POINTER_KEY, ModelSlot, PointerWatcher
 
 FUNCTION = "inference"
+KEEP = 16  # events its runtime remembers (`Runtime.keep`): a server runs for days, and nothing reads them back
 log = logging.getLogger("skyfuse.inference")
 
 
@@ -90,6 +91,7 @@ class Service:
 
     def __init__(self, runtime: Runtime, settings: Settings | None = None):
         self.runtime = runtime
+        runtime.keep = KEEP
         self.settings = settings = settings or Settings.from_env()
         self.limits = api.Limits(settings.max_rows, settings.max_body_bytes)
         self.key_hashes = api.parse_key_hashes(settings.api_key_hashes)
@@ -128,7 +130,6 @@ class Service:
 
     def _publish(self, data: dict) -> None:
         self.runtime.emit("metrics.sampled", data)
-        del self.runtime.emitted[:-16]  # a server runs for days: keep only the last few
 
     def predict(self, body: bytes | str, content_type: str | None = None) -> api.Result:
         started, started_ns = time.perf_counter(), time.time_ns()
@@ -234,7 +235,35 @@ def metrics() -> tuple[int, bytes, str]:
     return 200, *service().metrics.exposition()
 
 
-_STATIC = {"/predict", "/health", "/metadata", "/openapi.json", "/metrics"}
+def _metrics_view(header, body) -> tuple:
+    status, text, content_type = metrics()
+    return status, text, {"Content-Type": content_type}
+
+
+# route name (`routes.ROUTES`) -> view(header, body) -> (status, body[, headers])
+VIEWS = {
+    "predict": lambda header, body: predict(body, header("content-type")),
+    "health": lambda header, body: health(),
+    "metadata": lambda header, body: metadata(),
+    "openapi": lambda header, body: openapi(),
+    "metrics": _metrics_view,
+}
+if set(VIEWS) != {route.name for route in routes.ROUTES}:
+    raise RuntimeError(f"handler views {sorted(VIEWS)} differ from the routes of skyfuse.serving.routes")
+
+
+def answer(route: routes.Route, header, body: bytes | str = b"") -> tuple:
+    """(status, body[, headers]) of one of the service's own routes: its API key checked when the
+    table says so, then its view. `header(name)` reads a request header (any case); `body` is read
+    by the entry point (for POST routes only)."""
+    if route.auth:
+        denied = authorize(header)
+        if denied:
+            return denied
+    return VIEWS[route.name](header, body)
+
+
+_STATIC = set(routes.BY_PATH)
 _V2_PATH = re.compile(r"^(/api)?/v2(/|$)", re.IGNORECASE)  # /api: the Azure Functions host's route prefix
 
 
@@ -283,10 +312,12 @@ def openapi(server_url: str | None = None) -> api.Result:
     return api.openapi(server_url, svc.limits, svc.settings.model_name)
 
 
+_ROUTE_LIST = ", ".join(f"{route.method} {route.path}" for route in routes.ROUTES)
+
+
 def not_found(method: str, path: str) -> api.Result:
-    routes = ("POST /predict, GET /health, GET /metadata, GET /openapi.json, GET /metrics, and the Open Inference "
-              "Protocol v2 routes under /v2 (see GET /openapi.json)")
-    return _shaped(path, api.error(404, f"no route {method} {path}; routes: {routes}", "not_found", method=method,
+    listed = f"{_ROUTE_LIST}, and the Open Inference Protocol v2 routes under /v2 (see GET /openapi.json)"
+    return _shaped(path, api.error(404, f"no route {method} {path}; routes: {listed}", "not_found", method=method,
                                    path=path))
 
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from services.monitor.probe import Probe, ResponseTimes, time_responses
 from services.monitor.signals import Reading, figures
 from skyfuse import config as fleet_config
+from skyfuse.payloads import Latency
 from skyfuse.runtime.function import Runtime
 
 _lock = threading.Lock()
@@ -65,7 +66,7 @@ def on_timer(runtime: Runtime) -> None:
     })
 
 
-def percentiles(times_ms: list[float]) -> dict[str, float | None]:
+def percentiles(times_ms: list[float]) -> Latency:
     """p50 and p99 by nearest rank (with a few probes p99 is the slowest: the wait to fear)."""
     if not times_ms:
         return {"p50": None, "p99": None}

@@ -1,5 +1,5 @@
 """The router's core: keeps the fleet's DNS name pointing at the placed clouds, the front door of
-the real clouds (the local fleet's is skyfuse.serving.router, an HTTP proxy doing the same).
+the real clouds (the local fleet's is skyfuse.dev.router, an HTTP proxy doing the same).
 
 placement.changed → the weighted records `[dns] record` should hold (skyfuse.dns.records: one
 per configured cloud, weight 0-255 from the placement), set in one atomic batch that also removes
@@ -16,10 +16,13 @@ recorded; the deployer treats it the same way.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse.dns import open_backend, records
+from skyfuse.payloads import PlacementChanged
 from skyfuse.runtime.function import Rejected, Runtime
 
 APPLIED = "router/dns"  # /<record name>/<sequence>.json, zero-padded so the keys sort by it
@@ -27,7 +30,7 @@ KEEP = 10  # decisions remembered; older ones are never needed again
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
-    data, settings = event.get_data(), runtime.fleet.dns
+    data, settings = cast(PlacementChanged, event.get_data()), runtime.fleet.dns
     if settings.provider == "none":
         runtime.received(event, "skipped: no DNS zone configured ([dns] provider is none)")
         return

@@ -28,11 +28,13 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import contracts
+from skyfuse.payloads import DeploymentStatus, FusedReady, MetricsSampled
 from skyfuse.runtime.function import Runtime
 from skyfuse.runtime.idempotency import InProgress
 from skyfuse.scheduling import Placement, Policy, PolicyConfig, SampleError, Sample, parse_time
@@ -44,6 +46,7 @@ _schedulers: dict[str, "Scheduler"] = {}  # control cloud → the latest snapsho
 STATE_DIR = "scheduler/state/"
 KEEP_SNAPSHOTS = 5
 REMEMBERED_EVENTS = 1000  # ids of the latest events handled, to drop redeliveries
+Consumed = FusedReady | MetricsSampled | DeploymentStatus  # the data of the events it handles
 
 
 @dataclass
@@ -89,7 +92,7 @@ def handle(event: CloudEvent, runtime: Runtime) -> None:
         runtime.received(event, f"skipped: the scheduler acts in the control cloud ({runtime.control_cloud})")
         return
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
-    data = event.get_data()
+    data = cast(Consumed, event.get_data())
     with _lock:
         current = _scheduler(runtime)
         _flush(runtime, current)  # what the last snapshot decided is published before anything else
@@ -119,12 +122,12 @@ def _flush(runtime: Runtime, scheduler: Scheduler) -> None:
     scheduler.outbox = []
 
 
-def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, scheduler: Scheduler) -> str:
+def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: Consumed, scheduler: Scheduler) -> str:
     if kind == "fused.ready":
-        _new_model(runtime, event, data, scheduler)
+        _new_model(runtime, event, cast(FusedReady, data), scheduler)
     elif kind == "metrics.sampled":
         try:
-            sample = Sample.from_data(data)
+            sample = Sample.from_data(cast(MetricsSampled, data))
         except SampleError as exc:
             return f"skipped: unusable sample ({exc})"
         if sample.cloud not in runtime.fleet.clouds:
@@ -144,7 +147,7 @@ def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: dict, schedu
     return "handled"
 
 
-def _new_model(runtime: Runtime, event: CloudEvent, data: dict, scheduler: Scheduler) -> None:
+def _new_model(runtime: Runtime, event: CloudEvent, data: FusedReady, scheduler: Scheduler) -> None:
     model = {"version": data["version"], "uri": data["model_uri"], "sha256": data["sha256"], "cloud": data["cloud"]}
     scheduler.model = model
     policy, state = scheduler.policy, scheduler.state

@@ -10,34 +10,39 @@ nothing twice.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
 from cloudevents.http import CloudEvent
 
+from skyfuse.payloads import ModelSettings, RoundStarted, ShardReady
 from skyfuse.runtime.function import Rejected, Runtime
-from skyfuse.storage import StoreError
+from skyfuse.storage import StoreError, keys
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
-    data = event.get_data()
     store = runtime.store()
     if event["type"] == "skyfuse.shard.ready":
+        data = cast(ShardReady, event.get_data())
         if data["cloud"] != runtime.cloud:
             runtime.received(event, "skipped: the shard lives in another cloud")
             return
-        store.put(f"runs/{data['run_id']}/trainer/shard-{data['shard_id']}.json", orjson.dumps(data))
+        store.put(keys.trainer_shard(data["run_id"], data["shard_id"]), orjson.dumps(data))
         init = (data.get("model") or {}).get("init_uri")
         train_round(runtime, event, data, 0, init, (data.get("model") or {}).get("init_sha256"))
         return
-    if runtime.cloud not in data["clouds"]:
+    started = cast(RoundStarted, event.get_data())
+    if runtime.cloud not in started["clouds"]:
         runtime.received(event, "skipped: this cloud is not in the round")
         return
-    shards = [orjson.loads(store.get(key)) for key in store.list(f"runs/{data['run_id']}/trainer/")]
+    held = store.list(keys.trainer_shards(started["run_id"]))
+    shards: list[ShardReady] = [orjson.loads(store.get(key)) for key in held]
     for shard in shards:  # the round's manifest (its members) replaces the first round's
-        train_round(runtime, event, {**shard, "manifest": data["manifest"]}, data["round"], data["global_model_uri"],
-                    data["sha256"], data["epochs"])
+        train_round(runtime, event, {**shard, "manifest": started["manifest"]}, started["round"],
+                    started["global_model_uri"], started["sha256"], started["epochs"])
 
 
-def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,
+def train_round(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, init_uri: str | None,
                 init_sha256: str | None, epochs: int | None = None) -> None:
     key = f"train/{shard['run_id']}/round-{round_}/{runtime.cloud}-{shard['shard_id']}"
     with runtime.once(key) as claim:
@@ -47,19 +52,18 @@ def train_round(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, i
         _train(runtime, event, shard, round_, init_uri, init_sha256, epochs, key)
 
 
-def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_uri: str | None,
+def _train(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, init_uri: str | None,
            init_sha256: str | None, epochs: int | None, key: str) -> None:
     from skyfuse.ml import data as mldata
     from skyfuse.ml import model as mlmodel
 
     store = runtime.store()
-    base = f"runs/{shard['run_id']}/round-{round_}/models/{runtime.cloud}-{shard['shard_id']}"
     try:
         rows = mldata.load_csv(runtime.fetch(shard["uri"], shard["sha256"]), shard["target"], classes=shard["classes"])
     except (mldata.DataError, StoreError) as exc:
         raise Rejected(f"shard {shard['shard_id']} at {shard['uri']} cannot be read: {exc}") from exc
     settings = runtime.fleet.training
-    given = shard.get("model") or {}
+    given: ModelSettings = shard.get("model") or {}
     spec = model_spec(given, settings, shard["manifest"]["fusion"], round_)
     standardization = given.get("standardization")
     stats = (standardization["mean"], standardization["variance"]) if standardization else None
@@ -70,8 +74,9 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
                                template=template, keep_warm=round_ > 0)  # each round reuses one compiled loop
     except mlmodel.TrainingError as exc:
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
-    saved = store.put(f"{base}.keras", mlmodel.to_bytes(result.model))
-    validation = store.put(f"{base}.validation.csv", mldata.to_csv_bytes(result.validation_rows))
+    member = (shard["run_id"], round_, runtime.cloud, shard["shard_id"])
+    saved = store.put(keys.member_model(*member), mlmodel.to_bytes(result.model))
+    validation = store.put(keys.member_validation(*member), mldata.to_csv_bytes(result.validation_rows))
     runtime.emit("model.ready", {
         "run_id": shard["run_id"], "round": round_, "shard_id": shard["shard_id"], "cloud": runtime.cloud,
         "model_uri": saved.uri, "sha256": saved.sha256, "samples": result.samples,
@@ -82,7 +87,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: dict, round_: int, init_u
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
 
 
-def user_model(runtime: Runtime, given: dict):
+def user_model(runtime: Runtime, given: ModelSettings):
     """The user's model the run trains instead of the MLP (`model.template_uri`, saved by
     `skyfuse train --model`; every trainer starts from its weights), or None."""
     from skyfuse.ml import model as mlmodel
@@ -98,7 +103,7 @@ def user_model(runtime: Runtime, given: dict):
         raise Rejected(f"the model template {uri} cannot be loaded: {type(exc).__name__}: {exc}") from None
 
 
-def model_spec(given: dict, settings, fusion: str, round_: int = 0):
+def model_spec(given: ModelSettings, settings, fusion: str, round_: int = 0):
     """The ModelSpec of a shard's `model` dict: the keys it sets, the fleet's training settings for
     the rest, then ModelSpec's own defaults. A fine-tuning round (r >= 1) trains as the fleet's
     `finetune_*` settings say (the learning rate decaying by round), for exactly its epochs (as

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from skyfuse.errors import InvalidInput
+
 FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor", "router")
 PROVIDERS = ("aws", "gcp", "azure")
 ENV_PREFIX = "SKYFUSE_"
@@ -388,8 +390,8 @@ class Fleet(Section):
         return self.function(function).clouds or list(self.clouds)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(InvalidInput):
+    """A config file, key or value that cannot work; the message names the key and what to change."""
 
 
 def _env_overrides(environ: dict[str, str]) -> dict:

@@ -2,6 +2,7 @@
 the JSON Schema of each one's `data`. The folder is data; this module only reads it."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tomllib
@@ -9,21 +10,25 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from skyfuse.errors import InvalidInput
+
 
 TYPE_PREFIX = "skyfuse."  # CloudEvent `type` attribute = prefix + event type name
 
 
 def events_dir() -> Path:
-    """`SKYFUSE_EVENTS_DIR`, else the `events/` folder of this checkout (their single source), else
-    the copy an installed wheel carries in the package (`skyfuse/_events`, pyproject.toml)."""
+    """`SKYFUSE_EVENTS_DIR`, else the folder of the data package `skyfuse._events`: the repo's
+    `events/` (their single source) in an editable install, the wheel's copy in an installed one."""
     override = os.environ.get("SKYFUSE_EVENTS_DIR")
-    if override:
-        return Path(override)
-    package = Path(__file__).resolve().parent
-    checkout = package.parents[1] / "events"  # shared/skyfuse/ → the repo root's events/
-    if package.parent.name == "shared" and (checkout / "catalog.toml").is_file():
-        return checkout
-    return package / "_events"
+    return Path(override) if override else _packaged_events()
+
+
+@cache
+def _packaged_events() -> Path:
+    spec = importlib.util.find_spec("skyfuse._events")  # mapped in by pyproject.toml's package-dir
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent / "_events"
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class EventType:
         return TYPE_PREFIX + self.name
 
 
-class ContractError(ValueError):
+class ContractError(InvalidInput):
     """Data that breaks its event type's contract; `errors` holds one line per violation."""
 
     def __init__(self, event_type: str, errors: list[str]):
@@ -95,6 +100,14 @@ def producer_error(name: str, signer: str, data: dict, control_cloud: str) -> st
 def topics_for(function: str) -> list[str]:
     """The topics that trigger `function`, in catalog order."""
     return [t.topic for t in catalog().values() if function in t.consumers]
+
+
+def event_functions() -> list[str]:
+    """The functions events trigger, in the order the catalog first names them."""
+    seen: list[str] = []
+    for event_type in catalog().values():
+        seen.extend(f for f in event_type.consumers if f not in seen)
+    return seen
 
 
 def dlq_topic(function: str) -> str:

@@ -17,11 +17,12 @@ from cloudevents.http import CloudEvent
 from cloudevents.kafka import KafkaMessage, from_binary, to_binary
 
 from skyfuse import contracts
+from skyfuse.errors import InvalidInput
 
 Headers = list[tuple[str, bytes]]
 
 
-class MalformedEvent(ValueError):
+class MalformedEvent(InvalidInput):
     """A record that is not a valid skyfuse CloudEvent; the message says why."""
 
 

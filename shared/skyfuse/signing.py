@@ -35,16 +35,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from skyfuse.errors import Failure, SkyfuseError
+
 SIGNATURE, KEY_ID = "signature", "signaturekeyid"  # CloudEvents extension attributes
 CLI = "cli"
 ENV_KEY = "SKYFUSE_SIGNING_KEY"
 
 
-class Untrusted(Exception):
+class Untrusted(SkyfuseError):
     """An event that is not signed by a trusted, allowed producer; the message says why."""
 
 
-class KeySetupError(RuntimeError):
+class KeySetupError(Failure, RuntimeError):
     """Keys missing or unusable; the message says which and what to run."""
 
 

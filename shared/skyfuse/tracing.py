@@ -33,6 +33,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from skyfuse.errors import Failure
+
 log = logging.getLogger("skyfuse.tracing")
 
 TRACER = "skyfuse"
@@ -48,7 +50,7 @@ _tracers: dict[int, trace.Tracer] = {}  # id(provider) → its skyfuse tracer
 _refused: set[str] = set()  # endpoints whose provider could not be built (said once, then off)
 
 
-class TracingSetupError(RuntimeError):
+class TracingSetupError(Failure, RuntimeError):
     """Tracing is configured but cannot be set up; the message says what to install or change."""
 
 

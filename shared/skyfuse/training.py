@@ -15,16 +15,21 @@ from typing import Callable
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse import contracts, events, signing, tracing
+from skyfuse import contracts, events, httpclient, signing, tracing
 from skyfuse.bus import Bus
 from skyfuse.config import Fleet
+from skyfuse.errors import InvalidInput
 from skyfuse.runtime import deadletter
-from skyfuse.storage import fetch, open_store
+from skyfuse.storage import fetch, keys, open_store
 
 RUNS_DIR = Path(".skyfuse/runs")
 MAX_ROWS = 1000  # rows per inference request (skyfuse.serving.api.MAX_ROWS)
 FOLLOWED = ["model.ready", "onnx.ready", "round.started", "fused.ready", "placement.changed", "deployment.status"]
 FAILURES = ["trainer", "exporter", "fuser", "scheduler", "deployer"]
+
+
+class PlanError(InvalidInput):
+    """A training option that cannot work (clouds, weights, --model, --init); the message names it."""
 
 
 @dataclass
@@ -73,16 +78,16 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     started = time.monotonic()
     unknown = [c for c in plan.clouds if c not in fleet.clouds]
     if unknown:
-        raise ValueError(f"--clouds names {', '.join(unknown)}, not configured; configured clouds: {', '.join(fleet.clouds)}")
+        raise PlanError(f"--clouds names {', '.join(unknown)}, not configured; configured clouds: {', '.join(fleet.clouds)}")
     if plan.weights is not None:
         check_weights(plan.weights, plan.clouds)
     train, validation, test = mldata.split(dataset, *plan.holdout, seed=plan.seed)
     parts = mldata.partition(train, len(plan.shard_clouds), plan.partition, seed=plan.seed, alpha=plan.alpha)
     control = open_store(fleet.clouds[fleet.control_cloud or next(iter(fleet.clouds))].store)
     task = "binary" if len(dataset.classes) == 2 else "multiclass"
-    control.put(f"runs/{plan.run_id}/run.json", orjson.dumps({
+    control.put(keys.run_info(plan.run_id), orjson.dumps({
         "target": dataset.target, "classes": dataset.classes, "features": dataset.features, "task": task}))
-    control.put(f"runs/{plan.run_id}/validation.csv", mldata.to_csv_bytes(validation))
+    control.put(keys.validation(plan.run_id), mldata.to_csv_bytes(validation))
     mean, variance = mlmodel.pooled_stats([(p.X.mean(0), p.X.var(0), len(p)) for p in parts])
     settings = fleet.training
     model = {"hidden": settings.hidden, "epochs": settings.epochs, "batch_size": settings.batch_size,
@@ -90,13 +95,13 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
              "standardization": {"mean": np.asarray(mean).tolist(), "variance": np.asarray(variance).tolist()},
              **plan.model_options}
     if plan.model:  # every trainer starts from this one model (its weights included): FedAvg can average them
-        saved = control.put(f"runs/{plan.run_id}/model.keras",
+        saved = control.put(keys.model_template(plan.run_id),
                             user_template(plan, dataset.n_features, len(dataset.classes), train.X[:256]))
         model.update(template_uri=saved.uri, template_sha256=saved.sha256)
         del model["standardization"]  # the user's model takes raw features
     elif plan.init:
         raw = Path(plan.init).read_bytes()
-        saved = control.put(f"runs/{plan.run_id}/init.keras", raw)
+        saved = control.put(keys.init_model(plan.run_id), raw)
         model.update(init_uri=saved.uri, init_sha256=saved.sha256)
     manifest = {"expected_members": len(parts), "clouds": plan.clouds, "quorum": len(parts) // 2 + 1,
                 "timeout_s": plan.timeout_s or settings.quorum_timeout_s, "fusion": plan.fusion, "rounds": plan.rounds}
@@ -106,7 +111,7 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     shard_events = []
     signer = signing.signer_for(fleet, signing.CLI)
     for i, (cloud, part) in enumerate(zip(plan.shard_clouds, parts)):
-        saved = open_store(fleet.clouds[cloud].store).put(f"runs/{plan.run_id}/shards/{i}.csv", mldata.to_csv_bytes(part))
+        saved = open_store(fleet.clouds[cloud].store).put(keys.shard(plan.run_id, str(i)), mldata.to_csv_bytes(part))
         shard_events.append(events.new_event("shard.ready", {
             "run_id": plan.run_id, "round": 0, "shard_id": str(i), "cloud": cloud, "uri": saved.uri,
             "sha256": saved.sha256, "bytes": saved.size, "rows": len(part), "features": dataset.features,
@@ -122,7 +127,7 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
 def user_template(plan: Plan, n_features: int, n_classes: int, sample) -> bytes:
     """The .keras bytes of the user's model `plan.model` (with `plan.init`'s weights, if given),
     checked here, before any shard is sent: it fits the task (`check_user_model`) and exports to
-    ONNX. ValueError naming the option and what is wrong."""
+    ONNX. PlanError naming the option and what is wrong."""
     from skyfuse.ml import export
     from skyfuse.ml import model as mlmodel
 
@@ -130,23 +135,23 @@ def user_template(plan: Plan, n_features: int, n_classes: int, sample) -> bytes:
         model = mlmodel.load_user_model(plan.model, seed=plan.seed)
         mlmodel.check_user_model(model, n_features, n_classes, sample)
     except mlmodel.UserModelError as exc:
-        raise ValueError(f"--model {plan.model}: {exc}") from None
+        raise PlanError(f"--model {plan.model}: {exc}") from None
     if plan.init:
         theirs, mine = mlmodel.load(plan.init).get_weights(), model.get_weights()
         if [w.shape for w in theirs] != [w.shape for w in mine]:
-            raise ValueError(f"--init {plan.init}: its weights {[w.shape for w in theirs]} do not fit --model "
-                             f"{plan.model} ({[w.shape for w in mine]})")
+            raise PlanError(f"--init {plan.init}: its weights {[w.shape for w in theirs]} do not fit --model "
+                            f"{plan.model} ({[w.shape for w in mine]})")
         model.set_weights(theirs)
     try:
         export.to_onnx(model)
     except Exception as exc:  # noqa: BLE001 - tf2onnx raises many kinds for what it cannot convert
-        raise ValueError(f"--model {plan.model}: it cannot be converted to ONNX, as every trained model must be "
-                         f"({type(exc).__name__}: {exc})") from None
+        raise PlanError(f"--model {plan.model}: it cannot be converted to ONNX, as every trained model must be "
+                        f"({type(exc).__name__}: {exc})") from None
     return mlmodel.to_bytes(model)
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """`aws=0.3,gcp=0.3,azure=0.4` → {cloud: weight}; ValueError saying what is wrong."""
+    """`aws=0.3,gcp=0.3,azure=0.4` → {cloud: weight}; PlanError saying what is wrong."""
     weights: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         cloud, eq, value = item.partition("=")
@@ -155,12 +160,12 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             weight = None
         if not cloud.strip() or weight is None or weight != weight:
-            raise ValueError(f"--weights {text!r}: {item!r} is not CLOUD=NUMBER (e.g. aws=0.3,gcp=0.3,azure=0.4)")
+            raise PlanError(f"--weights {text!r}: {item!r} is not CLOUD=NUMBER (e.g. aws=0.3,gcp=0.3,azure=0.4)")
         if cloud.strip() in weights:
-            raise ValueError(f"--weights {text!r}: {cloud.strip()} is given twice")
+            raise PlanError(f"--weights {text!r}: {cloud.strip()} is given twice")
         weights[cloud.strip()] = weight
     if not weights:
-        raise ValueError("--weights is empty; give CLOUD=NUMBER for every cloud, e.g. aws=0.3,gcp=0.3,azure=0.4")
+        raise PlanError("--weights is empty; give CLOUD=NUMBER for every cloud, e.g. aws=0.3,gcp=0.3,azure=0.4")
     return weights
 
 
@@ -168,14 +173,14 @@ def check_weights(weights: dict[str, float], clouds: list[str]) -> None:
     """One finite, non-negative weight per cloud of the run, not all zero."""
     extra, missing = sorted(set(weights) - set(clouds)), [c for c in clouds if c not in weights]
     if extra or missing:
-        raise ValueError("--weights must name exactly the run's clouds (" + ", ".join(clouds) + ")"
-                         + (f"; not in the run: {', '.join(extra)}" if extra else "")
-                         + (f"; missing: {', '.join(missing)}" if missing else ""))
+        raise PlanError("--weights must name exactly the run's clouds (" + ", ".join(clouds) + ")"
+                        + (f"; not in the run: {', '.join(extra)}" if extra else "")
+                        + (f"; missing: {', '.join(missing)}" if missing else ""))
     bad = {c: w for c, w in weights.items() if not (0 <= w < float("inf"))}
     if bad:
-        raise ValueError(f"--weights must be finite and >= 0; got {bad}")
+        raise PlanError(f"--weights must be finite and >= 0; got {bad}")
     if sum(weights.values()) <= 0:
-        raise ValueError("--weights are all 0: at least one cloud needs a positive weight")
+        raise PlanError("--weights are all 0: at least one cloud needs a positive weight")
 
 
 @dataclass
@@ -211,6 +216,23 @@ class Progress:
         """Every placed cloud serves the fused version, or one has failed to."""
         states = [self.deployments.get(c, {}).get("state") for c in self.placed]
         return bool(states) and (all(s == "serving" for s in states) or "failed" in states)
+
+    @property
+    def serving(self) -> int:
+        """How many placed clouds serve the fused version."""
+        return sum(self.deployments.get(c, {}).get("state") == "serving" for c in self.placed)
+
+    @property
+    def rounds_fused(self) -> int:
+        """Rounds done: one for each round started after the first, and the last when fused.ready came."""
+        return sum(1 for k in self.times if k.startswith("round.")) + (self.fused is not None)
+
+    def stage_seconds(self, prepare_s: float, centralized_s: float) -> dict[str, float | None]:
+        """Seconds from the start of the run to each stage (the summary's `timings`)."""
+        t = self.times
+        return {"prepare_s": prepare_s, "train_s": t.get("trained.0.last"), "export_s": t.get("exported.0.last"),
+                "fusion_s": t.get("fused"), "fedavg_rounds_s": (t["fused"] - t["round.1"]) if "round.1" in t else 0.0,
+                "centralized_train_s": centralized_s, "serving_s": t.get("serving")}
 
 
 def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], timeout_s: float = 900,
@@ -363,21 +385,14 @@ def load(run_id: str | None = None) -> dict:
 def serves(endpoint: str, version: str, timeout_s: float) -> bool:
     """Whether the server at `endpoint` serves `version` within `timeout_s`, asked by GET /health
     (health checks are not requests: they count in no error rate)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    url = urlsplit(endpoint)
     deadline = time.monotonic() + timeout_s
     while True:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=5)
         try:
-            conn.request("GET", f"{url.path}/health")
-            if orjson.loads(conn.getresponse().read()).get("model_version") == version:
+            health = httpclient.get_json(f"{endpoint}/health")
+            if isinstance(health, dict) and health.get("model_version") == version:
                 return True
-        except (OSError, ValueError):
+        except httpclient.HttpError:  # not up yet, or not answering JSON
             pass
-        finally:
-            conn.close()
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -387,37 +402,42 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: 
                   timeout_s: float = 30) -> dict[str, dict]:
     """POST the test rows to every placed cloud's endpoint once it serves the fused version (within
     the servers' pointer poll interval); compare with the fused model run here."""
-    import http.client
-    from urllib.parse import urlsplit
-
     from skyfuse.ml import fusion
 
     fused = progress.fused
     model = fetch(fused["model_uri"], fused["sha256"])
     expected = [str(fused["classes"][i]) for i in fusion.predict(model, test.X).argmax(1)]
-    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
-
-    def predict(url, body: bytes) -> tuple[int, dict]:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-        try:
-            conn.request("POST", f"{url.path}/predict", body, headers)
-            response = conn.getresponse()
-            return response.status, orjson.loads(response.read() or b"{}")
-        finally:
-            conn.close()
-
+    headers = {"x-api-key": api_key} if api_key else {}
     results = {}
     for cloud in progress.placed:
-        url = urlsplit(endpoints[cloud])
         serves(endpoints[cloud], fused["version"], timeout_s)
         got: list[str] = []
         status, doc = 0, {}
         for start in range(0, len(test.X), MAX_ROWS):  # the servers take at most MAX_ROWS rows per request
             rows = test.X[start:start + MAX_ROWS].tolist()
-            status, doc = predict(url, orjson.dumps({"instances": rows, "format": "compact"}))
+            answer = httpclient.post_json(f"{endpoints[cloud]}/predict", {"instances": rows, "format": "compact"},
+                                          headers=headers, timeout_s=10)
+            status, doc = answer.status, answer.json() if answer.body else {}
             if status != 200:
                 break
             got += [str(c) for c in doc.get("predictions", [])]
         results[cloud] = {"endpoint": endpoints[cloud], "status": status, "model_version": doc.get("model_version"),
                           "rows": len(expected), "agree": sum(a == b for a, b in zip(got, expected))}
     return results
+
+
+def placement_decisions(fleet: Fleet, bus: Bus, run_ids: set[str]) -> list[dict]:
+    """The verified placement.changed decisions on the bus for the models of these runs, oldest first."""
+    topic = contracts.event_type("placement.changed").topic
+    records = bus.read(topic, 100_000) if topic in bus.topics() else []
+    found = []
+    for record in records:
+        try:
+            event = events.decode(record.key, record.value, record.headers)
+            signing.check(fleet, event)
+        except (events.MalformedEvent, signing.Untrusted, signing.KeySetupError):
+            continue
+        data = event.get_data()
+        if any(data["model_version"].startswith(f"{r}-") for r in run_ids):
+            found.append(data)
+    return found

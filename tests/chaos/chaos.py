@@ -43,7 +43,7 @@ from skyfuse.bus import open_bus
 from skyfuse.ml import data as mldata
 from skyfuse.runtime import deadletter
 from skyfuse.serving.model import POINTER_KEY
-from skyfuse.storage import open_store
+from skyfuse.storage import keys, open_store
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUDS = ("aws", "gcp", "azure")
@@ -77,9 +77,9 @@ def prepare(fleet, run_id: str, shards: int, seed: int) -> list:
     """Shards in their clouds' stores, run.json and validation rows in the control store; returns
     the shard.ready events."""
     control = open_store(fleet.clouds["aws"].store)
-    control.put(f"runs/{run_id}/run.json", orjson.dumps(
+    control.put(keys.run_info(run_id), orjson.dumps(
         {"target": "label", "classes": [0, 1], "features": [f"f{i}" for i in range(FEATURES)], "task": "binary"}))
-    control.put(f"runs/{run_id}/validation.csv", mldata.to_csv_bytes(synthetic(200, seed + 1)))
+    control.put(keys.validation(run_id), mldata.to_csv_bytes(synthetic(200, seed + 1)))
     manifest = {"expected_members": shards, "clouds": list(CLOUDS), "quorum": shards, "timeout_s": 3600,
                 "fusion": "wavg", "rounds": 1}
     out = []
@@ -87,7 +87,7 @@ def prepare(fleet, run_id: str, shards: int, seed: int) -> list:
     for i in range(shards):
         cloud = CLOUDS[i % len(CLOUDS)]
         saved = open_store(fleet.clouds[cloud].store).put(
-            f"runs/{run_id}/shards/{i}.csv", mldata.to_csv_bytes(synthetic(ROWS_PER_SHARD, seed + 100 + i)))
+            keys.shard(run_id, str(i)), mldata.to_csv_bytes(synthetic(ROWS_PER_SHARD, seed + 100 + i)))
         out.append(events.new_event("shard.ready", {
             "run_id": run_id, "round": 0, "shard_id": str(i), "cloud": cloud, "uri": saved.uri,
             "sha256": saved.sha256, "bytes": saved.size, "rows": ROWS_PER_SHARD,
@@ -210,14 +210,14 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
     for i in range(shards):
         cloud = CLOUDS[i % len(CLOUDS)]
         store = open_store(fleet.clouds[cloud].store)
-        for kind, key in (("keras", f"runs/{run_id}/round-0/models/{cloud}-{i}.keras"),
-                          ("onnx", f"runs/{run_id}/round-0/onnx/{cloud}-{i}.onnx")):
+        for kind, key in (("keras", keys.member_model(run_id, 0, cloud, str(i))),
+                          ("onnx", keys.member_onnx(run_id, 0, cloud, str(i)))):
             if not store.exists(key):
                 missing.append(f"stored {kind} model of shard {i} in {cloud}")
     served = False
     if fused is not None:
         control = open_store(fleet.clouds["aws"].store)
-        if not control.exists(f"runs/{run_id}/fused/{fused['version']}.onnx"):
+        if not control.exists(keys.fused_model(run_id, fused["version"])):
             missing.append("stored fused model")
         placed = [p["cloud"] for p in (last or {}).get("placements", []) if p["weight"] > 0]
         pointers = {}
@@ -251,7 +251,7 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
     stop = threading.Event()
     started = time.monotonic()
     try:
-        from skyfuse.cli import all_topics
+        from skyfuse.cli.common import all_topics
 
         bus.ensure_topics(all_topics(fleet), fleet.bus.partitions)
         shard_events = prepare(fleet, run_id, shards, seed)
@@ -290,7 +290,7 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
 
 def _settle(bus, fleet, deadline: float) -> None:
     """Wait until every function group has handled everything on its topics."""
-    from skyfuse.cli import event_functions
+    from skyfuse.contracts import event_functions
 
     groups = [(f"{c}.{f}", t) for f in event_functions() for c in fleet.clouds_for(f) for t in contracts.topics_for(f)]
     while time.monotonic() < deadline:

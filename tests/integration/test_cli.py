@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from skyfuse import config, contracts
-from skyfuse.cli import sample_producer
+from skyfuse.cli.publish import sample_producer
 from tests.conftest import fleet_env
 
 REPO = Path(__file__).resolve().parents[2]

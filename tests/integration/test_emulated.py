@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from skyfuse import emulation
-from skyfuse.storage import fetch, open_store, sha256_of
+from skyfuse.dev import emulation
+from skyfuse.storage import fetch, keys, open_store, sha256_of
 from tests.conftest import KAFKA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ def post(url, path, body, api_key=None):
 def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(tmp_path, kafka_bootstrap):
     from skyfuse.ml import data as mldata
     from skyfuse.ml import fusion
-    from skyfuse.serving.hosts import free_port
+    from skyfuse.dev.hosts import free_port
 
     env = {**os.environ, **emulation.ENVIRONMENT, "PYTHONPATH": str(REPO), "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
            "SKYFUSE_TRAINING__EPOCHS": "30", "SKYFUSE_TRAINING__ROUNDS": "2", "SKYFUSE_TRAINING__TIMER_S": "0.5",
@@ -59,8 +59,8 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
         for name, value in emulation.ENVIRONMENT.items():  # so this process reads the emulated stores too
             os.environ.setdefault(name, value)
         for i, (cloud, store) in enumerate(emulation.STORES.items()):  # each shard in its own cloud's emulator
-            assert open_store(store).exists(f"runs/{run_id}/shards/{i}.csv"), (cloud, store)
-            assert open_store(store).exists(f"runs/{run_id}/round-0/onnx/{cloud}-{i}.onnx"), (cloud, store)
+            assert open_store(store).exists(keys.shard(run_id, str(i))), (cloud, store)
+            assert open_store(store).exists(keys.member_onnx(run_id, 0, cloud, str(i))), (cloud, store)
         # an operator places the model in all three clouds: each deployer copies it into its own emulator
         model = fetch(fused["model_uri"])
         placement = {"decision_id": f"manual-{run_id}", "decided_at": "2026-11-27T12:00:00Z",

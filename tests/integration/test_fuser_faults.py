@@ -6,6 +6,7 @@ import pytest
 
 from skyfuse import config, contracts
 from skyfuse.runtime.function import Runtime
+from skyfuse.storage import keys
 from tests.conftest import fleet_env
 
 
@@ -19,10 +20,9 @@ def runtime(tmp_path):
 def open_round(runtime, run_id, members=1, timeout_s=0.0, opened=None):
     store = runtime.store()
     manifest = {**contracts.sample("onnx.ready")["manifest"], "quorum": 1, "timeout_s": timeout_s}
-    base = f"runs/{run_id}/round-0"
     for i in range(members):
-        store.put(f"{base}/members/aws-{i}.json", orjson.dumps({"manifest": manifest}))
-    store.put(f"{base}/opened.json", opened if opened is not None else orjson.dumps({"at": 0, "manifest": manifest}))
+        store.put(keys.member_record(run_id, 0, "aws", str(i)), orjson.dumps({"manifest": manifest}))
+    store.put(keys.round_opened(run_id, 0), opened if opened is not None else orjson.dumps({"at": 0, "manifest": manifest}))
 
 
 def test_a_fusion_that_fails_half_way_is_done_by_its_retry(runtime, monkeypatch):

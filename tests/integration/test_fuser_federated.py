@@ -14,6 +14,7 @@ from skyfuse.ml import federated as FL
 from skyfuse.ml import fusion as F
 from skyfuse.ml import model as M
 from skyfuse.runtime.function import Runtime
+from skyfuse.storage import keys
 from tests.conftest import fleet_env
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -42,20 +43,20 @@ def task():
 
 def _start_run(runtime, run_id, ds, validation):
     store = runtime.store()
-    store.put(f"runs/{run_id}/run.json", orjson.dumps({"target": ds.target, "classes": ds.classes,
-                                                       "features": ds.features, "task": "binary"}))
-    store.put(f"runs/{run_id}/validation.csv", D.to_csv_bytes(validation))
+    store.put(keys.run_info(run_id), orjson.dumps({"target": ds.target, "classes": ds.classes,
+                                                  "features": ds.features, "task": "binary"}))
+    store.put(keys.validation(run_id), D.to_csv_bytes(validation))
 
 
 def _member(runtime, run_id, round_, cloud, shard_id, result, manifest):
     """What the trainer and exporter leave in the member's cloud, and the onnx.ready the fuser records."""
     store = runtime.store(cloud)
-    keras_obj = store.put(f"runs/{run_id}/round-{round_}/models/{cloud}-{shard_id}.keras", M.to_bytes(result.model))
-    onnx_obj = store.put(f"runs/{run_id}/round-{round_}/onnx/{cloud}-{shard_id}.onnx", E.to_onnx(result.model))
+    keras_obj = store.put(keys.member_model(run_id, round_, cloud, shard_id), M.to_bytes(result.model))
+    onnx_obj = store.put(keys.member_onnx(run_id, round_, cloud, shard_id), E.to_onnx(result.model))
     data = {"run_id": run_id, "round": round_, "shard_id": shard_id, "cloud": cloud, "onnx_uri": onnx_obj.uri,
             "sha256": onnx_obj.sha256, "model_uri": keras_obj.uri, "source_sha256": keras_obj.sha256, "opset": 17,
             "samples": result.samples, "validation": result.validation, "manifest": manifest}
-    runtime.store().put(f"runs/{run_id}/round-{round_}/members/{cloud}-{shard_id}.json", orjson.dumps(data))
+    runtime.store().put(keys.member_record(run_id, round_, cloud, shard_id), orjson.dumps(data))
 
 
 def _round(runtime, run_id, round_, shards, manifest, stats, initial=None):
@@ -74,7 +75,7 @@ def _global(runtime, started):
 def _members(runtime, run_id, round_):
     """(ONNX bytes, rows) of each member of a round, as the fuser read them."""
     store = runtime.store()
-    records = [orjson.loads(store.get(k)) for k in store.list(f"runs/{run_id}/round-{round_}/members/")]
+    records = [orjson.loads(store.get(k)) for k in store.list(keys.round_members(run_id, round_))]
     return [runtime.fetch(m["onnx_uri"], m["sha256"]) for m in records], [m["samples"] for m in records]
 
 
@@ -89,7 +90,7 @@ def test_a_fedadam_run_steps_its_state_and_announces_the_fedadam_model(runtime, 
     _round(runtime, "adam", 0, shards, manifest, stats)
     [started] = [e.get_data() for e in runtime.emitted if e["type"].endswith("round.started")]
     assert started["round"] == 1
-    state0 = FL.loads(store.get("runs/adam/round-0/server.json"))
+    state0 = FL.loads(store.get(keys.server_state("adam", 0)))
     assert state0["chosen"] == "fedadam" and sorted(state0["states"]) == ["fedadam"]
     # round 0 is the warm start: the global model the trainers get is the members' mean
     global0 = _global(runtime, started)
@@ -102,13 +103,13 @@ def test_a_fedadam_run_steps_its_state_and_announces_the_fedadam_model(runtime, 
     assert 0.85 <= fused["strategies"]["fedadam"] <= 1.0 and fused["metrics"]["validation_accuracy"] > 0.85
     # fused.ready names the best round's fedadam model (the warm start may beat one step)
     best = fused["round"]
-    assert fused["candidates"]["fedadam"].endswith(f"runs/adam/round-{best}/fused-fedadam.onnx")
-    scores = [orjson.loads(store.get(f"runs/adam/round-{r}/scores.json"))["fedadam"]["accuracy"] for r in (0, 1)]
+    assert fused["candidates"]["fedadam"].endswith(keys.round_fused("adam", best, "fedadam"))
+    scores = [orjson.loads(store.get(keys.round_scores("adam", r)))["fedadam"]["accuracy"] for r in (0, 1)]
     assert fused["strategies"]["fedadam"] == max(scores) == scores[best]
-    candidate = store.get("runs/adam/round-1/fused-fedadam.onnx")
+    candidate = store.get(keys.round_fused("adam", 1, "fedadam"))
     assert F.metadata(candidate)["skyfuse.strategy"] == "fedadam"
     assert F.accuracy(candidate, validation) == scores[1]
-    raw1 = store.get("runs/adam/round-1/server.json")
+    raw1 = store.get(keys.server_state("adam", 1))
     state1 = FL.loads(raw1)["states"]["fedadam"]
     assert state1["round"] == 1 and any(np.abs(m).max() > 0 for m in state1["m"])
     # round 1's model is the FedAdam step from the round-0 global model, not the members' mean
@@ -120,7 +121,7 @@ def test_a_fedadam_run_steps_its_state_and_announces_the_fedadam_model(runtime, 
 
     # a retried round 1 (its completed record lost) recomputes exactly the state the first try wrote
     handler._fuse(runtime, "adam", 1, None, "fuse/adam/round-1")
-    assert store.get("runs/adam/round-1/server.json") == raw1
+    assert store.get(keys.server_state("adam", 1)) == raw1
 
 
 def test_auto_scores_each_server_step_and_continues_from_the_best(runtime, task):
@@ -129,13 +130,13 @@ def test_auto_scores_each_server_step_and_continues_from_the_best(runtime, task)
                 "rounds": 2}
     _start_run(runtime, "auto", ds, validation)
     _round(runtime, "auto", 0, shards, manifest, stats)
-    scores0 = orjson.loads(runtime.store().get("runs/auto/round-0/scores.json"))
+    scores0 = orjson.loads(runtime.store().get(keys.round_scores("auto", 0)))
     assert set(scores0) == {"wavg", "vote", "confidence", "fedavg"}  # round 0: one warm start for all three
     [started] = [e.get_data() for e in runtime.emitted if e["type"].endswith("round.started")]
     _round(runtime, "auto", 1, shards, manifest, stats, initial=_global(runtime, started))
-    scores1 = orjson.loads(runtime.store().get("runs/auto/round-1/scores.json"))
+    scores1 = orjson.loads(runtime.store().get(keys.round_scores("auto", 1)))
     assert set(scores1) == {"wavg", "vote", "confidence", "fedavg", "fedadam", "fedyogi"}
-    server = FL.loads(runtime.store().get("runs/auto/round-1/server.json"))
+    server = FL.loads(runtime.store().get(keys.server_state("auto", 1)))
     best = max(FL.AUTO_SERVER, key=lambda s: (scores1[s]["accuracy"], -FL.AUTO_SERVER.index(s)))
     assert server["chosen"] == best
     [fused] = [e.get_data() for e in runtime.emitted if e["type"].endswith("fused.ready")]
@@ -161,8 +162,8 @@ def test_rounds_stop_early_once_validation_stops_improving(tmp_path, task, round
     _round(runtime, "early", 0, shards, manifest, stats)
     [started] = [e.get_data() for e in runtime.emitted if e["type"].endswith("round.started")]
     store = runtime.store()
-    scores0 = orjson.loads(store.get("runs/early/round-0/scores.json"))
-    store.put("runs/early/round-0/scores.json",
+    scores0 = orjson.loads(store.get(keys.round_scores("early", 0)))
+    store.put(keys.round_scores("early", 0),
               orjson.dumps({s: {**v, "accuracy": round0_accuracy} for s, v in scores0.items()}))
     runtime.emitted.clear()
     _round(runtime, "early", 1, shards, manifest, stats, initial=_global(runtime, started))

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from skyfuse.serving import hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import testing
 from skyfuse.serving.model import publish
 from skyfuse.storage import open_store
 from tests.integration.test_inference_hosts import host_env

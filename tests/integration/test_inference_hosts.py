@@ -1,4 +1,4 @@
-"""Inference behind each cloud's real HTTP server on 127.0.0.1 (skyfuse.serving.hosts): uvicorn with
+"""Inference behind each cloud's real HTTP server on 127.0.0.1 (skyfuse.dev.hosts): uvicorn with
 Powertools' HttpResolverLocal (AWS), functions-framework's gunicorn (Google Cloud), uvicorn with the
 Azure Functions HTTP adapter (Azure). Every test runs against all three servers."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 from skyfuse import config, contracts
 from skyfuse.bus import open_bus
-from skyfuse.serving import hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import testing
 from skyfuse.serving.model import POINTER_KEY, Pointer, model_key, publish
 from skyfuse.storage import open_store, sha256_of
 from tests.unit.test_inference_api import BAD_CASES

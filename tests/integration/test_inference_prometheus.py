@@ -11,7 +11,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from skyfuse.serving import hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import testing
 from skyfuse.serving.model import POINTER_KEY, Pointer, model_key, publish
 from skyfuse.storage import open_store
 from tests.integration.test_inference_hosts import host_env

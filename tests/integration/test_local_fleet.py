@@ -1,7 +1,7 @@
 """`skyfuse up --function F` runs F alone: its hosts, and its timers only."""
 from skyfuse import config
 from skyfuse.bus import open_bus
-from skyfuse.local import LocalFleet
+from skyfuse.dev.local import LocalFleet
 from tests.conftest import fleet_env
 
 
@@ -33,7 +33,7 @@ def test_a_part_that_cannot_start_stops_what_had_started(tmp_path, monkeypatch):
 
     import pytest
 
-    from skyfuse.serving.hosts import free_port
+    from skyfuse.dev.hosts import free_port
 
     monkeypatch.chdir(tmp_path)
     ports = {c: free_port() for c in ("aws", "gcp", "azure")}

@@ -14,7 +14,7 @@ from tests.conftest import signed_event
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event
 from skyfuse.runtime.clouds.azure import decode_payload, kafka_trigger_functions, trigger_payload
-from skyfuse.runtime.fleet import Fabric, build_hosts
+from skyfuse.dev.fleet import Fabric, build_hosts
 from skyfuse.runtime.function import Runtime, hosted
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

@@ -1,5 +1,5 @@
 """A real Open Inference Protocol client, tritonclient's HTTP client, against each cloud's inference
-host (skyfuse.serving.hosts): health, readiness, metadata and inference, in JSON and with the binary
+host (skyfuse.dev.hosts): health, readiness, metadata and inference, in JSON and with the binary
 tensor data extension, give what POST /predict gives; errors reach the client as the server's message.
 
 The host runs with API keys and a configured model name (INFERENCE_MODEL_NAME): model metadata and
@@ -16,7 +16,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from skyfuse.serving import hosts, testing
+from skyfuse.dev import hosts
+from skyfuse.serving import testing
 from skyfuse.serving.api import key_hash
 from skyfuse.serving.model import publish
 from skyfuse.storage import open_store

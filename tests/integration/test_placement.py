@@ -11,9 +11,9 @@ import pytest
 
 from skyfuse import config
 from skyfuse.bus import open_bus
-from skyfuse.local import serving_env
+from skyfuse.dev import hosts
+from skyfuse.dev.local import serving_env
 from skyfuse.runtime.function import Runtime, hosted, run_handler
-from skyfuse.serving import hosts
 from skyfuse.serving.testing import classifier
 from skyfuse.storage import open_store
 from tests.conftest import fleet_env, signed_event

@@ -11,7 +11,7 @@ import pytest
 
 from skyfuse import contracts
 from skyfuse.bus import open_bus
-from skyfuse.serving.router import Placement, Router, RouterServer
+from skyfuse.dev.router import Placement, Router, RouterServer
 from tests.conftest import keyed_fleet, signed_event
 
 
@@ -98,7 +98,8 @@ def test_keeps_answering_while_the_serving_clouds_server_is_killed(fleet, tmp_pa
     import signal
     import time
 
-    from skyfuse.serving import hosts, testing
+    from skyfuse.dev import hosts
+    from skyfuse.serving import testing
     from skyfuse.serving.model import publish
     from skyfuse.storage import open_store
     from tests.integration.test_inference_hosts import host_env

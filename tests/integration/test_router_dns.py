@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from skyfuse import config, contracts, emulation, events, signing
+from skyfuse import config, contracts, events, signing
 from skyfuse.bus import open_bus
-from skyfuse.runtime.fleet import invoker_for
+from skyfuse.dev import emulation
+from skyfuse.dev.fleet import invoker_for
 from skyfuse.runtime.host import FunctionHost
 from skyfuse.storage import open_store
 from tests.conftest import signed_event
@@ -205,7 +206,7 @@ def test_skyfuse_up_emulate_points_the_router_at_localstack(route53, tmp_path, u
     import subprocess
     import sys
 
-    from skyfuse.serving.hosts import free_port
+    from skyfuse.dev.hosts import free_port
 
     record = f"u{uid}.{emulation.DNS_ZONE}"
     env = {**os.environ, **emulation.ENVIRONMENT, "PYTHONPATH": str(REPO), "COLUMNS": "200",

@@ -15,9 +15,9 @@ from opentelemetry.trace import NoOpTracer, SpanKind, StatusCode
 
 from skyfuse import config, contracts, events, tracing, training
 from skyfuse.bus import open_bus
-from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
+from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.function import Rejected, Runtime, hosted, run_handler
-from skyfuse.storage import open_store
+from skyfuse.storage import keys, open_store
 from tests.conftest import fleet_env, signed_event
 
 CLOUDS = ("aws", "gcp", "azure")
@@ -261,15 +261,15 @@ def test_a_round_fused_on_the_quorum_timer_stays_in_the_run_trace(fleet, spans):
     rng = np.random.default_rng(0)
     rows = mldata.Dataset(rng.normal(size=(12, 4)), np.arange(12) % 3, list(IRIS_FEATURES), list(IRIS_CLASSES),
                           "species")
-    control.put("runs/rq/run.json", orjson.dumps({"target": "species", "classes": list(IRIS_CLASSES),
-                                                   "features": list(IRIS_FEATURES), "task": "multiclass"}))
-    control.put("runs/rq/validation.csv", mldata.to_csv_bytes(rows))
+    control.put(keys.run_info("rq"), orjson.dumps({"target": "species", "classes": list(IRIS_CLASSES),
+                                                  "features": list(IRIS_FEATURES), "task": "multiclass"}))
+    control.put(keys.validation("rq"), mldata.to_csv_bytes(rows))
     manifest = {"expected_members": 3, "clouds": list(CLOUDS), "quorum": 2, "timeout_s": 0.01, "fusion": "vote",
                 "rounds": 1}
     with tracing.root("cli train rq", fleet):
         members = []
         for i, cloud in enumerate(("aws", "gcp")):  # azure's member never comes
-            saved = open_store(fleet.clouds[cloud].store).put(f"runs/rq/round-0/onnx/{cloud}-{i}.onnx",
+            saved = open_store(fleet.clouds[cloud].store).put(keys.member_onnx("rq", 0, cloud, str(i)),
                                                               classifier(seed=i))
             data = {**contracts.sample("onnx.ready"), "run_id": "rq", "cloud": cloud, "shard_id": str(i),
                     "onnx_uri": saved.uri, "sha256": saved.sha256, "manifest": manifest}
@@ -280,7 +280,7 @@ def test_a_round_fused_on_the_quorum_timer_stays_in_the_run_trace(fleet, spans):
         for event in members:
             run_handler(handle, event, runtime)
         assert not runtime.emitted  # two of three: the round waits
-        control.put("runs/rq/round-0/opened.json", orjson.dumps({"at": 0, "manifest": manifest}))  # timed out
+        control.put(keys.round_opened("rq", 0), orjson.dumps({"at": 0, "manifest": manifest}))  # timed out
         on_timer(runtime)  # as the TimerHost calls it: no span is current
     (fused,) = runtime.emitted
     assert fused["type"] == "skyfuse.fused.ready"

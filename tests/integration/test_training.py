@@ -11,9 +11,9 @@ import pytest
 
 from skyfuse import config, contracts, events, training
 from skyfuse.bus import open_bus
-from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
+from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.function import Runtime, hosted
-from skyfuse.storage import fetch, open_store
+from skyfuse.storage import fetch, keys, open_store
 from tests.conftest import fleet_env, signed_event
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ FAST = {"SKYFUSE_TRAINING__EPOCHS": 30, "SKYFUSE_TRAINING__FINETUNE_EPOCHS": 3, 
 
 
 def env_for(backend, tmp_path, **extra):
-    from skyfuse.serving.hosts import free_port
+    from skyfuse.dev.hosts import free_port
 
     clouds = ("aws", "gcp", "azure")
     stores = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in clouds}
@@ -115,7 +115,7 @@ def test_five_clouds_configured_twelve_shards_over_three_user_weights_served(tmp
     """A skyfuse.toml in the working directory names five clouds (two of them by provider); every
     server the fleet starts reads it; 4 shards in each of three clouds are fused with the user's
     cloud weights, shared inside each cloud by rows, and served."""
-    from skyfuse.serving.hosts import free_port
+    from skyfuse.dev.hosts import free_port
 
     clouds = {"aws": "aws", "aws-eu": "aws", "gcp": "gcp", "azure": "azure", "azure-west": "azure"}
     ports = {name: free_port() for name in clouds}
@@ -183,7 +183,7 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     data = azure.get_data()
     shard = prepared.shards[2][1]
     one_class = shard.subset([i for i in range(len(shard)) if shard.y[i] == shard.y[0]])
-    saved = open_store(fleet.clouds["azure"].store).put(f"runs/{plan.run_id}/shards/2.csv", mldata.to_csv_bytes(one_class))
+    saved = open_store(fleet.clouds["azure"].store).put(keys.shard(plan.run_id, "2"), mldata.to_csv_bytes(one_class))
     prepared.shard_events[2] = signed_event("shard.ready", {**data, "sha256": saved.sha256, "rows": len(one_class),
                                                             "bytes": saved.size}, "cli", fleet)
     with Pipeline(fleet, bus):
@@ -203,7 +203,7 @@ def test_an_empty_shard_file_is_dead_lettered_with_the_reason(tmp_path):
     fleet = config.load(environ=env_for("embedded", tmp_path))
     bus = open_bus(fleet)
     store = open_store(fleet.clouds["aws"].store)
-    empty = store.put("runs/r-empty/shards/0.csv", b"")
+    empty = store.put(keys.shard("r-empty", "0"), b"")
     data = {**contracts.sample("shard.ready"), "run_id": "r-empty", "cloud": "aws", "uri": empty.uri,
             "sha256": empty.sha256}
     data.pop("model")

@@ -9,11 +9,12 @@ from urllib.parse import urlsplit
 import onnx
 import orjson
 
-from skyfuse import config, contracts, events, local, training
+from skyfuse import config, contracts, events, training
 from skyfuse.bus import open_bus
+from skyfuse.dev import local
 from skyfuse.ml import data as mldata
 from skyfuse.ml import fusion
-from skyfuse.storage import fetch, open_store
+from skyfuse.storage import fetch, keys, open_store
 from tests.conftest import signed_event
 from tests.integration.test_training import REPO, Pipeline, env_for, run_events
 
@@ -41,7 +42,7 @@ def test_a_users_cnn_on_digits_is_trained_fused_and_served(tmp_path, monkeypatch
     plan = training.Plan(target="digit", clouds=CLOUDS, fusion="auto", rounds=2, model=CNN)
     prepared = training.prepare(fleet, mldata.sample_dataset("digits"), plan)
     given = prepared.shard_events[0].get_data()["model"]
-    assert given["template_uri"].endswith(f"runs/{plan.run_id}/model.keras") and "standardization" not in given
+    assert given["template_uri"].endswith(keys.model_template(plan.run_id)) and "standardization" not in given
     assert all(e.get_data()["model"] == given for e in prepared.shard_events)  # one template for every trainer
     with local.LocalFleet(fleet, bus) as running:
         endpoints = {c: s.url for c, s in running.servers.items()}

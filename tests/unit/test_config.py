@@ -63,7 +63,7 @@ def test_broken_toml_and_missing_file_say_so(tmp_path):
 
 def test_the_inference_servers_get_the_whole_bus_and_signing_config(tmp_path, monkeypatch):
     """They run in another working directory: relative paths become absolute, secrets stay exact."""
-    from skyfuse import local
+    from skyfuse.dev import local
 
     (tmp_path / "ca.pem").write_text("x")
     monkeypatch.chdir(tmp_path)
@@ -90,7 +90,7 @@ def api_key_hash(root):
 def test_the_inference_servers_read_the_same_config_file_whatever_their_directory(tmp_path, monkeypatch):
     """A skyfuse.toml in the working directory naming clouds beyond the defaults (the servers start
     elsewhere and must not fall back to the defaults)."""
-    from skyfuse import local
+    from skyfuse.dev import local
 
     (tmp_path / "skyfuse.toml").write_text('[clouds.aws]\n[clouds.aws-eu]\nprovider = "aws"\n[clouds.gcp]\n'
                                            '[clouds.azure]\n[clouds.azure-west]\nprovider = "azure"\n')

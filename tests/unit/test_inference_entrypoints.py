@@ -27,8 +27,8 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 INFERENCE_MODULES = ["services.inference", "services.inference.handler", "services.inference.aws",
                      "services.inference.gcp", "services.inference.azure", "services.inference.azure_host",
                      "skyfuse.serving", "skyfuse.serving.model", "skyfuse.serving.api", "skyfuse.serving.metrics",
-                     "skyfuse.serving.asgi", "skyfuse.serving.hosts", "skyfuse.serving.oip",
-                     "skyfuse.serving.prometheus"]
+                     "skyfuse.serving.asgi", "skyfuse.dev.hosts", "skyfuse.serving.oip",
+                     "skyfuse.serving.prometheus", "skyfuse.serving.routes", "skyfuse.serving.session"]
 JSON_TYPE = {"Content-Type": "application/json"}
 V2_INFER = {"inputs": [{"name": "features", "shape": [2, 4], "datatype": "FP32", "data": ROW * 2}]}
 
@@ -194,14 +194,15 @@ def test_azure_function_app(served):
         "/api/v2/models/{name}": ["GET"], "/api/v2/models/{name}/versions/{version}": ["GET"],
         "/api/v2/models/{name}/ready": ["GET"], "/api/v2/models/{name}/versions/{version}/ready": ["GET"],
         "/api/v2/models/{name}/infer": ["POST"], "/api/v2/models/{name}/versions/{version}/infer": ["POST"]}
+    predict, _ = routes["/api/predict"]["POST"]
     request = func.HttpRequest("POST", "http://localhost/api/predict", body=json.dumps({"instances": [ROW]}).encode(),
                                headers={"content-type": "application/json"})
-    response = entry.predict(request)
+    response = predict(request)
     assert response.status_code == 200 and response.mimetype == "application/json"
     assert json.loads(response.get_body())["model_version"] == "v1"
-    bad = entry.predict(func.HttpRequest("POST", "http://localhost/api/predict", body=b'{"instances": 1}'))
+    bad = predict(func.HttpRequest("POST", "http://localhost/api/predict", body=b'{"instances": 1}'))
     assert bad.status_code == 400 and "non-empty array" in json.loads(bad.get_body())["error"]
-    health = entry.health(func.HttpRequest("GET", "http://localhost/api/health", body=b""))
+    health = routes["/api/health"]["GET"][0](func.HttpRequest("GET", "http://localhost/api/health", body=b""))
     assert json.loads(health.get_body())["status"] == "ok"
     function, _ = routes["/api/v2/models/{name}/infer"]["POST"]
     response = function(func.HttpRequest("POST", "http://localhost/api/v2/models/skyfuse/infer",
@@ -214,6 +215,17 @@ def test_service_counts_requests_for_metrics(served):
     handler.predict(json.dumps({"instances": [ROW]}).encode())
     handler.predict(b"nope")
     assert served.recorder.requests == before + 2
+
+
+def test_the_server_remembers_only_its_last_events(served):
+    """A server runs for days: its runtime keeps the last `handler.KEEP` events it emitted."""
+    from skyfuse import contracts
+    from skyfuse.runtime import function
+
+    assert served.runtime.keep == handler.KEEP < function.KEEP
+    for _ in range(handler.KEEP + 5):
+        served._publish(contracts.sample("metrics.sampled"))
+    assert len(served.runtime.emitted) == handler.KEEP
 
 
 def test_settings_from_env():

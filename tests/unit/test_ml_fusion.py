@@ -291,3 +291,62 @@ def test_a_server_step_replaces_the_averaged_parameters_by_name(keras_members):
         F.with_parameters(averaged, {"out.bias": np.zeros(3)}, "fedyogi")
     with pytest.raises(FusionError, match="'wavg' is not a server strategy; choose one of fedavg, fedprox"):
         F.with_parameters(averaged, {}, "wavg")
+
+
+def test_the_session_cache_holds_under_threads(monkeypatch):
+    """Hosts of the local fleet call `predict` from several threads: the cache of sessions (a dict
+    kept in recency order, evicting the oldest) must stay whole, bounded and right."""
+    import os
+    import random
+    import threading
+
+    class Fake:
+        def __init__(self, model_bytes):
+            self.model = model_bytes
+
+    class Yielding(dict):
+        def pop(self, *args):
+            os.sched_yield()  # let another thread in between choosing an entry and taking it
+            return super().pop(*args)
+
+    monkeypatch.setattr(F, "Session", Fake)  # the cache only: building real sessions would hide the races
+    monkeypatch.setattr(F, "_SESSIONS", Yielding())
+    monkeypatch.setattr(F, "_CACHE_SIZE", 3)
+    models = [bytes([i]) * 4096 for i in range(7)]
+    errors, wrong = [], []
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(5000):
+                model = rng.choice(models)
+                if F._session(model).model != model:
+                    wrong.append(model[:1])
+        except Exception as exc:  # noqa: BLE001 - a torn dict raises KeyError or RuntimeError here
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and wrong == []
+    assert len(F._SESSIONS) == 3
+    assert all(F._SESSIONS[key].model in models for key in F._SESSIONS)
+
+
+def test_fusion_sessions_take_the_serving_options():
+    from skyfuse.serving import session
+
+    opts = F.Session(linear_member(np.eye(4, 3), np.zeros(3)))._session.get_session_options()
+    expected = session.options(1)
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+    assert (opts.graph_optimization_level, opts.execution_mode, opts.log_severity_level) == (
+        expected.graph_optimization_level, expected.execution_mode, expected.log_severity_level)
+    for entry in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert opts.get_session_config_entry(entry) == "0"

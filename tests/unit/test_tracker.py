@@ -1,6 +1,8 @@
 """The delivery bookkeeping: lanes, retries, and commits that never pass an unfinished record."""
+import pytest
+
 from skyfuse.bus.base import Record
-from skyfuse.runtime.tracker import Backoff, Pending, Tracker
+from skyfuse.runtime.tracker import Backoff, Pending, Tracker, lane
 
 
 def rec(offset, partition=0, key=b"k"):
@@ -97,3 +99,46 @@ def test_backoff_grows_exponentially_within_the_cap_with_full_jitter():
         delays = [backoff.delay(attempts) for _ in range(300)]
         assert 0 <= min(delays) and max(delays) <= cap
         assert max(delays) > cap * 0.8  # jitter spans the whole range
+
+
+def test_the_lane_rule():
+    assert lane("partition", "t", 0, b"a", 5) == lane("partition", "t", 0, b"b", 6)
+    assert lane("partition", "t", 0, b"a", 5) != lane("partition", "t", 1, b"a", 5)
+    assert lane("key", "t", 0, b"a", 5) == lane("key", "t", 0, b"a", 6) != lane("key", "t", 0, b"b", 5)
+    assert lane("key", "t", 0, b"a", 5) != lane("key", "t", 1, b"a", 5)
+    assert lane("unordered", "t", 0, b"a", 5) != lane("unordered", "t", 0, b"a", 6)
+    with pytest.raises(ValueError, match="'fifo' is not one of"):
+        lane("fifo", "t", 0, b"a", 5)
+
+
+@pytest.mark.parametrize("ordering, tried, failed", [("partition", [0, 3], [0, 1, 2]), ("key", [0, 1, 3], [0, 2]),
+                                                     ("unordered", [0, 1, 2, 3], [0])])
+def test_a_lambda_kafka_batch_skips_what_waits_behind_a_failure_in_its_lane(tmp_path, ordering, tried, failed):
+    """The Lambda side keeps the same lanes as the local host: offset 0 (key a) fails; offset 2
+    (key a) waits behind it under "key" and "partition", offset 1 (key b) only under "partition"."""
+    from skyfuse import config, contracts, events
+    from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event, process_kafka_batch
+    from skyfuse.runtime.function import Runtime, hosted
+
+    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
+                                 "SKYFUSE_SIGNING__ENABLED": "false"})
+    records, ids = [], {}
+    for offset, (partition, key) in enumerate([(0, b"a"), (0, b"b"), (0, b"a"), (1, b"a")]):
+        event = events.new_event("placement.changed", contracts.sample("placement.changed"),
+                                 source="skyfuse://aws/scheduler")
+        _, value, headers = events.encode(event)
+        records.append(Record("t", partition, offset, key, value, headers))
+        ids[event["id"]] = offset
+    seen = []
+
+    def handle(event, runtime):
+        seen.append(ids[event["id"]])
+        if ids[event["id"]] == 0:
+            raise RuntimeError("fails")
+
+    runtime = Runtime("aws", "deployer", fleet, settings=config.Function(ordering=ordering))
+    with hosted(runtime):
+        response = process_kafka_batch("deployer", handle, kafka_event(records, "127.0.0.1:9092"),
+                                       LambdaContext("deployer"))
+    assert seen == tried
+    assert sorted(f["itemIdentifier"]["offset"] for f in response["batchItemFailures"]) == failed

@@ -1,6 +1,6 @@
 """Lambda entry points of the timer-driven cores (EventBridge Scheduler `Schedule` events).
 
-The local fleet plays these with `skyfuse.runtime.fleet.TimerHost`, which calls a core's
+The local fleet plays these with `skyfuse.dev.fleet.TimerHost`, which calls a core's
 `on_timer(runtime)` every `training.timer_s`; on AWS a `rate(1 minute)` schedule calls these.
 The scheduled event's payload carries nothing the cores need, so it is ignored.
 """

@@ -22,10 +22,11 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from skyfuse import config
 from skyfuse.bus.base import Bus, Consumer, Headers, Record, RevokeListener, TopicPartition
+from skyfuse.errors import Failure
 from skyfuse.redact import MARK, redact
 
 
-class KafkaUnavailable(ConnectionError):
+class KafkaUnavailable(Failure, ConnectionError):
     """No client could connect to the brokers; the message says which step failed and which key to check."""
 
 

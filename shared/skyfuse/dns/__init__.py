@@ -1,4 +1,4 @@
-"""Weighted DNS, the front door of the real clouds: the `router` function (services/router) keeps
+"""Weighted DNS, the front door of the real clouds: the `router` function keeps
 one name's weighted records equal to the newest placement. `records` is the pure mapping; a
 backend reads and changes one provider's records (only Route 53 here; Azure Traffic Manager and
 Google Cloud DNS are in the deploy templates, infra/README.md "DNS front door")."""

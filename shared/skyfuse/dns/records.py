@@ -9,13 +9,17 @@ the others their share of it, so the ratios are kept; a placed cloud never round
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+from skyfuse.errors import InvalidInput
 
 MAX_WEIGHT = 255  # Route 53's largest weight
 
 
-class DnsError(ValueError):
+class DnsError(InvalidInput):
     """A record set that cannot be made from this config; the message names the key to change."""
 
 
@@ -42,7 +46,7 @@ class Change:
     record: Record
 
 
-def weights(placements: list[dict], clouds: list[str]) -> dict[str, int]:
+def weights(placements: Sequence[Mapping[str, Any]], clouds: list[str]) -> dict[str, int]:
     """cloud → integer weight 0..255 for every cloud in `clouds`, from the placement's fractions."""
     share = {p["cloud"]: float(p["weight"]) for p in placements}
     top = max((share.get(c, 0.0) for c in clouds), default=0.0)
@@ -65,7 +69,7 @@ def target(endpoint: str) -> tuple[str, str]:
     return ("A" if address.version == 4 else "AAAA"), str(address)
 
 
-def wanted(placements: list[dict], endpoints: dict[str, str], name: str, ttl: int) -> list[Record]:
+def wanted(placements: Sequence[Mapping[str, Any]], endpoints: dict[str, str], name: str, ttl: int) -> list[Record]:
     """The records `name` should hold for this placement; `endpoints`: configured cloud → endpoint
     URL ('' when it has none)."""
     with_endpoint = [c for c, url in endpoints.items() if url]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from skyfuse.config import Dns
 from skyfuse.dns.records import Change, Record
+from skyfuse.errors import Failure
 
 TYPES = ("A", "AAAA", "CNAME")
 
 
-class ZoneNotFound(LookupError):
+class ZoneNotFound(Failure, LookupError):
     pass
 
 

@@ -18,12 +18,14 @@ from typing import Sequence
 
 import numpy as np
 
+from skyfuse.errors import InvalidInput
+
 PARTITION_METHODS = ("iid", "stratified", "kmeans", "label-skew")
 SAMPLE_DATASETS = ("breast_cancer", "digits")
 MISSING = frozenset({"", "na", "nan", "null", "none", "n/a", "?"})
 
 
-class DataError(ValueError):
+class DataError(InvalidInput):
     """Data that cannot be used as given; the message says what is wrong and where."""
 
 

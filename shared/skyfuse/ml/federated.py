@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from skyfuse.errors import InvalidInput
+
 Weights = list  # list[np.ndarray], one per model weight, in a fixed order
 
 ENSEMBLES = ("wavg", "vote", "confidence")  # fused from one round's members; no trajectory of their own
@@ -46,7 +48,7 @@ AUTO_SERVER = ("fedavg", "fedadam", "fedyogi")
 AUTO = ENSEMBLES + AUTO_SERVER
 
 
-class FederatedError(ValueError):
+class FederatedError(InvalidInput):
     """Member weights or a state that do not fit together; the message says what differs."""
 
 

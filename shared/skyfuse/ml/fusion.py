@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from typing import Sequence
 
 import numpy as np
 import onnx
 import onnx.compose
 import onnx.version_converter
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from skyfuse.errors import InvalidInput
+from skyfuse.serving.session import open_session
 
 STRATEGIES = ("wavg", "vote", "confidence", "fedavg")  # what `fuse` builds from members alone
 # parameter-averaged graphs whose weights a server optimiser set (skyfuse.ml.federated)
@@ -51,7 +54,7 @@ MIN_OPSET = 13
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-class FusionError(ValueError):
+class FusionError(InvalidInput):
     """Members that cannot be fused as asked; the message says what differs or is wrong."""
 
 
@@ -438,14 +441,7 @@ class Session:
     """An onnxruntime session on one CPU thread, without spinning; `run(X)` -> float32 (n x k)."""
 
     def __init__(self, model_bytes: bytes):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self._session = ort.InferenceSession(bytes(model_bytes), sess_options=opts,
-                                             providers=["CPUExecutionProvider"])
+        self._session = open_session(model_bytes, threads=1)
         self.input_name = self._session.get_inputs()[0].name
         outputs = [o.name for o in self._session.get_outputs()]
         self.output_name = OUTPUT if OUTPUT in outputs else outputs[0]
@@ -459,16 +455,24 @@ class Session:
     __call__ = run
 
 
-_SESSIONS: dict[str, Session] = {}
+_SESSIONS: dict[str, Session] = {}  # sha256 of the model -> its session, most recently used last
+_SESSIONS_LOCK = threading.Lock()  # the local fleet's hosts call `predict` from several threads
 _CACHE_SIZE = 16
 
 
 def _session(model_bytes: bytes) -> Session:
     key = hashlib.sha256(model_bytes).hexdigest()
-    s = _SESSIONS.pop(key, None) or Session(model_bytes)
-    _SESSIONS[key] = s  # most recently used last
-    while len(_SESSIONS) > _CACHE_SIZE:
-        _SESSIONS.pop(next(iter(_SESSIONS)))
+    with _SESSIONS_LOCK:
+        s = _SESSIONS.pop(key, None)
+        if s is not None:
+            _SESSIONS[key] = s
+            return s
+    s = Session(model_bytes)  # outside the lock: loading takes milliseconds, other models need not wait
+    with _SESSIONS_LOCK:
+        s = _SESSIONS.pop(key, None) or s  # another thread may have loaded it meanwhile: keep one
+        _SESSIONS[key] = s
+        while len(_SESSIONS) > _CACHE_SIZE:
+            _SESSIONS.pop(next(iter(_SESSIONS)))
     return s
 
 

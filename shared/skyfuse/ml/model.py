@@ -311,6 +311,8 @@ class _Loop:
         import tensorflow as tf
 
         self.model, self.spec, self.verbose, self.rows = model, spec, verbose, len(X)
+        weights = {id(v) for v in model.weights}  # other state: random layers' seed counters
+        self.state = [(v, np.array(v.numpy())) for v in model.variables if id(v) not in weights]
         if spec.optimizer == "sgd":
             self.optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
         else:
@@ -354,6 +356,8 @@ class _Loop:
 
         for variable in self.optimizer.variables:  # a fresh optimizer: no moments, step 0
             variable.assign(tf.zeros_like(variable))
+        for variable, initial in self.state:  # Dropout draws the masks a fresh model would
+            variable.assign(initial)
         self.optimizer.learning_rate = learning_rate
         for anchor, param in zip(self.anchor, self.model.trainable_variables):
             anchor.assign(param)

@@ -25,3 +25,12 @@ def describe(headers: Headers) -> dict[str, str]:
     out = {k.removeprefix(PREFIX): v.decode(errors="replace") for k, v in headers if k.startswith(PREFIX)}
     out["event_id"] = next((v.decode() for k, v in headers if k == "ce_id"), "")
     return out
+
+
+def summary(headers: Headers) -> dict:
+    """One dead letter as `skyfuse dlq` lists it: cloud, where it came from, event id, attempts, reason."""
+    d = describe(headers)
+    where = (f"{d.get('topic')}[{d.get('partition')}]@{d.get('offset')}" if d.get("topic")
+             else "rejected by the function")
+    return {"cloud": d.get("cloud"), "from": where, "event_id": d["event_id"], "attempts": int(d.get("attempts") or 0),
+            "reason": d.get("reason")}

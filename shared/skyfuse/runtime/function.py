@@ -21,6 +21,7 @@ import orjson
 
 from skyfuse import config as fleet_config
 from skyfuse import tracing
+from skyfuse.errors import SkyfuseError
 from skyfuse.redact import redact
 from skyfuse.storage import Store, open_store
 
@@ -44,6 +45,9 @@ class JsonFormatter(logging.Formatter):
         return redact(orjson.dumps(doc, default=str).decode())
 
 
+KEEP = 1000  # recent events a runtime remembers (`Runtime.keep`): a long-running host must not grow without bound
+
+
 @dataclass
 class Runtime:
     cloud: str
@@ -60,6 +64,7 @@ class Runtime:
     # reason per record (a batch may hold the same id twice): the local host reports those
     # deliveries as "rejected", not "ok"
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    keep: int = KEEP  # the most entries each of emitted, handled, claimed_elsewhere and rejected holds
 
     @property
     def function_settings(self) -> fleet_config.Function:
@@ -113,7 +118,7 @@ class Runtime:
                 self.signer.sign(event)
             key, value, headers = events.encode(event)
             self.bus.publish(events.topic_of(event), value, key, headers)
-        _append_bounded(self.emitted, event)
+        _append_bounded(self.emitted, event, self.keep)
         return event
 
     def idempotency(self):
@@ -165,7 +170,7 @@ class Runtime:
 
         key, value, headers = events.encode(event)
         deadletter.write(self.bus, self.function, self.cloud, key, value, headers, reason)
-        if len(self.rejected) >= KEEP:  # in a real cloud nothing reads them back
+        if len(self.rejected) >= self.keep:  # in a real cloud nothing reads them back
             self.rejected.clear()
         self.rejected.setdefault(event["id"], []).append(reason)
         self.log.warning("rejected", extra={"event_id": event["id"], "reason": reason, "cloud": self.cloud,
@@ -175,18 +180,15 @@ class Runtime:
         from skyfuse import events
 
         info = events.EventInfo.of(event)
-        _append_bounded(self.handled, info.id)
+        _append_bounded(self.handled, info.id, self.keep)
         self.log.info(note, extra={"event_id": info.id, "event_type": info.type, "trace_id": info.trace_id,
                                    "cloud": self.cloud, "function": self.function})
 
 
-KEEP = 1000  # recent events a runtime remembers: a long-running host must not grow without bound
-
-
-def _append_bounded(items: list, item) -> None:
+def _append_bounded(items: list, item, keep: int) -> None:
     items.append(item)
-    if len(items) > KEEP:
-        del items[: len(items) - KEEP]
+    if len(items) > keep:
+        del items[: len(items) - keep]
 
 
 _current: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar("skyfuse_runtime", default=None)
@@ -222,7 +224,7 @@ def current(function: str) -> Runtime:
 Handler = Callable[["CloudEvent", Runtime], None]
 
 
-class Rejected(Exception):
+class Rejected(SkyfuseError):
     """Raised by a handler core for an event that will never succeed (bad shard, failed parity):
     the entry point dead-letters it with this reason instead of letting the trigger retry it."""
 
@@ -252,7 +254,7 @@ def run_handler(handle: Handler, event: CloudEvent, runtime: Runtime) -> None:
             return
         except InProgress as exc:
             tracing.outcome(span, "deferred", str(exc))
-            if len(runtime.claimed_elsewhere) >= 1000:  # in a real cloud no local host reads them back
+            if len(runtime.claimed_elsewhere) >= runtime.keep:  # in a real cloud no local host reads them back
                 runtime.claimed_elsewhere.clear()
             runtime.claimed_elsewhere[event["id"]] = exc.retry_after_s
             raise

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Literal
 
 from skyfuse import contracts, events
 from skyfuse.bus.base import Bus, Record, TopicPartition
@@ -28,6 +28,10 @@ from skyfuse.runtime.tracker import Backoff, Pending, Tracker
 log = logging.getLogger("skyfuse.host")
 
 
+# "rejected": dead-lettered by the function itself; "dead-lettered": by the host, after its retries
+DeliveryResult = Literal["ok", "rejected", "retry", "dead-lettered"]
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One record's fate in one invocation, for logs and the CLI."""
@@ -38,7 +42,7 @@ class Delivery:
     record: Record
     event_type: str
     event_id: str
-    result: str  # "ok", "rejected" (dead-lettered by the function itself), "retry" or "dead-lettered" (by the host)
+    result: DeliveryResult
     attempts: int
     reason: str = ""
 
@@ -262,7 +266,7 @@ class FunctionHost:
         self.tracker.finish(pending)
         self._tell(pending, "dead-lettered", reason)
 
-    def _tell(self, pending: Pending, result: str, reason: str = "") -> None:
+    def _tell(self, pending: Pending, result: DeliveryResult, reason: str = "") -> None:
         event = pending.event
         delivery = Delivery(
             self.cloud, self.function, self.invoker.shape, pending.record,

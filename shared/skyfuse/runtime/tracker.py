@@ -16,6 +16,18 @@ from skyfuse.bus.base import Record, TopicPartition
 Ordering = Literal["partition", "key", "unordered"]
 
 
+def lane(ordering: Ordering, topic: str, partition: int, key: bytes | None, offset: int) -> tuple:
+    """The lane of a record: its partition, its key within the partition, or itself alone. Every
+    place that keeps records in order (the local host's tracker, the Lambda Kafka batch) asks here."""
+    if ordering == "partition":
+        return topic, partition
+    if ordering == "key":
+        return topic, partition, key
+    if ordering == "unordered":
+        return topic, partition, offset
+    raise ValueError(f"ordering {ordering!r} is not one of partition, key, unordered")
+
+
 @dataclass
 class Pending:
     record: Record
@@ -56,13 +68,9 @@ class Tracker:
         record = pending.record
         self.partitions.setdefault(record.tp, {})[record.offset] = pending
 
-    def lane(self, pending: Pending):
+    def lane(self, pending: Pending) -> tuple:
         r = pending.record
-        if self.ordering == "partition":
-            return r.tp
-        if self.ordering == "key":
-            return (r.tp, r.key)
-        return (r.tp, r.offset)
+        return lane(self.ordering, r.topic, r.partition, r.key, r.offset)
 
     def lanes(self) -> dict[object, list[Pending]]:
         """Unfinished records per lane, in offset order."""

@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from skyfuse.errors import InvalidInput
 from skyfuse.scheduling.metrics import format_time
 
 
-class TooOld(ValueError):
+class TooOld(InvalidInput):
     """A sample further behind the clock than `max_lag_s`."""
 
 

@@ -44,11 +44,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Iterable, Mapping
 
+from skyfuse.errors import InvalidInput
+
 SOURCES = ("inference", "monitor")
 RESOURCES = ("cpu_utilisation", "memory_utilisation", "network_bytes_per_s")  # optional, null when not measured
 
 
-class SampleError(ValueError):
+class SampleError(InvalidInput):
     """A `metrics.sampled` data object that cannot be used; `field` names the culprit."""
 
     def __init__(self, field_name: str, message: str):

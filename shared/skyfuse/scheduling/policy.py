@@ -69,7 +69,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 from skyfuse.scheduling.metrics import RESOURCES, CloudView, MetricsState, Sample, format_time
 
@@ -239,12 +239,17 @@ class Placement:
         return {"cloud": self.cloud, "weight": self.weight, "replicas": self.replicas}
 
 
+# the first placement, one away from a cloud that broke, one to a better cloud, or a new version
+# that keeps or starts a placement
+DecisionKind = Literal["initial", "failover", "move", "model"]
+
+
 @dataclass(frozen=True)
 class Decision:
     """A placement change, with everything it was based on."""
 
     at: float  # epoch seconds
-    kind: str  # "initial", "failover", "move", or "model" (a new version keeps or starts a placement)
+    kind: DecisionKind
     lambda_: float
     demand_rps: float
     scores: tuple[Score, ...]
@@ -504,13 +509,13 @@ class Policy:
         return self._adopt(state, now, "move", best, scores, load, reason)
 
     def place(self, state: State, now: float, serving: tuple[Placement, ...], reason: str,
-              kind: str = "model") -> Decision:
+              kind: DecisionKind = "model") -> Decision:
         """Adopt `serving` at `now` for a reason outside the metrics (a new model version keeps
         or starts its placement): scored like any decision, and the dwell clocks restart."""
         scores, load = self.score(state, now)
         return self._adopt(state, now, kind, serving, scores, load, reason)
 
-    def _adopt(self, state: State, now: float, kind: str, best: tuple[Placement, ...], scores: list[Score],
+    def _adopt(self, state: State, now: float, kind: DecisionKind, best: tuple[Placement, ...], scores: list[Score],
                load: float, reason: str) -> Decision:
         previous = tuple(p for p in state.placements if p.weight > 0)
         kept = {p.cloud for p in best}

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from skyfuse.errors import InvalidInput
 from skyfuse.scheduling.metrics import Sample, SampleError, as_sample, format_time, parse_time
 from skyfuse.scheduling.policy import CloudSpec, Decision, Policy, PolicyConfig, StaticPolicy, fleet_clouds, greedy
 
-SHIPPED_TRACE = Path(__file__).resolve().parents[3] / "bench" / "traces" / "day.jsonl"
 START = "2025-01-14T00:00:00Z"
 PROBES_PER_S = 0.2  # the monitor's probe rate on an idle cloud
 
@@ -115,7 +115,7 @@ def generate_trace(hours: float = 24, step_s: float = 60, seed: int = 0, *, star
 
 # -- trace files ----------------------------------------------------------------------------------
 
-class TraceError(ValueError):
+class TraceError(InvalidInput):
     """A bad trace line; the message names the file, line and field."""
 
 
@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m skyfuse.scheduling.simulate",
                                      description="Compare the placement policy with its baselines on a metrics trace.")
-    parser.add_argument("trace", nargs="?", default=str(SHIPPED_TRACE), help="JSON lines of metrics.sampled data")
+    parser.add_argument("trace", nargs="?", help="JSON lines of metrics.sampled data (default: the generated day, "
+                                                 "what bench/traces/day.jsonl holds)")
     parser.add_argument("--write", metavar="PATH", help="write the generated day trace to PATH and exit")
     parser.add_argument("--decisions", action="store_true", help="also list the policy's decisions")
     args = parser.parse_args(argv)
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(write_trace(generate_trace(), args.write))
         return 0
     try:
-        trace = load_trace(args.trace)
+        trace = load_trace(args.trace) if args.trace else generate_trace()
     except (OSError, TraceError) as exc:
         parser.exit(2, f"error: {exc}\n")
     results = compare(trace)

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import orjson
 
+from skyfuse.serving import routes
 from skyfuse.serving.model import ModelSlot
 
 MAX_ROWS = 1000
@@ -298,6 +299,52 @@ def _error_response(text: str) -> dict:
     return {"description": text, "content": {CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+def _paths(limits: Limits) -> dict:
+    """The paths of `routes.ROUTES`: method, operationId and summary from the table, the request and
+    responses of each route from here (a route without them, or them without a route, fails)."""
+    bodies = {
+        "predict": {
+            "requestBody": {"required": True, "content": {CONTENT_TYPE: {
+                "schema": {"$ref": "#/components/schemas/PredictRequest"},
+                "example": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}}},
+            "responses": {
+                "200": {"description": "One prediction per row, in order", "content": {CONTENT_TYPE: {
+                    "schema": {"oneOf": [{"$ref": "#/components/schemas/PredictRecords"},
+                                         {"$ref": "#/components/schemas/PredictCompact"}]}}}},
+                "400": _error_response("The body is not a valid request; `error` says what is wrong"),
+                "413": _error_response(f"The body is over {limits.max_body_bytes} bytes"),
+                "415": _error_response("The content type is not JSON"),
+                "503": _error_response("No model is loaded yet"),
+            }},
+        "health": {
+            "responses": {"200": {"description": "A model is being served", "content": {CONTENT_TYPE: {
+                              "schema": {"$ref": "#/components/schemas/Health"}}}},
+                          "503": {"description": "No model loaded yet", "content": {CONTENT_TYPE: {
+                              "schema": {"$ref": "#/components/schemas/Health"}}}}}},
+        "metadata": {
+            "responses": {"200": {"description": "The served model", "content": {CONTENT_TYPE: {
+                              "schema": {"$ref": "#/components/schemas/Metadata"}}}},
+                          "503": _error_response("No model is loaded yet")}},
+        "openapi": {
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": {CONTENT_TYPE: {
+                "schema": {"type": "object"}}}}}},
+        "metrics": {
+            "responses": {"200": {"description": "Prometheus text exposition format", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}}},
+    }
+    names = [route.name for route in routes.ROUTES]
+    if sorted(bodies) != sorted(names):
+        raise RuntimeError(f"the OpenAPI bodies {sorted(bodies)} and the routes {sorted(names)} differ")
+    paths: dict = {}
+    for route in routes.ROUTES:
+        operation = {"operationId": route.name, "summary": route.summary, **bodies[route.name]}
+        if route.auth:
+            operation["responses"] = {**operation["responses"],
+                                      "401": _error_response("API keys are configured and none was given")}
+        paths.setdefault(route.path, {})[route.method.lower()] = operation
+    return paths
+
+
 @functools.lru_cache(maxsize=8)
 def _openapi(server_url: str | None, limits: Limits, model_name: str = MODEL_NAME) -> bytes:
     from skyfuse.serving import oip  # oip builds on this module
@@ -308,42 +355,7 @@ def _openapi(server_url: str | None, limits: Limits, model_name: str = MODEL_NAM
         "openapi": "3.1.0",
         "info": {"title": "skyfuse inference", "version": "1",
                  "description": "Class probabilities from the fused ONNX model this cloud serves."},
-        "paths": {
-            "/predict": {"post": {
-                "operationId": "predict", "summary": "Classify rows",
-                "requestBody": {"required": True, "content": {CONTENT_TYPE: {
-                    "schema": {"$ref": "#/components/schemas/PredictRequest"},
-                    "example": {"instances": [[5.1, 3.5, 1.4, 0.2]]}}}},
-                "responses": {
-                    "200": {"description": "One prediction per row, in order", "content": {CONTENT_TYPE: {
-                        "schema": {"oneOf": [{"$ref": "#/components/schemas/PredictRecords"},
-                                             {"$ref": "#/components/schemas/PredictCompact"}]}}}},
-                    "400": _error_response("The body is not a valid request; `error` says what is wrong"),
-                    "413": _error_response(f"The body is over {limits.max_body_bytes} bytes"),
-                    "401": _error_response("API keys are configured and none was given"),
-                    "415": _error_response("The content type is not JSON"),
-                    "503": _error_response("No model is loaded yet"),
-                }}},
-            "/health": {"get": {
-                "operationId": "health", "summary": "Serving status",
-                "responses": {"200": {"description": "A model is being served", "content": {CONTENT_TYPE: {
-                                  "schema": {"$ref": "#/components/schemas/Health"}}}},
-                              "503": {"description": "No model loaded yet", "content": {CONTENT_TYPE: {
-                                  "schema": {"$ref": "#/components/schemas/Health"}}}}}}},
-            "/metadata": {"get": {
-                "operationId": "metadata", "summary": "The served model: version, lineage, input schema",
-                "responses": {"200": {"description": "The served model", "content": {CONTENT_TYPE: {
-                                  "schema": {"$ref": "#/components/schemas/Metadata"}}}},
-                              "503": _error_response("No model is loaded yet")}}},
-            "/openapi.json": {"get": {
-                "operationId": "openapi", "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": {CONTENT_TYPE: {
-                    "schema": {"type": "object"}}}}}}},
-            "/metrics": {"get": {
-                "operationId": "metrics", "summary": "Prometheus metrics of this host (open, like /health)",
-                "responses": {"200": {"description": "Prometheus text exposition format", "content": {
-                    "text/plain": {"schema": {"type": "string"}}}}}}},
-        },
+        "paths": _paths(limits),
         "components": {"schemas": {
             "PredictRequest": {
                 "type": "object", "required": ["instances"], "additionalProperties": False,

@@ -24,8 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+from skyfuse.errors import Failure
 from skyfuse.redact import redact
 from skyfuse.serving.onnx_refs import refuse_external_data
+from skyfuse.serving.session import open_session
 from skyfuse.storage import NotFound, Store, StoreError, fetch, sha256_of
 
 POINTER_KEY = "serving/current.json"
@@ -39,16 +41,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 log = logging.getLogger("skyfuse.serving")
 
 
-def _ort():
-    """onnxruntime, imported on first use: a process that imports it and then forks (gunicorn's
-    master before its workers) gets children that abort at exit (std::system_error from its
-    static thread state), so the entry points must not import it at module level."""
-    import onnxruntime
-
-    return onnxruntime
-
-
-class ModelError(Exception):
+class ModelError(Failure):
     """A model (or pointer) that cannot be served; the message says exactly why."""
 
 
@@ -94,20 +87,6 @@ class Pointer:
         return json.dumps(doc).encode()
 
 
-def session_options(threads: int = 1):
-    """One session per process: `threads` intra-op threads, no spinning, quiet."""
-    ort = _ort()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return opts
-
-
 class LoadedModel:
     """An ONNX classifier ready to serve: `features` float32 [N, width] → `prob` float32 [N, k].
 
@@ -133,8 +112,7 @@ class LoadedModel:
         except ValueError as exc:
             raise ModelError(str(exc)) from None
         try:
-            self.session = _ort().InferenceSession(bytes(data), sess_options=session_options(threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = open_session(data, threads)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelError(f"model {version} is not a loadable ONNX model: {str(exc).strip()[:500]}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()

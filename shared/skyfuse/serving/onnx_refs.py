@@ -11,6 +11,8 @@ the `onnx` package). Field numbers are onnx.proto's.
 """
 from __future__ import annotations
 
+from skyfuse.errors import InvalidInput
+
 MODEL, GRAPH, NODE, ATTRIBUTE, TENSOR, SPARSE, TRAINING, FUNCTION = range(8)
 
 # message kind → {field number: kind of the submessage in that field}
@@ -28,7 +30,7 @@ TENSOR_NAME, TENSOR_EXTERNAL_DATA, TENSOR_DATA_LOCATION, EXTERNAL = 8, 13, 14, 1
 MAX_DEPTH = 64
 
 
-class Malformed(ValueError):
+class Malformed(InvalidInput):
     """The bytes are not a well-formed protobuf message."""
 
 

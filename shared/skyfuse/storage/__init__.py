@@ -11,8 +11,9 @@ URI (how a model crosses from one cloud's store to another's) and checks its dig
 | `az://CONTAINER[/PREFIX]` | Azure Blob Storage / Azurite (`AzureStore`, azure-storage-blob) | `$AZURE_STORAGE_CONNECTION_STRING` (or `$AZURE_STORAGE_ACCOUNT_URL` with a credential) |
 
 An object's URI is the store's URI plus its key (`s3://skyfuse-aws/runs/r1/shards/0.csv`); keys are
-`/`-separated paths. The cloud SDKs are imported only when a store of theirs is opened. Construct
-`S3Store`, `GCSStore`, `AzureStore` directly to pass the endpoint and credentials as arguments.
+`/`-separated paths, and `keys` builds every key of a run (`runs/<run>/…`, with the layout). The
+cloud SDKs are imported only when a store of theirs is opened. Construct `S3Store`, `GCSStore`,
+`AzureStore` directly to pass the endpoint and credentials as arguments.
 
 Errors are `StoreError`s: `NotFound` (no such object), `IntegrityError` (digest mismatch),
 `Unreachable` (the endpoint does not answer; for an emulator on this machine the message says to run

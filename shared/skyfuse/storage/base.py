@@ -5,8 +5,10 @@ import abc
 import hashlib
 from dataclasses import dataclass
 
+from skyfuse.errors import Failure
 
-class StoreError(Exception):
+
+class StoreError(Failure):
     """Its message is redacted when made: store errors travel into logs, events and HTTP answers."""
 
     def __init__(self, message: object = ""):

@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from skyfuse.storage import keys
 from skyfuse.storage.base import NotFound, ObjectInfo, Store, StoreError, sha256_of
 
 
@@ -18,9 +19,9 @@ class FileStore(Store):
     def split(uri: str) -> tuple[str, str]:
         """A file URI names a file; its store is the folder holding `runs/` (or the parent folder)."""
         path = uri.removeprefix("file://")
-        head, sep, tail = path.partition("/runs/")
+        head, sep, tail = path.partition(f"/{keys.ROOT}")
         if sep:
-            return f"file://{head}", f"runs/{tail}"
+            return f"file://{head}", f"{keys.ROOT}{tail}"
         parent, name = os.path.split(path)
         return f"file://{parent}", name
 

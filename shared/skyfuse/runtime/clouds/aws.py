@@ -25,6 +25,7 @@ from skyfuse import events, tracing
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
 from skyfuse.runtime.function import Handler, current, run_handler
+from skyfuse.runtime.tracker import lane
 
 LAMBDA_KAFKA = Limits(max_records=100, max_wait_s=0.5, max_bytes=6 * 1024 * 1024)
 
@@ -131,21 +132,17 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
     ordering = runtime.function_settings.ordering
     failed_lanes: set = set()
 
-    def lane(record: KafkaEventRecord):
-        if ordering == "partition":
-            return record.topic, record.partition
-        if ordering == "key":
-            return record.topic, record.partition, record.key
-        return record.topic, record.partition, record.offset
+    def lane_of(record: KafkaEventRecord) -> tuple:
+        return lane(ordering, record.topic, record.partition, record.decoded_key, record.offset)
 
     def handle_record(record: KafkaEventRecord) -> None:
-        if lane(record) in failed_lanes:
+        if lane_of(record) in failed_lanes:
             raise SkippedBehindFailure(f"{record.topic}-{record.partition}@{record.offset}")
         try:
             headers = [(name, bytes(value)) for header in record.headers for name, value in header.items()]
             run_handler(handle, events.decode(record.decoded_key, record.decoded_value, headers), runtime)
         except Exception:
-            failed_lanes.add(lane(record))
+            failed_lanes.add(lane_of(record))
             runtime.log.exception("record failed", extra={"record": f"{record.topic}-{record.partition}@{record.offset}",
                                                          "cloud": runtime.cloud, "function": function})
             raise

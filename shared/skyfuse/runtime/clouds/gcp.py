@@ -32,8 +32,9 @@ class CloudEventInvoker(Invoker):
     limits = CLOUD_RUN_EVENT
 
     def __init__(self, source: str, target: str):
-        # create_app appends the source's folder to sys.path; there, services/<fn>/azure.py would
-        # shadow the `azure` namespace package for the whole process, so put sys.path back.
+        # create_app appends the source's folder to sys.path; there, the function's Azure entry
+        # point (azure.py) would shadow the `azure` namespace package for the whole process, so put
+        # sys.path back.
         saved = list(sys.path)
         try:
             self.app = functions_framework.create_app(target=target, source=source, signature_type="cloudevent")

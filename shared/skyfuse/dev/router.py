@@ -8,15 +8,12 @@ placement followed and what each cloud answered. In the real clouds weighted DNS
 """
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
-
-from skyfuse import contracts, events, signing
+from skyfuse import contracts, events, httpclient, signing
 
 log = logging.getLogger("skyfuse.router")
 FORWARDED = ("content-type", "x-api-key", "authorization", "content-length")
@@ -67,8 +64,8 @@ class Router:
         for cloud in self.order():
             try:
                 status, answer, kind = _call(self.endpoints[cloud], method, path, body, headers)
-            except OSError as exc:
-                tried.append(f"{cloud}: {type(exc).__name__}")
+            except httpclient.HttpError as exc:
+                tried.append(f"{cloud}: {type(exc.__cause__ or exc).__name__}")
                 self._count(cloud, "refused")
                 continue
             if status >= 500:
@@ -97,14 +94,8 @@ class Router:
 
 
 def _call(base: str, method: str, path: str, body: bytes, headers: dict[str, str]):
-    parts = urlsplit(base)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        conn.request(method, parts.path + path, body or None, headers)
-        response = conn.getresponse()
-        return response.status, response.read(), response.getheader("content-type", "application/json")
-    finally:
-        conn.close()
+    answer = httpclient.request(method, base + path, body or None, headers=headers, timeout_s=30)
+    return answer.status, answer.body, answer.content_type
 
 
 class RouterServer:

@@ -1,29 +1,21 @@
-"""Every function host of the fleet, in threads of one process: what `skyfuse up` runs."""
+"""Every function host of the fleet, in threads of one process: what `skyfuse up` runs.
+
+Each function's entry points come from the project's entry point table (`skyfuse.dev.entrypoints`).
+"""
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
-from pathlib import Path
 
-import services
-from skyfuse import contracts
 from skyfuse.bus.base import Bus
 from skyfuse.config import FUNCTIONS, Fleet
+from skyfuse.contracts import event_functions
+from skyfuse.dev import entrypoints
 from skyfuse.runtime.clouds.base import Invoker
 from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.runtime.host import FunctionHost, Listener
 
 log = logging.getLogger("skyfuse.fleet")
-SERVICES = Path(services.__file__).resolve().parent
-
-
-def event_functions() -> list[str]:
-    """Functions triggered by events, in the order they appear in the catalog."""
-    seen: list[str] = []
-    for event_type in contracts.catalog().values():
-        seen.extend(f for f in event_type.consumers if f not in seen)
-    return seen
 
 
 def invoker_for(fleet: Fleet, cloud: str, function: str) -> Invoker:
@@ -33,14 +25,16 @@ def invoker_for(fleet: Fleet, cloud: str, function: str) -> Invoker:
         from skyfuse.runtime.clouds.aws import LambdaInvoker
 
         bootstrap = fleet.bus.kafka.bootstrap_servers if fleet.bus.backend == "kafka" else "embedded"
-        return LambdaInvoker(f"services.{function}.aws:lambda_handler", f"skyfuse-{function}", settings.region, bootstrap)
+        return LambdaInvoker(entrypoints.require(function, "aws").ref, f"skyfuse-{function}", settings.region,
+                             bootstrap)
     if settings.provider == "gcp":
         from skyfuse.runtime.clouds.gcp import CloudEventInvoker
 
-        return CloudEventInvoker(str(SERVICES / function / "gcp.py"), function)
+        entry = entrypoints.require(function, "gcp")
+        return CloudEventInvoker(str(entry.source()), entry.attr)
     from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
 
-    return KafkaTriggerInvoker(f"services.{function}.azure:app")
+    return KafkaTriggerInvoker(entrypoints.require(function, "azure").ref)
 
 
 def build_hosts(fleet: Fleet, bus: Bus, listener: Listener | None = None,
@@ -76,12 +70,11 @@ class TimerHost:
 
 def build_timers(fleet: Fleet, bus: Bus, functions: list[str] | None = None,
                  clouds: list[str] | None = None) -> list[TimerHost]:
-    """A timer for every function whose core has `on_timer` (the fuser's quorum check, the monitor)."""
+    """A timer for every function with a `<function>.timer` entry point (the fuser's quorum check, the monitor)."""
     timers = []
     for function in functions or FUNCTIONS:
-        if not (SERVICES / function / "handler.py").exists():
-            continue
-        on_timer = getattr(importlib.import_module(f"services.{function}.handler"), "on_timer", None)
+        entry = entrypoints.get(function, "timer")
+        on_timer = entry.load() if entry else None
         for cloud in fleet.clouds_for(function) if on_timer else ():
             if clouds is None or cloud in clouds:
                 timers.append(TimerHost(bus, fleet, cloud, function, on_timer, fleet.training.timer_s))

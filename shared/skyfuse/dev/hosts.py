@@ -1,24 +1,24 @@
 """Run each cloud's inference entry point behind a real HTTP server on 127.0.0.1, as a subprocess.
 
-| provider | server | serves |
-| --- | --- | --- |
-| aws | uvicorn (uvloop, httptools): Powertools `HttpResolverLocal` routes of `services.inference.aws` | `/predict`, … |
-| gcp | functions-framework's ASGI mode (gunicorn, uvicorn workers; `WORKERS`): `services/inference/gcp.py`, target `inference` | `/predict`, … |
-| azure | uvicorn (uvloop, httptools): `services.inference.azure_host`, the v2 `FunctionApp` of `services.inference.azure` | `/api/predict`, … |
+| provider | server | app (entry point, `skyfuse.dev.entrypoints`) | routes |
+| --- | --- | --- | --- |
+| aws | uvicorn (uvloop, httptools) | `inference.aws`: Powertools' `HttpResolverLocal` as ASGI | `/predict`, … |
+| gcp | functions-framework's ASGI mode (gunicorn, uvicorn workers; `WORKERS`) | `inference.gcp`: its file, its target | `/predict`, … |
+| azure | uvicorn (uvloop, httptools) | `inference.azure`: the factory over the v2 `FunctionApp` | `/api/predict`, … |
 
 Production servers only (never Flask's development server), each started through
-`skyfuse.serving.launch` (the server and the app imported with the garbage collector off: a
-shorter cold start). The serving process finds its cloud and store in its environment:
-`SKYFUSE_CLOUD=<name>` and the fleet config (`SKYFUSE_CONFIG`, or
+`skyfuse.dev.launch` (the server and the app imported with the garbage collector off: a
+shorter cold start). The server runs in this process's working directory, with the folders this
+process imports skyfuse and the entry points from on its PYTHONPATH. It finds its cloud and store
+in its environment: `SKYFUSE_CLOUD=<name>` and the fleet config (`SKYFUSE_CONFIG`, or
 `SKYFUSE_CLOUDS__<NAME>__STORE=file:///…`). `start` returns once GET /health answers (200 with a
 model, 503 before one); `Host.stop` sends SIGTERM to the server's process group, then SIGKILL
 after a timeout (gunicorn workers holding an onnxruntime session may not exit on SIGTERM).
 
-    python -m skyfuse.serving.hosts aws --port 8081      # run one in the foreground
+    python -m skyfuse.dev.hosts aws --port 8081      # run one in the foreground
 """
 from __future__ import annotations
 
-import http.client
 import os
 import signal
 import socket
@@ -29,13 +29,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import skyfuse
+from skyfuse import httpclient
+from skyfuse.dev import entrypoints
+from skyfuse.errors import Failure
+
 PROVIDERS = ("aws", "gcp", "azure")
-REPO = Path(__file__).resolve().parents[3]
 BASE_PATH = {"aws": "", "gcp": "", "azure": "/api"}
+FUNCTION = "inference"
 
 
-class HostError(RuntimeError):
-    pass
+class HostError(Failure, RuntimeError):
+    """A server that would not start or answer; the message carries the end of its log."""
 
 
 def free_port() -> int:
@@ -53,25 +58,35 @@ def command(provider: str, port: int, workers: int | None = None) -> list[str]:
         uvicorn += ["--workers", str(workers)]
     # uvicorn's --workers > 1 import the app in processes of their own: nothing to import before
     own_app = not workers or workers == 1
+    if provider not in PROVIDERS:
+        raise HostError(f"unknown cloud provider {provider!r}; one of {', '.join(PROVIDERS)}")
+    entry = entrypoints.require(FUNCTION, provider)
     if provider == "aws":
-        return _launched(["services.inference.aws"] if own_app else [],
-                         "uvicorn", "services.inference.aws:asgi", *uvicorn)
-    if provider == "azure":
-        return _launched(["services.inference.azure_host", "services.inference.azure"] if own_app else [],
-                         "uvicorn", "services.inference.azure_host:create_app", "--factory", *uvicorn)
-    if provider == "gcp":  # gunicorn's master imports the app, then forks the workers
-        return _launched(["functions_framework._http.gunicorn", "functions_framework.aio", "uvicorn_worker",
-                          "services.inference.handler"],
-                         "functions_framework", "--asgi", "--target", "inference",
-                         "--source", str(REPO / "services" / "inference" / "gcp.py"), "--signature-type", "http",
-                         "--host", "127.0.0.1", "--port", str(port))
-    raise HostError(f"unknown cloud provider {provider!r}; one of {', '.join(PROVIDERS)}")
+        return _launched([entry.module] if own_app else [], "uvicorn", entry.ref, *uvicorn)
+    if provider == "azure":  # the entry point is the app factory
+        return _launched([entry.module] if own_app else [], "uvicorn", entry.ref, "--factory", *uvicorn)
+    # gcp: gunicorn's master imports the app (not before: the app prepares the workers' metrics
+    # first), then forks the workers; the core, with onnxruntime, is imported ahead of it
+    core = entrypoints.get(FUNCTION, "core")
+    return _launched(["functions_framework._http.gunicorn", "functions_framework.aio", "uvicorn_worker",
+                      *([core.module] if core else [])],
+                     "functions_framework", "--asgi", "--target", entry.attr,
+                     "--source", str(entry.source()), "--signature-type", "http",
+                     "--host", "127.0.0.1", "--port", str(port))
 
 
 def _launched(preload: list[str], server: str, *args: str) -> list[str]:
-    """`python -m server args`, started by `skyfuse.serving.launch`: the server and `preload` are
+    """`python -m server args`, started by `skyfuse.dev.launch`: the server and `preload` are
     imported with the garbage collector off, which takes about a tenth off the cold start."""
-    return [sys.executable, "-m", "skyfuse.serving.launch", *preload, "--", server, *args]
+    return [sys.executable, "-m", "skyfuse.dev.launch", *preload, "--", server, *args]
+
+
+def import_path(provider: str) -> list[str]:
+    """The folders this process imports skyfuse and `provider`'s inference entry point from: the
+    server imports the same code, installed or not."""
+    roots = [str(Path(skyfuse.__file__).resolve().parent.parent),
+             str(entrypoints.require(FUNCTION, provider).import_root())]
+    return list(dict.fromkeys(roots))
 
 
 @dataclass
@@ -126,16 +141,11 @@ class Host:
         self.stop()
 
 
-def _answers(port: int, path: str) -> tuple[int, bytes] | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+def _answers(port: int, path: str) -> httpclient.Answer | None:
     try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    except OSError:
+        return httpclient.request("GET", f"http://127.0.0.1:{port}{path}", timeout_s=2)
+    except httpclient.HttpError:
         return None
-    finally:
-        conn.close()
 
 
 def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | None = None, *,
@@ -151,7 +161,7 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
         child.pop("DEBUG", None)  # --debug would select Flask's development server
         if workers:
             child["WORKERS"] = str(workers)
-    child["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "shared"), child.get("PYTHONPATH")) if p)
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (*import_path(cloud_provider), child.get("PYTHONPATH")) if p)
     log_path = Path(log_dir or tempfile.mkdtemp(prefix="skyfuse-host-")) / f"{cloud_provider}-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if cloud_provider == "gcp":  # gunicorn >= 23 opens a control socket in $XDG_RUNTIME_DIR, else ~/.gunicorn
@@ -159,7 +169,7 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
         run_dir.mkdir(exist_ok=True)
         child["XDG_RUNTIME_DIR"] = str(run_dir)
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(argv, cwd=REPO, env=child, stdin=subprocess.DEVNULL, stdout=log_file,
+        process = subprocess.Popen(argv, env=child, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     base = BASE_PATH[cloud_provider]
     host = Host(cloud_provider, port, f"http://127.0.0.1:{port}{base}", process, log_path, argv)
@@ -171,11 +181,11 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
                             f"command: {' '.join(argv)}\n{host.log()[-4000:]}")
         answer = _answers(port, f"{base}/health")
         if answer is not None:
-            if answer[0] in (200, 503):  # serving, or up and waiting for its first model
+            if answer.status in (200, 503):  # serving, or up and waiting for its first model
                 return host
             host.stop()
-            raise HostError(f"{cloud_provider} server answered GET {base}/health with {answer[0]}: "
-                            f"{answer[1][:500]!r}\n{host.log()[-4000:]}")
+            raise HostError(f"{cloud_provider} server answered GET {base}/health with {answer.status}: "
+                            f"{answer.body[:500]!r}\n{host.log()[-4000:]}")
         if time.monotonic() > deadline:
             host.stop()
             raise HostError(f"{cloud_provider} server did not answer GET {base}/health within {timeout_s:.0f} s\n"
@@ -186,7 +196,7 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m skyfuse.serving.hosts", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m skyfuse.dev.hosts", description=__doc__.split("\n")[0])
     parser.add_argument("provider", choices=PROVIDERS)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)

@@ -1,7 +1,7 @@
 """Run a server module as `python -m` does, after importing what it will import with Python's
-garbage collector off: a faster cold start for the local hosts (`skyfuse.serving.hosts`).
+garbage collector off: a faster cold start for the local hosts (`skyfuse.dev.hosts`).
 
-    python -m skyfuse.serving.launch services.inference.aws -- uvicorn services.inference.aws:asgi --port 8081
+    python -m skyfuse.dev.launch MODULE ... -- uvicorn MODULE:APP --port 8081
 
 A server's start makes tens of thousands of objects (modules, classes, schemas) that live as long
 as the process, and almost no garbage: the collector's passes over them while they are imported
@@ -22,7 +22,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv or argv.index("--") == len(argv) - 1:
-        raise SystemExit("usage: python -m skyfuse.serving.launch [MODULE ...] -- SERVER_MODULE [ARG ...]")
+        raise SystemExit("usage: python -m skyfuse.dev.launch [MODULE ...] -- SERVER_MODULE [ARG ...]")
     split = argv.index("--")
     preload, (server, *args) = argv[:split], argv[split + 1:]
     gc.disable()

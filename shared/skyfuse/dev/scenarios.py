@@ -15,15 +15,21 @@ serving, each decision with its reason.
 """
 from __future__ import annotations
 
-import http.client
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import urlsplit
+
+from typing import TYPE_CHECKING
 
 import orjson
+
+from skyfuse import httpclient
+from skyfuse.errors import Failure
+
+if TYPE_CHECKING:
+    from skyfuse.dev.runs import RunContext
 
 FULL_BATCH = 1_000_000  # at least the rows of any shard: every step sees the whole shard (gradient descent)
 WEIGHTS = (0.3, 0.3, 0.4)
@@ -63,10 +69,10 @@ def worked_example(clouds: list[str], seed: int = 0):
     from sklearn.datasets import make_classification
 
     from skyfuse.ml.data import Dataset
-    from skyfuse.training import Plan
+    from skyfuse.training import Plan, PlanError
 
     if len(clouds) < 3:
-        raise ValueError(f"the worked example needs three clouds; the config has {len(clouds)} ({', '.join(clouds)})")
+        raise PlanError(f"the worked example needs three clouds; the config has {len(clouds)} ({', '.join(clouds)})")
     clouds = clouds[:3]
     X, y = make_classification(n_samples=5000, n_features=FEATURES, n_informative=6, n_redundant=2, n_classes=2,
                                class_sep=1.0, random_state=seed)
@@ -86,9 +92,8 @@ class Caller:
     """Calls one endpoint's /predict in a loop on its own connection until stopped."""
 
     def __init__(self, url: str, body: bytes, api_key: str | None):
-        parts = urlsplit(url)
-        self.port, self.path, self.body = parts.port, f"{parts.path}/predict", body
-        self.headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+        self.url, self.body = url, body
+        self.headers = {**httpclient.JSON_HEADERS, **({"x-api-key": api_key} if api_key else {})}
         self.answers: dict[int, int] = {}
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -102,20 +107,14 @@ class Caller:
         self.thread.join(10)
 
     def _run(self) -> None:
-        conn = None
-        while not self.stopping.is_set():
-            try:
-                conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("POST", self.path, self.body, self.headers)
-                response = conn.getresponse()
-                response.read()
-                self.answers[response.status] = self.answers.get(response.status, 0) + 1
-            except OSError:
-                self.answers[0] = self.answers.get(0, 0) + 1
-                conn = None
-                self.stopping.wait(0.1)
-        if conn:
-            conn.close()
+        with httpclient.Connection(self.url, timeout_s=10) as conn:  # reconnects after a failure
+            while not self.stopping.is_set():
+                try:
+                    status = conn.request("POST", "/predict", self.body, self.headers).status
+                except httpclient.HttpError:
+                    status = 0
+                    self.stopping.wait(0.1)
+                self.answers[status] = self.answers.get(status, 0) + 1
 
 
 @dataclass
@@ -195,9 +194,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def load_step(ctx) -> dict:
+def load_step(ctx: RunContext) -> dict:
     """Take a baseline of every cloud, step the load up on the serving one until serving moves, then stop."""
-    from skyfuse import contracts, local, training
+    from skyfuse import contracts, training
+    from skyfuse.dev import local
 
     fleet, console = ctx.fleet, ctx.console
     version = ctx.progress.fused["version"]
@@ -262,5 +262,5 @@ def load_step(ctx) -> dict:
                          "load_answers": load_answers}}
 
 
-class ScenarioError(RuntimeError):
+class ScenarioError(Failure, RuntimeError):
     """The scenario could not show what it is for; the message says what was missing."""

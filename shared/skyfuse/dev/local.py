@@ -14,7 +14,7 @@ import orjson
 
 from skyfuse.bus.base import Bus
 from skyfuse.config import Fleet
-from skyfuse.runtime.fleet import Fabric, build_hosts, build_timers
+from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.host import Listener
 from skyfuse.serving import api
 from skyfuse.storage import open_store
@@ -74,7 +74,7 @@ class LocalFleet:
         self.fleet, self.bus, self.listener = fleet, bus, listener
         self.functions, self.clouds, self.serve = functions, clouds or list(fleet.clouds), serve
         self.metrics_port = metrics_port  # 0: the function hosts' /metrics is off
-        self.router_port = router_port  # 0: no front door (skyfuse.serving.router)
+        self.router_port = router_port  # 0: no front door (skyfuse.dev.router)
         self.router = None
         self.servers: dict[str, object] = {}
         self.fabric: Fabric | None = None
@@ -103,7 +103,7 @@ class LocalFleet:
 
     def _serve(self) -> None:
         """Each cloud's inference server, then the router in front of them; endpoints.json says where."""
-        from skyfuse.serving import hosts
+        from skyfuse.dev import hosts
 
         for cloud in self.clouds:
             settings = self.fleet.clouds[cloud]
@@ -113,7 +113,7 @@ class LocalFleet:
             self.servers[cloud] = server
             settings.endpoint = server.url  # the deployer reports it in deployment.status
         if self.router_port:
-            from skyfuse.serving.router import Placement, Router, RouterServer
+            from skyfuse.dev.router import Placement, Router, RouterServer
 
             endpoints = {c: s.url for c, s in self.servers.items()}
             self.router = RouterServer(Router(endpoints, Placement(self.fleet, self.bus)), self.router_port).start()

@@ -1,0 +1,42 @@
+"""The `skyfuse` command line (typer): one module per command or group of commands, each parsing
+its options and handing the work to the library; `common` holds what they share (the app, the
+consoles, exit codes, the fleet config and bus), `tables` the tables they print.
+
+    skyfuse = "skyfuse.cli:app"     (pyproject.toml [project.scripts]; also `python -m skyfuse.cli`)
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from skyfuse.cli.common import app, options
+from skyfuse.runtime.function import JsonFormatter
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        print(f"skyfuse {version('skyfuse')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(config: Annotated[Optional[str], typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs of every delivery on stderr.")] = False,
+         version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                               callback=_version)] = False):
+    options.config_path = config
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, handlers=[handler], force=True)
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # kafka-python is chatty about reconnects
+
+
+# Each module registers its commands on `app`, in the order `skyfuse --help` lists them.
+from skyfuse.cli import publish, up, status, selftest, train, report, predict, simulate, keys  # noqa: E402,F401
+
+__all__ = ["app"]
