@@ -35,8 +35,9 @@ import time
 import uuid
 from pathlib import Path
 
-import harness  # puts the project's modules on sys.path
 from cloudevents.http import CloudEvent
+
+import harness  # puts the project's modules on sys.path
 from skyfuse import config, contracts, events, signing
 from skyfuse.bus import open_bus
 from skyfuse.bus.base import Consumer

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import harness
 import orjson
+
+import harness
 from skyfuse.dev import hosts
 from skyfuse.serving import testing
 from skyfuse.serving.model import publish

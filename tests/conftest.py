@@ -3,7 +3,7 @@ fail with the command to run, never skip."""
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
@@ -43,9 +43,9 @@ def shifted_wall_clock(request):
     if not days:
         yield None
         return
-    target = datetime.now(timezone.utc) + timedelta(days=days)
+    target = datetime.now(UTC) + timedelta(days=days)
     with time_machine.travel(target, tick=True):
-        assert abs((datetime.now(timezone.utc) - target).total_seconds()) < 60
+        assert abs((datetime.now(UTC) - target).total_seconds()) < 60
         yield target
 
 

@@ -106,6 +106,7 @@ def _published(root: Path, seed: int = 2) -> bytes:
 
 def _check_answer(cloud: str, status: int, body: str | bytes, model: bytes) -> None:
     import numpy as np
+
     from skyfuse.serving import testing
 
     doc = json.loads(body)

@@ -13,7 +13,7 @@ versions travel in different partitions, so a late one must not roll serving bac
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import cast
 
 import orjson
@@ -98,7 +98,7 @@ def _status(runtime: Runtime, event: CloudEvent, data: PlacementChanged, state: 
     status: DeploymentStatus = {
         "decision_id": data["decision_id"], "cloud": runtime.cloud, "model_version": data["model_version"],
         "state": state, "sha256": data["sha256"],
-        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
     endpoint = runtime.fleet.clouds[runtime.cloud].endpoint
     if endpoint:

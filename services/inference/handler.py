@@ -60,7 +60,7 @@ class Settings:
     model_name: str = api.MODEL_NAME
 
     @classmethod
-    def from_env(cls, environ=None) -> "Settings":
+    def from_env(cls, environ=None) -> Settings:
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from services.monitor.probe import Probe, ResponseTimes, time_responses
 from services.monitor.signals import Reading, figures
@@ -56,7 +56,7 @@ def on_timer(runtime: Runtime) -> None:
     probed = time_responses(endpoint, settings.probes, settings.probe_timeout_s) if endpoint else ResponseTimes([], 0)
     runtime.emit("metrics.sampled", {
         "cloud": runtime.cloud, "source": "monitor", "window_s": window_s,
-        "sampled_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "sampled_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "requests": probed.sent, "requests_per_s": round(probed.sent / window_s, 3),
         "latency_ms": percentiles(probed.answered_ms),
         "error_rate": round(probed.failed / probed.sent, 4) if probed.sent else 0.0,

@@ -37,12 +37,12 @@ from skyfuse import contracts
 from skyfuse.payloads import DeploymentStatus, FusedReady, MetricsSampled
 from skyfuse.runtime.function import Runtime
 from skyfuse.runtime.idempotency import InProgress
-from skyfuse.scheduling import Placement, Policy, PolicyConfig, SampleError, Sample, parse_time
+from skyfuse.scheduling import Placement, Policy, PolicyConfig, Sample, SampleError, parse_time
 from skyfuse.scheduling.clock import EventClock, Stamp, TooOld
 from skyfuse.scheduling.policy import State
 
 _lock = threading.Lock()
-_schedulers: dict[str, "Scheduler"] = {}  # control cloud → the latest snapshot this process knows
+_schedulers: dict[str, Scheduler] = {}  # control cloud → the latest snapshot this process knows
 STATE_DIR = "scheduler/state/"
 KEEP_SNAPSHOTS = 5
 REMEMBERED_EVENTS = 1000  # ids of the latest events handled, to drop redeliveries

@@ -214,7 +214,7 @@ class Dns(Section):
         return name
 
     @model_validator(mode="after")
-    def _complete(self) -> "Dns":
+    def _complete(self) -> Dns:
         if self.provider == "none":
             return self
         problems = []
@@ -334,7 +334,7 @@ class Fleet(Section):
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
     control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
     scheduler: Scheduler = Field(default_factory=lambda: Scheduler())
-    training: "Training" = Field(default_factory=lambda: Training())
+    training: Training = Field(default_factory=lambda: Training())
     signing: Signing = Signing()
     tracing: Tracing = Tracing()
     dns: Dns = Dns()
@@ -370,7 +370,7 @@ class Fleet(Section):
         return functions
 
     @model_validator(mode="after")
-    def _fill(self) -> "Fleet":
+    def _fill(self) -> Fleet:
         for name, cloud in self.clouds.items():
             if not cloud.store:
                 cloud.store = f"file://.skyfuse/stores/{name}"

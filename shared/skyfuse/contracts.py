@@ -12,7 +12,6 @@ from pathlib import Path
 
 from skyfuse.errors import InvalidInput
 
-
 TYPE_PREFIX = "skyfuse."  # CloudEvent `type` attribute = prefix + event type name
 
 

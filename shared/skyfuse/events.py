@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -53,7 +53,7 @@ def new_event(
         "source": source,
         "type": kind.ce_type,
         "specversion": "1.0",
-        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",
         "traceparent": traceparent or (caused_by.get("traceparent") if caused_by else None) or new_traceparent(),
     }
@@ -164,7 +164,7 @@ class EventInfo:
     trace_id: str | None
 
     @classmethod
-    def of(cls, event: CloudEvent) -> "EventInfo":
+    def of(cls, event: CloudEvent) -> EventInfo:
         parent = event.get("traceparent") or ""
         parts = parent.split("-")
         return cls(event["id"], event["type"].removeprefix(contracts.TYPE_PREFIX), parts[1] if len(parts) == 4 else None)

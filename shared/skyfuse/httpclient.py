@@ -78,7 +78,7 @@ class Connection:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -24,10 +24,10 @@ import fcntl
 import hashlib
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable
 
 import orjson
 from cloudevents.http import CloudEvent

@@ -26,7 +26,7 @@ import logging
 import os
 import secrets
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -113,8 +113,8 @@ def _shown(url: str) -> str:
 def build_provider(url: str, service_name: str = "skyfuse"):
     """An SDK provider exporting to `url` (`env`: the OTEL_EXPORTER_OTLP_* variables) in batches."""
     try:
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
         where = "OTEL_EXPORTER_OTLP_ENDPOINT" if url == "env" else f"tracing.otlp_endpoint ({_shown(url)})"
         raise TracingSetupError(

@@ -6,7 +6,6 @@ handled event id is appended to that file.
 """
 import os
 import time
-from typing import List
 
 import azure.functions as func
 import functions_framework
@@ -53,7 +52,7 @@ def azure_app(topic: str) -> func.FunctionApp:
     @app.function_name("probe")
     @app.kafka_trigger(arg_name="batch", topic=topic, broker_list="KafkaBrokerList", consumer_group="probe",
                        cardinality=func.Cardinality.MANY, data_type=func.DataType.STRING)
-    def probe_trigger(batch: List[func.KafkaEvent]) -> None:
+    def probe_trigger(batch: list[func.KafkaEvent]) -> None:
         deliver_kafka_events("probe", handle, batch)
 
     return app

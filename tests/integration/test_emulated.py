@@ -31,9 +31,9 @@ def post(url, path, body, api_key=None):
 
 
 def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(tmp_path, kafka_bootstrap):
+    from skyfuse.dev.hosts import free_port
     from skyfuse.ml import data as mldata
     from skyfuse.ml import fusion
-    from skyfuse.dev.hosts import free_port
 
     env = {**os.environ, **emulation.ENVIRONMENT, "PYTHONPATH": str(REPO), "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
            "SKYFUSE_TRAINING__EPOCHS": "30", "SKYFUSE_TRAINING__ROUNDS": "2", "SKYFUSE_TRAINING__TIMER_S": "0.5",

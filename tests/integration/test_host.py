@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 
 from skyfuse import contracts, events
-from tests.conftest import signed_event
-from skyfuse.bus.base import TopicPartition
 from skyfuse.config import Function
 from skyfuse.runtime.clouds.aws import LambdaInvoker
 from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
 from skyfuse.runtime.clouds.gcp import CloudEventInvoker
 from skyfuse.runtime.host import FunctionHost
+from tests.conftest import signed_event
 from tests.functions import probe, probe_state
 
 PROVIDERS = ["aws", "gcp", "azure"]

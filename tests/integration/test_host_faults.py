@@ -2,7 +2,7 @@
 
 A failing dead-letter publish, a listener that raises, a refused offset commit, a backlog that
 arrives long after it was published, and a claim held by another instance."""
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
@@ -119,7 +119,7 @@ def test_a_backlog_record_gets_its_retries_however_old_it_is(bus, fleet, provide
     fleet = fleet.model_copy(update={"delivery": fleet.delivery.model_copy(update={"max_record_age_s": 60})})
     topic = f"faults-backlog-{uid}"
     bus.ensure_topics([topic], 1)
-    with time_machine.travel(datetime.now(timezone.utc) - timedelta(hours=2)):  # published before the outage
+    with time_machine.travel(datetime.now(UTC) - timedelta(hours=2)):  # published before the outage
         publish(bus, topic, shard_event("old"))
     probe_state.FAILING["old"] = 1  # one transient failure
     with Running(bus, fleet, provider, topic, uid) as run:

@@ -4,8 +4,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from skyfuse.runtime.metrics import HostMetrics
 from skyfuse.dev.hosts import free_port
+from skyfuse.runtime.metrics import HostMetrics
 from tests.functions import probe_state
 from tests.integration.test_host import Running, clean_probe, probe_invoker, publish, shard_event  # noqa: F401
 

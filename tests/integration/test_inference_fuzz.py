@@ -20,6 +20,7 @@ from skyfuse.serving.model import publish
 from skyfuse.storage import open_store
 from tests.integration.test_inference_hosts import host_env
 
+
 @pytest.fixture(scope="module", params=hosts.PROVIDERS)
 def host(request, tmp_path_factory):
     provider = request.param

@@ -338,7 +338,6 @@ def test_stop_ends_the_server(served):
 def guarded(request, tmp_path_factory):
     """A host with API keys configured (as digests)."""
     from skyfuse.serving.api import key_hash
-
     from skyfuse.serving.model import publish
 
     provider = request.param

@@ -24,8 +24,8 @@ from services.monitor import handler as monitor
 from services.monitor.probe import time_responses
 from skyfuse import config, contracts
 from skyfuse.bus import open_bus
-from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.dev import hosts
+from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.serving import testing
 from skyfuse.serving.model import publish
 from skyfuse.storage import open_store

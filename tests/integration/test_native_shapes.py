@@ -10,12 +10,12 @@ import pytest
 from aws_lambda_powertools.utilities.parser.models import KafkaMskEventModel, KafkaSelfManagedEventModel
 
 from skyfuse import contracts, events
-from tests.conftest import signed_event
 from skyfuse.bus.base import Record
+from skyfuse.dev.fleet import Fabric, build_hosts
 from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event
 from skyfuse.runtime.clouds.azure import decode_payload, kafka_trigger_functions, trigger_payload
-from skyfuse.dev.fleet import Fabric, build_hosts
 from skyfuse.runtime.function import Runtime, hosted
+from tests.conftest import signed_event
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 GOLDEN_ID = "7d5f0bb4-3c1e-4f0e-9d43-5c0b7c2e9a11"

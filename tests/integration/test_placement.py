@@ -3,7 +3,7 @@ deployers → a real inference server; a price rise moves serving after the dwel
 not, and a corrupted model is never swapped in."""
 import http.client
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import orjson
@@ -18,7 +18,7 @@ from skyfuse.serving.testing import classifier
 from skyfuse.storage import open_store
 from tests.conftest import fleet_env, signed_event
 
-T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -33,7 +33,8 @@ class Loop:
 
     def __init__(self, fleet):
         from services.deployer.handler import handle as deploy
-        from services.scheduler.handler import _schedulers, handle as schedule
+        from services.scheduler.handler import _schedulers
+        from services.scheduler.handler import handle as schedule
 
         _schedulers.clear()  # a fresh scheduler process
         self.fleet, self.bus = fleet, open_bus(fleet)

@@ -2,7 +2,7 @@
 same decisions whatever the date on this machine, a model announced "after" the metrics does not
 freeze placement, and one cloud's clock running an hour fast neither fast-forwards the dwell
 timers nor keeps that cloud looking alive after it stops."""
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
@@ -13,7 +13,7 @@ from skyfuse.runtime.function import Runtime, hosted, run_handler
 from skyfuse.storage import open_store
 from tests.conftest import fleet_env, signed_event
 
-T0 = datetime(2026, 11, 27, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 CLOUDS = ("aws", "gcp", "azure")
 
 

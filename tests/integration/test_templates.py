@@ -19,7 +19,6 @@ import sys
 from functools import cache
 from pathlib import Path
 
-import pytest
 import yaml
 
 from skyfuse import config, contracts

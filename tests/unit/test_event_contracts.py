@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator

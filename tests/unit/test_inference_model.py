@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from skyfuse.serving import testing
-from skyfuse.serving.model import (POINTER_KEY, LoadedModel, ModelError, ModelSlot, Pointer, PointerWatcher,
-                                   load_from_pointer, model_key, publish)
+from skyfuse.serving.model import (
+    POINTER_KEY,
+    LoadedModel,
+    ModelError,
+    ModelSlot,
+    Pointer,
+    PointerWatcher,
+    load_from_pointer,
+    model_key,
+    publish,
+)
 from skyfuse.storage import open_store, sha256_of
 
 

@@ -11,8 +11,17 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from skyfuse import config
-from skyfuse.scheduling import (CloudSpec, MetricsState, Policy, PolicyConfig, differences, format_time, greedy,
-                                parse_time, replay)
+from skyfuse.scheduling import (
+    CloudSpec,
+    MetricsState,
+    Policy,
+    PolicyConfig,
+    differences,
+    format_time,
+    greedy,
+    parse_time,
+    replay,
+)
 from skyfuse.scheduling.metrics import Ewma, Sample, SampleError
 from skyfuse.scheduling.simulate import TraceError, compare, generate_trace, load_trace, run, table, write_trace
 

@@ -3,7 +3,7 @@ check that the catalog lets it emit the type, and what fails is refused with the
 import os
 import re
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import time_machine
@@ -14,7 +14,7 @@ from skyfuse import config, contracts, events, signing
 from skyfuse.runtime.function import Runtime, hosted, run_handler
 from tests.conftest import keyed_fleet
 
-T0 = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import abc
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
-
 
 Headers = list[tuple[str, bytes]]
 

@@ -10,7 +10,8 @@ import importlib
 import socket
 import ssl
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic

@@ -25,7 +25,7 @@ def _version(shown: bool) -> None:
 
 
 @app.callback()
-def main(config: Annotated[Optional[str], typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
+def main(config: Annotated[str | None, typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs of every delivery on stderr.")] = False,
          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                                callback=_version)] = False):
@@ -37,6 +37,6 @@ def main(config: Annotated[Optional[str], typer.Option("--config", "-c", metavar
 
 
 # Each module registers its commands on `app`, in the order `skyfuse --help` lists them.
-from skyfuse.cli import publish, up, status, selftest, train, report, predict, simulate, keys  # noqa: E402,F401
+from skyfuse.cli import keys, predict, publish, report, selftest, simulate, status, train, up  # noqa: E402,F401
 
 __all__ = ["app"]

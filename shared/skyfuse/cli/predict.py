@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet
 
 @app.command(cls=Command)
 def predict(data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')],
-            cloud: Annotated[Optional[str], typer.Option("--cloud", help="Call this cloud's endpoint (default: the "
+            cloud: Annotated[str | None, typer.Option("--cloud", help="Call this cloud's endpoint (default: the "
                                                                           "router, which follows placement).")] = None):
     """Call the fleet's inference (`skyfuse up` must be running) and print its answer."""
     from skyfuse.dev import local

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import orjson
 import typer
@@ -16,7 +16,7 @@ from skyfuse.config import Fleet
 @app.command(cls=Command)
 def publish(
     event_type: Annotated[str, typer.Argument(metavar="TYPE", help="Event type, e.g. shard.ready (see `skyfuse events`).")],
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="The event data as JSON, or @FILE to read it from a file.")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="The event data as JSON, or @FILE to read it from a file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Publish the shipped sample data of this type.")] = False,
     as_: Annotated[str, typer.Option("--as", metavar="PRODUCER", help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
                                                   "its key must be in signing.keys_dir, as in a local fleet).")] = signing.CLI,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -11,9 +11,9 @@ from skyfuse.config import Fleet
 
 
 @app.command(cls=Command)
-def report(run: Annotated[Optional[list[str]], typer.Option(help="Run id, repeatable: several runs (seeds) show "
+def report(run: Annotated[list[str] | None, typer.Option(help="Run id, repeatable: several runs (seeds) show "
                                                                   "their mean and spread (default: the last run).")] = None,
-           out_dir: Annotated[Optional[Path], typer.Option("--out", metavar="FOLDER", help="Folder for report.png and report.html.")] = None):
+           out_dir: Annotated[Path | None, typer.Option("--out", metavar="FOLDER", help="Folder for report.png and report.html.")] = None):
     """Draw a run's accuracies (per shard, per strategy with the validation score that chose it,
     centralized), its time per stage and its placement timeline, as a PNG inside an HTML page."""
     from skyfuse import report as reporting

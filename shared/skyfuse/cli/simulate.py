@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ from skyfuse.cli.tables import simulation_table
 
 
 @app.command(cls=Command)
-def simulate(trace: Annotated[Optional[Path], typer.Argument(help="JSON lines of metrics.sampled data (default: the shipped day).")] = None,
+def simulate(trace: Annotated[Path | None, typer.Argument(help="JSON lines of metrics.sampled data (default: the shipped day).")] = None,
              decisions: Annotated[bool, typer.Option("--decisions", help="Also list the policy's decisions.")] = False,
              as_json: Annotated[bool, typer.Option("--json")] = False):
     """Replay a metrics trace through the placement policy and compare it with three baselines."""

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet, local_fleet_running
-from skyfuse.cli.run import (EMULATE_HELP, FUSION_HELP, PARTITION_HELP, SERVE_HELP, WEIGHTS_HELP, PlanOptions,
-                             RunOptions, launch, make_plan)
+from skyfuse.cli.run import (
+    EMULATE_HELP,
+    FUSION_HELP,
+    PARTITION_HELP,
+    SERVE_HELP,
+    WEIGHTS_HELP,
+    PlanOptions,
+    RunOptions,
+    launch,
+    make_plan,
+)
 
 SCENARIOS = ("worked-example",)
 
@@ -17,19 +26,19 @@ SCENARIOS = ("worked-example",)
 def train(
     data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a numeric feature.")],
     target: Annotated[str, typer.Option("--target", "-t", help="The label column.")],
-    clouds: Annotated[Optional[str], typer.Option(help="Comma-separated configured clouds, any number (default: every configured cloud).")] = None,
+    clouds: Annotated[str | None, typer.Option(help="Comma-separated configured clouds, any number (default: every configured cloud).")] = None,
     shards_per_cloud: Annotated[int, typer.Option("--shards-per-cloud", metavar="N", min=1, help="Shards (sub-models) each cloud trains.")] = 1,
     partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
     fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
-    weights: Annotated[Optional[str], typer.Option(metavar="CLOUD=W,...", help=WEIGHTS_HELP)] = None,
-    rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
+    weights: Annotated[str | None, typer.Option(metavar="CLOUD=W,...", help=WEIGHTS_HELP)] = None,
+    rounds: Annotated[int | None, typer.Option(help="FedAvg rounds (default from the config).")] = None,
     init: Annotated[str, typer.Option(help="random, or a .keras model to warm-start every trainer from.")] = "random",
-    model: Annotated[Optional[str], typer.Option("--model", metavar="FILE.keras|MODULE:FUNCTION", help="Your own Keras "
+    model: Annotated[str | None, typer.Option("--model", metavar="FILE.keras|MODULE:FUNCTION", help="Your own Keras "
                      "model instead of the built-in MLP: a .keras file, or MODULE:FUNCTION (a .py path or importable "
                      "module, then a function returning a compiled model). One input (None, d) of raw features, one "
                      "softmax output (None, k).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, the partition and the initial weights.")] = 0,
-    quorum_timeout: Annotated[Optional[float], typer.Option(help="Seconds the fuser waits for missing members.")] = None,
+    quorum_timeout: Annotated[float | None, typer.Option(help="Seconds the fuser waits for missing members.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead of tables.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help=SERVE_HELP)] = True,
@@ -56,9 +65,9 @@ def demo(
     dataset: Annotated[str, typer.Option(help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
     partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
     fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
-    rounds: Annotated[Optional[int], typer.Option(help="FedAvg rounds (default from the config).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="FedAvg rounds (default from the config).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    scenario: Annotated[Optional[str], typer.Option(metavar="NAME", help="worked-example: the design's example end to "
+    scenario: Annotated[str | None, typer.Option(metavar="NAME", help="worked-example: the design's example end to "
                         "end (3 × 1000 rows, N(0, 1) init, 10 GD steps, fusion 0.3/0.3/0.4, then a load step that "
                         "moves serving by response time).")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,

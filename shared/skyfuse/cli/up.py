@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,9 +14,9 @@ from skyfuse.contracts import event_functions
 
 @app.command(cls=Command)
 def up(
-    cloud: Annotated[Optional[list[str]], typer.Option("--cloud", help="Only these clouds (repeatable).")] = None,
-    function: Annotated[Optional[list[str]], typer.Option("--function", help="Only these functions (repeatable).")] = None,
-    seconds: Annotated[Optional[float], typer.Option("--for", help="Stop after this many seconds.")] = None,
+    cloud: Annotated[list[str] | None, typer.Option("--cloud", help="Only these clouds (repeatable).")] = None,
+    function: Annotated[list[str] | None, typer.Option("--function", help="Only these functions (repeatable).")] = None,
+    seconds: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds.")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also run each cloud's inference server.")] = True,
     emulate: Annotated[bool, typer.Option("--emulate", help="Stores in the cloud emulators, the bus on Kafka.")] = False,
     metrics_port: Annotated[int, typer.Option("--metrics-port", metavar="PORT", help="Serve the function hosts' "

@@ -90,7 +90,7 @@ class Fabric:
         self.threads = [threading.Thread(target=h.run, args=(self.stopping,), name=h.group, daemon=True)
                         for h in [*hosts, *timers]]
 
-    def start(self) -> "Fabric":
+    def start(self) -> Fabric:
         for thread in self.threads:
             thread.start()
         return self

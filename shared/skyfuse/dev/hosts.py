@@ -134,7 +134,7 @@ class Host:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def __enter__(self) -> "Host":
+    def __enter__(self) -> Host:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -80,7 +80,7 @@ class LocalFleet:
         self.fabric: Fabric | None = None
         self._metrics_server = None
 
-    def start(self) -> "LocalFleet":
+    def start(self) -> LocalFleet:
         """Start every part; when one fails, stop what started (no orphaned servers) and raise."""
         prepare(self.fleet)
         try:

@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 from skyfuse import contracts, events, httpclient, signing
 
 log = logging.getLogger("skyfuse.router")
@@ -121,7 +122,7 @@ class RouterServer:
                 log.exception("placement refresh failed")
             self._stop.wait(self.poll_s)
 
-    def start(self) -> "RouterServer":
+    def start(self) -> RouterServer:
         for thread in self.threads:
             thread.start()
         return self

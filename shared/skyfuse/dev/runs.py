@@ -7,8 +7,9 @@ the test rows against a centralized model.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import ContextManager
 
 from skyfuse import training
 from skyfuse.bus import Bus

@@ -19,8 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import orjson
@@ -98,7 +97,7 @@ class Caller:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "Caller":
+    def start(self) -> Caller:
         self.thread.start()
         return self
 
@@ -191,7 +190,7 @@ def _median(values: list) -> float | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def load_step(ctx: RunContext) -> dict:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def subset(self, indices) -> "Dataset":
+    def subset(self, indices) -> Dataset:
         idx = np.asarray(indices)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)

@@ -6,7 +6,6 @@ Keras 3 models go through a `tf.function` with a fixed input signature and
 from __future__ import annotations
 
 import os
-
 import re
 import threading
 

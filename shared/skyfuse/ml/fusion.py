@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx

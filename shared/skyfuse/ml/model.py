@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import tempfile
 import logging
 import os
+import tempfile
 import threading
 import time
 import warnings
@@ -109,7 +109,7 @@ class ModelSpec:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_dict(cls, d: dict | None, defaults: dict | None = None) -> "ModelSpec":
+    def from_dict(cls, d: dict | None, defaults: dict | None = None) -> ModelSpec:
         """The spec of `d`; keys it leaves out come from `defaults` (keys `d` may not have are
         ignored there, e.g. a fleet's other training settings), then from the class."""
         d = dict(d or {})

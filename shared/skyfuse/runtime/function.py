@@ -13,9 +13,10 @@ import contextlib
 import contextvars
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import orjson
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Literal
 
 from skyfuse import contracts, events
 from skyfuse.bus.base import Bus, Record, TopicPartition

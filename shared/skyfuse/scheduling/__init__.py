@@ -10,8 +10,17 @@ no clock; time is passed in.
 """
 from skyfuse.scheduling.clock import EventClock, TooOld
 from skyfuse.scheduling.metrics import MetricsState, Sample, SampleError, format_time, parse_time
-from skyfuse.scheduling.policy import (CloudSpec, Decision, Placement, Policy, PolicyConfig, Score, State,
-                                       StaticPolicy, greedy)
+from skyfuse.scheduling.policy import (
+                                       CloudSpec,
+                                       Decision,
+                                       Placement,
+                                       Policy,
+                                       PolicyConfig,
+                                       Score,
+                                       State,
+                                       StaticPolicy,
+                                       greedy,
+)
 from skyfuse.scheduling.replay import differences, replay
 
 __all__ = ["CloudSpec", "Decision", "EventClock", "MetricsState", "Placement", "Policy", "PolicyConfig", "Sample",

@@ -23,8 +23,9 @@ time while no sample has been seen yet.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from skyfuse.errors import InvalidInput
 from skyfuse.scheduling.metrics import format_time
@@ -102,6 +103,6 @@ class EventClock:
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any] | None, max_lead_s: float = 300.0,
-                  max_lag_s: float = 3600.0) -> "EventClock":
+                  max_lag_s: float = 3600.0) -> EventClock:
         data = data or {}
         return cls(max_lead_s, max_lag_s, data.get("now"), set(data.get("clouds", ())), dict(data.get("ahead", {})))

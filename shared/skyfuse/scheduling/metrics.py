@@ -40,9 +40,10 @@ policy treats a stale cloud as down.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from skyfuse.errors import InvalidInput
 
@@ -104,7 +105,7 @@ class Sample:
     network_bytes_per_s: float | None = None
 
     @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> "Sample":
+    def from_data(cls, data: Mapping[str, Any]) -> Sample:
         """Read event data; raises `SampleError` naming the first missing or bad field.
 
         Only what the policy relies on is checked here (the JSON Schema is the full contract;
@@ -240,7 +241,7 @@ class Ewma:
         return [self.t, self._sum, self._weight]
 
     @classmethod
-    def from_data(cls, half_life_s: float, data: list[float | None]) -> "Ewma":
+    def from_data(cls, half_life_s: float, data: list[float | None]) -> Ewma:
         ewma = cls(half_life_s)
         ewma.t, ewma._sum, ewma._weight = data[0], float(data[1]), float(data[2])
         return ewma
@@ -298,7 +299,7 @@ class CloudMetrics:
                 "latest": self.latest.to_data() if self.latest else None, "samples": self.samples}
 
     @classmethod
-    def from_data(cls, cloud: str, half_life_s: float, data: Mapping[str, Any]) -> "CloudMetrics":
+    def from_data(cls, cloud: str, half_life_s: float, data: Mapping[str, Any]) -> CloudMetrics:
         ewma = lambda name: Ewma.from_data(half_life_s, data[name])  # noqa: E731
 
         def per_source(name: str) -> dict[str, Ewma]:
@@ -316,7 +317,7 @@ class CloudMetrics:
                    last_seen=data.get("last_seen"), last_source_seen=dict(data.get("last_source_seen", {})),
                    latest=latest, samples=int(data.get("samples", 0)))
 
-    def view(self, now: float, stale_after_s: float) -> "CloudView":
+    def view(self, now: float, stale_after_s: float) -> CloudView:
         source = "inference" if "inference" in self.rps else "monitor"
         latest = self.latest
         age = now - self.last_seen if self.last_seen is not None else math.inf
@@ -402,7 +403,7 @@ class MetricsState:
                 "clouds": {name: m.to_data() for name, m in self.clouds.items()}}
 
     @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> "MetricsState":
+    def from_data(cls, data: Mapping[str, Any]) -> MetricsState:
         state = cls(float(data["half_life_s"]))
         state.last_t = data.get("last_t")
         state.clouds = {name: CloudMetrics.from_data(name, state.half_life_s, m) for name, m in data["clouds"].items()}

@@ -68,8 +68,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 from skyfuse.scheduling.metrics import RESOURCES, CloudView, MetricsState, Sample, format_time
 
@@ -180,7 +181,7 @@ class PolicyConfig:
                 raise ValueError(message)
 
     @classmethod
-    def from_fleet(cls, fleet=None, **overrides) -> "PolicyConfig":
+    def from_fleet(cls, fleet=None, **overrides) -> PolicyConfig:
         """From a `skyfuse.config.Fleet`: its clouds, `lambda` and every knob of its `[scheduler]`
         section; `overrides` win over them."""
         from skyfuse import config
@@ -330,7 +331,7 @@ class State:
                 "placed_at": self.placed_at, "better_since": self.better_since, "decisions": self.decisions}
 
     @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> "State":
+    def from_data(cls, data: Mapping[str, Any]) -> State:
         return cls(MetricsState.from_data(data["metrics"]), tuple(Placement(**p) for p in data["placements"]),
                    data.get("placed_at"), data.get("better_since"), int(data.get("decisions", 0)))
 

@@ -6,8 +6,9 @@ trace and config always give the same decisions, field for field.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from itertools import groupby
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from skyfuse.scheduling.metrics import Sample, as_sample, format_time
 from skyfuse.scheduling.policy import Decision, Policy, PolicyConfig

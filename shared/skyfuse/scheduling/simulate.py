@@ -34,9 +34,10 @@ import json
 import math
 import random
 import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from skyfuse.errors import InvalidInput
 from skyfuse.scheduling.metrics import Sample, SampleError, as_sample, format_time, parse_time

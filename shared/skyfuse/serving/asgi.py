@@ -1,7 +1,7 @@
 """The few ASGI pieces the local hosts share (no framework, no cloud SDK)."""
 from __future__ import annotations
 
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 

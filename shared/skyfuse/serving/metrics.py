@@ -12,9 +12,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 MIN_MS = 0.001
 MAX_MS = 100_000.0
@@ -105,7 +105,7 @@ class LatencyRecorder:
             "cloud": cloud,
             "source": "inference",
             "window_s": round(length, 3) or 0.001,
-            "sampled_at": datetime.fromtimestamp(w.ended_at, timezone.utc).isoformat(timespec="milliseconds")
+            "sampled_at": datetime.fromtimestamp(w.ended_at, UTC).isoformat(timespec="milliseconds")
                                   .replace("+00:00", "Z"),
             "requests": w.requests,
             "requests_per_s": round(w.requests / length, 3),

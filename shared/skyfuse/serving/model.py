@@ -19,8 +19,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class Pointer:
     traceparent: str | None = None  # the deploy's span: the first prediction's span is its child
 
     @classmethod
-    def parse(cls, raw: bytes, where: str = POINTER_KEY) -> "Pointer":
+    def parse(cls, raw: bytes, where: str = POINTER_KEY) -> Pointer:
         try:
             doc = json.loads(raw)
         except ValueError as exc:

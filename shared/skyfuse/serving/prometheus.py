@@ -80,12 +80,12 @@ class Tracker:
 
     __slots__ = ("metrics", "route", "status", "started", "received", "sent", "finished")
 
-    def __init__(self, metrics: "Metrics", route: str):
+    def __init__(self, metrics: Metrics, route: str):
         self.metrics, self.route, self.status = metrics, route, None
         self.received = self.sent = 0  # body bytes, noted by the host (the monitor's network figure)
         self.finished = False
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         self.metrics.in_flight.inc()
         self.started = time.perf_counter()
         return self

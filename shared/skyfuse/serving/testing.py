@@ -5,7 +5,7 @@ Not on the serving path: `onnx` is imported only when `classifier` is called.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -82,8 +82,14 @@ class AzureStore(CloudStore):
 
     @contextlib.contextmanager
     def _errors(self, action: str, key: str | None = None):
-        from azure.core.exceptions import (AzureError, ClientAuthenticationError, HttpResponseError,
-                                           ResourceNotFoundError, ServiceRequestError, ServiceResponseError)
+        from azure.core.exceptions import (
+            AzureError,
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceNotFoundError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
 
         where = self.uri_for(key) if key else self.uri
         try:

@@ -8,8 +8,8 @@ is a plain name (no empty, `.` or `..` segment, no percent-escapes or unusual ch
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from skyfuse.storage.base import StoreError
 

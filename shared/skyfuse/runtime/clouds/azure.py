@@ -15,9 +15,8 @@ import base64
 import functools
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import List
 
 import azure.functions as func
 from azure.functions.kafka import KafkaTriggerConverter
@@ -46,7 +45,7 @@ def trigger_payload(records: list[Record]) -> dict:
             "OffsetArray": {"type": "collection_sint64", "value": [r.offset for r in records]},
             "TopicArray": {"type": "collection_string", "value": [r.topic for r in records]},
             "TimestampArray": as_json([
-                datetime.fromtimestamp(r.timestamp_ms / 1000, timezone.utc).isoformat() for r in records]),
+                datetime.fromtimestamp(r.timestamp_ms / 1000, UTC).isoformat() for r in records]),
             "HeadersArray": as_json([
                 [{"Key": k, "Value": base64.b64encode(v).decode()} for k, v in r.headers] for r in records]),
         },
@@ -115,7 +114,7 @@ class KafkaTriggerInvoker(Invoker):
         return outcome
 
 
-def deliver_kafka_events(function: str, handle: Handler, kafka_events: List[func.KafkaEvent]) -> None:
+def deliver_kafka_events(function: str, handle: Handler, kafka_events: list[func.KafkaEvent]) -> None:
     runtime = current(function)
     for kafka_event in kafka_events:
         headers = [(h["Key"], base64.b64decode(h["Value"])) for h in kafka_event.headers or []]
@@ -126,7 +125,7 @@ def deliver_kafka_events(function: str, handle: Handler, kafka_events: List[func
 def register_kafka_triggers(app: func.FunctionApp, function: str, handle: Handler) -> None:
     """One Kafka trigger function per topic that triggers `function` (a trigger takes one topic)."""
     for event_type in (t for t in contracts.catalog().values() if function in t.consumers):
-        def trigger(events_: List[func.KafkaEvent]) -> None:
+        def trigger(events_: list[func.KafkaEvent]) -> None:
             deliver_kafka_events(function, handle, events_)
 
         name = f"{function}_{event_type.name.replace('.', '_')}"

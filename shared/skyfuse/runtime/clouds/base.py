@@ -35,7 +35,7 @@ class Outcome:
     permanent: set[int] = field(default_factory=set)  # failed in a way no retry can fix: dead-letter at once
 
     @classmethod
-    def all_failed(cls, size: int, reason: str) -> "Outcome":
+    def all_failed(cls, size: int, reason: str) -> Outcome:
         return cls({i: reason for i in range(size)}, whole=True)
 
 
