@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 KAFKA_TLS_DIR ?= .skyfuse/kafka-tls
 KAFKA_TLS := $(KAFKA_TLS_DIR)/ca.pem
 
-.PHONY: help install run run-emulated test test-clock-shift test-unit test-package chaos bench bench-quality package kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
+.PHONY: help install lint run run-emulated test test-clock-shift test-unit test-package chaos bench bench-quality package kafka-tls kafka-up kafka-down emulators-up emulators-down status clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -33,7 +33,11 @@ run-emulated: install $(KAFKA_TLS)  ## the main job on Apache Kafka and the clou
 CLOCK_TESTS := tests/unit/test_scheduling.py tests/unit/test_scheduling_clock.py tests/unit/test_inference_metrics.py \
                tests/integration/test_scheduler_time.py tests/integration/test_placement.py
 
-test: install $(KAFKA_TLS)  ## every test, against a real Kafka broker and the storage emulators started (and stopped) here
+lint: install  ## ruff and mypy (pyproject.toml); both must report nothing (shellcheck runs in the unit tests)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint $(KAFKA_TLS)  ## lint, then every test, against a real Kafka broker and the storage emulators started (and stopped) here
 	bash infra/kafka/kafka.sh up
 	bash infra/emulators/emulators.sh up || { bash infra/kafka/kafka.sh down; exit 1; }
 	$(BIN)/pytest $(PYTEST_ARGS) && $(MAKE) --no-print-directory test-clock-shift; rc=$$?; \

@@ -354,7 +354,8 @@ def run(ctx) -> None:
             present = {f.key for f in ctx.figures}
             for key in keys:
                 if key not in present:
-                    ctx.add(key, None, "", "", subject=PROVIDER, note=f"not measured: {type(exc).__name__}: {exc}"[:400])
+                    note = f"not measured: {type(exc).__name__}: {exc}"[:400]
+                    ctx.add(key, None, "", "", subject=PROVIDER, note=note)
     if failed is not None:
         raise failed
 

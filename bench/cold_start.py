@@ -80,7 +80,8 @@ def group_cpu_s(pgid: int) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def timed_start(argv: list[str], env: dict, port: int, path: str, payload: bytes, log: Path) -> tuple[float, float | None]:
+def timed_start(argv: list[str], env: dict, port: int, path: str, payload: bytes,
+                log: Path) -> tuple[float, float | None]:
     """(seconds from Popen to the first 200, CPU seconds the server used until then); the server is
     stopped (its process group) afterwards."""
     with open(log, "ab") as log_file:
@@ -101,7 +102,8 @@ def host_launch(provider: str, root: Path) -> tuple[list[str], dict, int, str]:
     """(argv, environment, port, predict path) of one start, as `hosts.start` runs the host."""
     port = hosts.free_port()
     store_uri = f"file://{root}/{provider}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SKYFUSE_CONFIG": str(root / "skyfuse.toml"), "SKYFUSE_CLOUD": provider,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SKYFUSE_CONFIG": str(root / "skyfuse.toml"),
+           "SKYFUSE_CLOUD": provider,
            f"SKYFUSE_CLOUDS__{provider.upper()}__STORE": store_uri,
            "SKYFUSE_BUS__EMBEDDED__PATH": str(root / "bus"), "INFERENCE_METRICS_S": "30",
            "PYTHONPATH": os.pathsep.join([str(harness.REPO), str(harness.REPO / "shared")])}

@@ -151,7 +151,7 @@ def plot_growth(ctx: Context, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.6), squeeze=False)
-    for ax, g in zip(axes[0], series):
+    for ax, g in zip(axes[0], series, strict=True):
         points = [(s, v) for s, v in g.points if v is not None]
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         ax.plot(xs, ys, "o-", label="measured")

@@ -212,7 +212,8 @@ def wait_ready(url: str, payload: bytes, process: subprocess.Popen, log: Path, t
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: server exited with {process.returncode}\n{log.read_text(errors='replace')[-3000:]}")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{url}: server exited with {process.returncode}\n{tail}")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             conn.request("POST", path, payload, {"Content-Type": "application/json"})
@@ -293,7 +294,8 @@ def start_peer(python: Path, model_path: Path, workers: int, payload: bytes, wor
 
 
 def peer_version(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import bentoml; print(bentoml.__version__)"], capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", "import bentoml; print(bentoml.__version__)"],
+                         capture_output=True, text=True)
     return out.stdout.strip() or "?"
 
 
@@ -384,7 +386,8 @@ def run(ctx: Context) -> None:
 
 def record(ctx: Context, results: dict, skipped: dict, core_ms: float, workers: int, generator: str, peer: str,
            rounds: int) -> None:
-    how = (f"{workers} worker{'s' if workers > 1 else ''} each, {generator}, " + (f"median of {rounds} rounds" if rounds > 1 else "1 round")
+    how = (f"{workers} worker{'s' if workers > 1 else ''} each, {generator}, "
+           + (f"median of {rounds} rounds" if rounds > 1 else "1 round")
            + ("" if generator == "wrk" else " (no wrk: a Python client, slower than wrk)"))
     names = ["floor", *hosts.PROVIDERS, "bentoml"]
 

@@ -34,5 +34,5 @@ class Classifier:
         probabilities = self.session.run(None, {self.input: np.asarray(instances, dtype=np.float32)})[0]
         labels = self.labels or [str(i) for i in range(probabilities.shape[1])]
         return {"model_version": "bench", "predictions": [
-            {"class": labels[int(row.argmax())], "probabilities": dict(zip(labels, row.tolist()))}
+            {"class": labels[int(row.argmax())], "probabilities": dict(zip(labels, row.tolist(), strict=True))}
             for row in probabilities]}

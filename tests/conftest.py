@@ -75,7 +75,8 @@ def signed_event(type_name: str, data: dict, by: str, fleet=None, time: str | No
     from skyfuse import events, signing
 
     fleet = fleet or config.Fleet()
-    event = events.new_event(type_name, data, source=signing.source_of(by), subject=data.get("cloud"), event_id=event_id)
+    event = events.new_event(type_name, data, source=signing.source_of(by), subject=data.get("cloud"),
+                             event_id=event_id)
     if time is not None:
         event["time"] = time
     signing.init_keys(fleet.signing.keys_dir, [by])

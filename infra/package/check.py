@@ -83,8 +83,9 @@ sys.path[:0] = [app, app + "/.python_packages/lib/site-packages"]
 import function_app, azure.functions as func
 t1 = time.perf_counter()
 functions = {f.get_function_name(): f.get_user_function() for f in function_app.app.get_functions()}
-request = func.HttpRequest(method="POST", url="http://localhost/api/predict", headers={"Content-Type": "application/json"},
-                           params={}, route_params={}, body=body.encode())
+request = func.HttpRequest(method="POST", url="http://localhost/api/predict",
+                           headers={"Content-Type": "application/json"}, params={}, route_params={},
+                           body=body.encode())
 answer = functions["predict"](request)
 t2 = time.perf_counter()
 print(json.dumps({"init_s": t1 - t0, "invoke_s": t2 - t1, "status": answer.status_code,

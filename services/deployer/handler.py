@@ -2,19 +2,20 @@
 
 placement.changed that gives this cloud weight: copy the model from the source cloud's store into
 this cloud's store, check its sha256, load and warm it exactly as the servers will
-(`skyfuse.serving.model.LoadedModel`), then point `serving/current.json` at it. The inference servers of this cloud watch that pointer
-and swap sessions atomically. Any failure leaves the pointer, and so the old model, as it was, and
-deployment.status says why. A placement that drops this cloud drains it. With `scheduler.standby`,
-every other cloud of the fleet gets the model too, as a warm standby that takes no traffic (state
-`standby`), so a move or failover to it needs no copy and the monitor can measure it. Each decision is applied
-once per cloud through the idempotency layer; its statuses have ids derived from it. A decision
-older (by the scheduler's `sequence`) than the last one applied here is skipped: decisions about different model
-versions travel in different partitions, so a late one must not roll serving back.
+(`skyfuse.serving.model.LoadedModel`), then point `serving/current.json` at it. The inference
+servers of this cloud watch that pointer and swap sessions atomically. Any failure leaves the
+pointer, and so the old model, as it was, and deployment.status says why. A placement that drops
+this cloud drains it. With `scheduler.standby`, every other cloud of the fleet gets the model too,
+as a warm standby that takes no traffic (state `standby`), so a move or failover to it needs no copy
+and the monitor can measure it. Each decision is applied once per cloud through the idempotency
+layer; its statuses have ids derived from it. A decision older (by the scheduler's `sequence`) than
+the last one applied here is skipped: decisions about different model versions travel in different
+partitions, so a late one must not roll serving back.
 """
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -66,7 +67,7 @@ def _apply(runtime: Runtime, event: CloudEvent, data: PlacementChanged) -> None:
         runtime.store().put(APPLIED, orjson.dumps({"decision_id": data["decision_id"], "sequence": data["sequence"]}))
 
 
-def _applied(runtime: Runtime) -> dict | None:
+def _applied(runtime: Runtime) -> dict[str, Any] | None:
     """The newest decision this cloud's deployer applied."""
     store = runtime.store()
     return orjson.loads(store.get(APPLIED)) if store.exists(APPLIED) else None

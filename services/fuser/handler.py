@@ -16,8 +16,9 @@ manifest's timeout has passed. With a server strategy (fusion `fedavg`, `fedprox
 continuing) and rounds left, it makes the next global model from the members' parameters and the
 strategy's state after the round before (skyfuse.ml.federated), keeps the new state in
 server.json and emits round.started; after the last round (or earlier, once `[training]
-rounds_patience` rounds in a row scored no better on validation than the best before them) it picks the strategy with the best
-validation accuracy over all rounds (or the one the manifest forces) and emits fused.ready. The
+rounds_patience` rounds in a row scored no better on validation than the best before them) it
+picks the strategy with the best validation accuracy over all rounds (or the one the manifest
+forces) and emits fused.ready. The
 server strategies need one architecture in every member (the built-in MLP, or one user model every
 trainer started from): members that differ are dead-lettered with the difference when one is
 forced, and fused by the ensembles only under auto.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import NotRequired, cast
+from typing import TYPE_CHECKING, Any, NotRequired, cast
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -36,6 +37,11 @@ from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.serving.onnx_refs import refuse_external_data
 from skyfuse.storage import Store, keys
 from skyfuse.storage.confine import OutsideFleet
+
+if TYPE_CHECKING:  # the ML modules are imported when a round is fused
+    import numpy as np
+
+    from skyfuse.ml.data import Dataset
 
 MAX_ID = keys.MAX_ID
 
@@ -110,7 +116,7 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
         onnx_models = [runtime.fetch(m["onnx_uri"], m["sha256"]) for m in members]
     except OutsideFleet as exc:
         raise Rejected(str(exc)) from None
-    for member, model in zip(members, onnx_models):
+    for member, model in zip(members, onnx_models, strict=True):
         try:
             refuse_external_data(model, f"member {member['onnx_uri']}")
         except ValueError as exc:
@@ -127,10 +133,11 @@ def _fuse(runtime: Runtime, run_id: str, round_: int, caused_by: CloudEvent | No
                             ", ".join(strategies))
     lineage = {
         "run_id": run_id, "round": round_, "features": run["features"], "classes": run["classes"],
-        "members": [{"cloud": m["cloud"], "shard_id": m["shard_id"], "samples": m["samples"], "weight": w / sum(weights),
-                     "validation_accuracy": m["validation"]["accuracy"]} for m, w in zip(members, weights)],
+        "members": [{"cloud": m["cloud"], "shard_id": m["shard_id"], "samples": m["samples"],
+                     "weight": w / sum(weights), "validation_accuracy": m["validation"]["accuracy"]}
+                    for m, w in zip(members, weights, strict=True)],
     }
-    scores = {}
+    scores: dict[str, dict[str, Any]] = {}
     for strategy in (s for s in strategies if s in federated.ENSEMBLES):
         fused = fusion.fuse(strategy, onnx_models, weights, lineage={**lineage, "strategy": strategy})
         saved = store.put(keys.round_fused(run_id, round_, strategy), fused)
@@ -188,9 +195,9 @@ def _best_by_round(store: Store, run_id: str, last_round: int) -> list[float]:
             for k in scored if store.exists(k)]
 
 
-def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict]:
+def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, dict[str, Any]]:
     """For each strategy, its best-scoring round (earliest on ties)."""
-    best: dict[str, dict] = {}
+    best: dict[str, dict[str, Any]] = {}
     for round_ in range(last_round + 1):
         key = keys.round_scores(run_id, round_)
         if not store.exists(key):
@@ -202,7 +209,7 @@ def _best_per_strategy(store: Store, run_id: str, last_round: int) -> dict[str, 
 
 
 def _announce(runtime: Runtime, run_id: str, round_: int, members: list[MemberRecord], weights: list[float],
-              manifest: Manifest, run: dict, caused_by: CloudEvent | None, key: str) -> None:
+              manifest: Manifest, run: dict[str, Any], caused_by: CloudEvent | None, key: str) -> None:
     store = runtime.store()
     best = _best_per_strategy(store, run_id, round_)
     forced = manifest["fusion"] != "auto"
@@ -218,7 +225,7 @@ def _announce(runtime: Runtime, run_id: str, round_: int, members: list[MemberRe
         "run_id": run_id, "version": version, "round": pick["round"], "strategy": chosen, "model_uri": saved.uri,
         "sha256": saved.sha256, "cloud": runtime.cloud,
         "members": [{"cloud": m["cloud"], "shard_id": m["shard_id"], "weight": w / total, "samples": m["samples"],
-                     "accuracy": m["validation"]["accuracy"]} for m, w in zip(members, weights)],
+                     "accuracy": m["validation"]["accuracy"]} for m, w in zip(members, weights, strict=True)],
         "missing_clouds": sorted(set(manifest["clouds"]) - {m["cloud"] for m in members}),
         "metrics": {"validation_accuracy": pick["accuracy"]},
         "strategies": {s: b["accuracy"] for s, b in best.items()},
@@ -238,7 +245,8 @@ def model_version(run_id: str, strategy: str, sha256: str) -> str:
 
 
 def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str, ...], onnx_models: list[bytes],
-                  weights: list[float], validation, lineage: dict, scores: dict) -> dict:
+                  weights: list[float], validation: Dataset, lineage: dict[str, Any],
+                  scores: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
     """Step each server strategy of the run (skyfuse.ml.federated) from its state after the last
     round, score each one's global model on the validation rows into `scores`, and continue from
     the best (ties: the earlier in `servers`). The states go to `round-<r>/server.json`, made from
@@ -263,7 +271,7 @@ def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str
     states = federated.round_states(optimizers, previous and previous["states"], members, weights)
     for optimizer in optimizers[:1] if round_ == 0 else optimizers:
         s = optimizer.name
-        fused = fusion.with_parameters(averaged, dict(zip(names, states[s]["global"])), s,
+        fused = fusion.with_parameters(averaged, dict(zip(names, states[s]["global"], strict=True)), s,
                                        lineage={**lineage, "strategy": s, "server": optimizer.params()})
         saved = store.put(keys.round_fused(run_id, round_, s), fused)
         scores[s] = {"accuracy": fusion.accuracy(fused, validation), "uri": saved.uri, "sha256": saved.sha256}
@@ -271,10 +279,10 @@ def _server_round(runtime: Runtime, run_id: str, round_: int, servers: tuple[str
     states = federated.follow(states, chosen)
     store.put(keys.server_state(run_id, round_),
               federated.dumps({"round": round_, "names": names, "chosen": chosen, "states": states}))
-    return dict(zip(names, states[chosen]["global"]))
+    return dict(zip(names, states[chosen]["global"], strict=True))
 
 
-def _global_keras(runtime: Runtime, members: list[MemberRecord], params: dict) -> bytes:
+def _global_keras(runtime: Runtime, members: list[MemberRecord], params: dict[str, np.ndarray]) -> bytes:
     """The next global model as a .keras file: a member's model (every member has the one
     architecture) with its weights set from the parameters a server strategy made."""
     from skyfuse.ml import model as mlmodel

@@ -22,21 +22,38 @@ import base64
 import contextvars
 import os
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.event_handler import HttpResolverLocal, LambdaFunctionUrlResolver, Response
 from aws_lambda_powertools.event_handler.api_gateway import ApiGatewayResolver
+from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
+from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from services.inference import handler
 from skyfuse.serving import oip, routes
-from skyfuse.serving.asgi import content_length, counting, lifespan, noting_status, read_body, replay, send_response
+from skyfuse.serving.asgi import (
+    Receive,
+    Scope,
+    Send,
+    content_length,
+    counting,
+    lifespan,
+    noting_status,
+    read_body,
+    replay,
+    send_response,
+)
 
 logger = Logger(service="skyfuse-inference")
 JSON = "application/json"
 _BASE64_BODY = contextvars.ContextVar("skyfuse_base64_body", default=False)
+Resolver = TypeVar("Resolver", bound=ApiGatewayResolver)
+Answer = Response[str | bytes]  # text as str, binary tensor data as bytes
 
 
-def _answer(result: tuple) -> Response:
+def _answer(result: handler.Reply) -> Answer:
     """(status, body[, headers]) as a Response; a body that is not text (binary tensor data) goes as
     bytes, which Powertools base64-encodes for Lambda."""
     status, body, *rest = result
@@ -47,7 +64,7 @@ def _answer(result: tuple) -> Response:
                     headers=headers or None)
 
 
-def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
+def add_routes(app: Resolver) -> Resolver:
     """The inference routes on a Powertools resolver; each reads `app.current_event`."""
 
     def header(name: str) -> str | None:
@@ -57,16 +74,16 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
         event = app.current_event
         return base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
 
-    def route_view(route: routes.Route):
-        def view() -> Response:
+    def route_view(route: routes.Route) -> Callable[[], Answer]:
+        def view() -> Answer:
             return _answer(handler.answer(route, header, body() if route.method == "POST" else b""))
         return view
 
     for route in routes.ROUTES:
         app.route(route.path, route.method)(route_view(route))
 
-    def v2_view(endpoint: str, method: str):
-        def view(**params) -> Response:
+    def v2_view(endpoint: str, method: str) -> Callable[..., Answer]:
+        def view(**params: str) -> Answer:
             return _answer(handler.v2(endpoint, params, header, body() if method == "POST" else b""))
         return view
 
@@ -74,7 +91,7 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
         app.route(re.sub(r"\{(\w+)\}", r"<\1>", template), method)(v2_view(endpoint, method))
 
     @app.not_found
-    def not_found(_exc) -> Response:  # also a route's wrong method: Powertools has no 405
+    def not_found(_exc: Exception) -> Answer:  # also a route's wrong method: Powertools has no 405
         event = app.current_event
         return _answer(handler.not_found(event.http_method, event.path))
 
@@ -84,7 +101,7 @@ def add_routes(app: ApiGatewayResolver) -> ApiGatewayResolver:
 class _LocalResolver(HttpResolverLocal):
     """`HttpResolverLocal` that takes a body the guard base64-encoded as a Lambda event does."""
 
-    def _to_proxy_event(self, event: dict):
+    def _to_proxy_event(self, event: dict[str, Any]) -> BaseProxyEvent:
         if _BASE64_BODY.get():  # set by LocalHost for this request's task only
             event = {**event, "isBase64Encoded": True}
         return super()._to_proxy_event(event)
@@ -98,7 +115,7 @@ if os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):  # in Lambda: load the model duri
 
 
 @logger.inject_lambda_context
-def lambda_handler(event, context):
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     with handler.track(event.get("rawPath") or "/") as tracked:
         response = app.resolve(event, context)
         tracked.status = response.get("statusCode", 200)
@@ -108,10 +125,10 @@ def lambda_handler(event, context):
 class LocalHost:
     """ASGI app: the body guard, then Powertools' `HttpResolverLocal`. Loads the model at startup."""
 
-    def __init__(self, resolver: HttpResolverLocal):
+    def __init__(self, resolver: HttpResolverLocal) -> None:
         self.resolver = resolver
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send, handler.service)
             return
@@ -120,7 +137,7 @@ class LocalHost:
         with handler.track(scope["path"]) as tracked:
             await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
 
-    async def _serve(self, scope, receive, send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, limit = scope["path"], handler.max_body_bytes()
         declared = content_length(scope)
         if declared is not None and declared > limit:

@@ -16,6 +16,8 @@ with the address, e.g. `tritonclient.http.InferenceServerClient("host:port/api")
 Served locally by `services.inference.azure_host` (an ASGI adapter under uvicorn that calls these
 functions with real `azure.functions.HttpRequest` objects).
 """
+from collections.abc import Callable
+
 import azure.functions as func
 
 from services.inference import handler
@@ -24,7 +26,7 @@ from skyfuse.serving import oip, routes
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
-def _answer(result: tuple) -> func.HttpResponse:
+def _answer(result: handler.Reply) -> func.HttpResponse:
     """(status, body[, headers]) as an HttpResponse; JSON unless the headers say otherwise."""
     status, body, *rest = result
     headers = {"Content-Type": "application/json", **(rest[0] if rest else {})}
@@ -32,7 +34,7 @@ def _answer(result: tuple) -> func.HttpResponse:
                              mimetype=headers["Content-Type"].split(";")[0])
 
 
-def _function(route: routes.Route):
+def _function(route: routes.Route) -> Callable[[func.HttpRequest], func.HttpResponse]:
     def function(req: func.HttpRequest) -> func.HttpResponse:
         return _answer(handler.answer(route, req.headers.get, req.get_body() if route.method == "POST" else b""))
     return function
@@ -43,7 +45,7 @@ for _route in routes.ROUTES:  # function names: the routes' names (predict, heal
         _function(_route)))
 
 
-def _v2_function(endpoint: str):
+def _v2_function(endpoint: str) -> Callable[[func.HttpRequest], func.HttpResponse]:
     def v2(req: func.HttpRequest) -> func.HttpResponse:
         return _answer(handler.v2(endpoint, dict(req.route_params), req.headers.get, req.get_body()))
     return v2

@@ -15,31 +15,48 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import azure.functions as func
+from azure.functions.decorators.function_app import Function
+from azure.functions.decorators.http import HttpTrigger
 
 from services.inference import handler
 from skyfuse.serving import api
-from skyfuse.serving.asgi import content_length, counting, lifespan, noting_status, read_body, send_response
+from skyfuse.serving.asgi import (
+    Receive,
+    Scope,
+    Send,
+    content_length,
+    counting,
+    lifespan,
+    noting_status,
+    read_body,
+    send_response,
+)
 
 ROUTE_PREFIX = "api"
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
+Target = tuple[Callable[..., Any], str]  # (the user function, the name of its HttpRequest argument)
+Methods = dict[str, Target]  # METHOD → what answers it
 
 
 @functools.cache  # get_functions() may run once per app: a second call fails its name check
-def _functions(app: func.FunctionApp) -> tuple:
+def _functions(app: func.FunctionApp) -> tuple[Function, ...]:
     return tuple(app.get_functions())
 
 
-def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, dict[str, tuple]]:
+def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, Methods]:
     """'/api/<route>' (lower case) → {METHOD: (user function, name of its HttpRequest argument)}."""
-    routes: dict[str, dict[str, tuple]] = {}
+    routes: dict[str, Methods] = {}
     for fn in _functions(app):
-        trigger = fn.get_trigger()
-        if trigger is None or trigger.get_binding_name() != "httpTrigger":
+        found = fn.get_trigger()
+        if found is None or found.get_binding_name() != "httpTrigger":
             continue
-        route = (trigger.route or fn.get_function_name()).strip("/")
+        trigger = cast(HttpTrigger, found)  # what app.route attaches
+        route = (trigger.route or fn.get_function_name() or "").strip("/")  # get_functions() named every function
         path = f"/{prefix}/{route}".lower() if prefix else f"/{route}".lower()
         methods = [str(getattr(m, "value", m)).upper() for m in trigger.methods] if trigger.methods else ALL_METHODS
         for method in methods:
@@ -47,7 +64,7 @@ def http_routes(app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> dict[str, 
     return routes
 
 
-def _template(path: str) -> re.Pattern | None:
+def _template(path: str) -> re.Pattern[str] | None:
     """A matcher for a route with `{param}` segments (constraints like `{id:int}` are not checked)."""
     if "{" not in path:
         return None
@@ -56,13 +73,13 @@ def _template(path: str) -> re.Pattern | None:
 
 
 class AzureFunctionsHost:
-    def __init__(self, app: func.FunctionApp, prefix: str = ROUTE_PREFIX):
+    def __init__(self, app: func.FunctionApp, prefix: str = ROUTE_PREFIX) -> None:
         self.routes = http_routes(app, prefix)
         self.prefix = f"/{prefix}" if prefix else ""
         self.templates = [(pattern, methods) for path, methods in self.routes.items()
                           if (pattern := _template(path)) is not None]
 
-    def match(self, path: str) -> tuple[dict | None, dict[str, str]]:
+    def match(self, path: str) -> tuple[Methods | None, dict[str, str]]:
         """(the route's {METHOD: function}, route params) of a request path; (None, {}) for no route."""
         key = path.rstrip("/").lower()
         methods = self.routes.get(key)
@@ -74,7 +91,7 @@ class AzureFunctionsHost:
                 return methods, found.groupdict()
         return None, {}
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await lifespan(receive, send, handler.service)
             return
@@ -83,7 +100,7 @@ class AzureFunctionsHost:
         with handler.track(scope["path"], self.prefix) as tracked:
             await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
 
-    async def _serve(self, scope, receive, send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
         methods, route_params = self.match(path)
         if methods is None:
@@ -101,13 +118,13 @@ class AzureFunctionsHost:
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
-        host = headers.get("host") or "%s:%s" % tuple(scope.get("server") or ("127.0.0.1", 80))
+        host = headers.get("host") or ":".join(map(str, scope.get("server") or ("127.0.0.1", 80)))
         url = f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
         request = func.HttpRequest(method=method, url=url, headers=headers, params=dict(parse_qsl(query)),
                                    route_params=route_params, body=body)
         function, arg_name = target
         try:
-            response = function(**{arg_name: request})
+            response: func.HttpResponse = function(**{arg_name: request})
         except Exception as exc:  # noqa: BLE001 - the Functions host answers 500 too
             await send_response(send, *api.error(500, f"function {function.__name__} raised "
                                                       f"{type(exc).__name__}: {exc}", "function_error"))

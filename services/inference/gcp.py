@@ -14,10 +14,10 @@ itself, locally and on Cloud Run, with or without `--asgi`:
     POST /v2/models/{name}[/versions/{version}]/infer
 
 functions-framework keeps GET /robots.txt, /favicon.ico and any path with a newline from the
-function (its own plain-text 404). It imports this file in gunicorn's parent process, before it forks the workers: the place to
-give them one Prometheus metrics directory (`WORKERS` > 1), so that any worker's /metrics counts
-the requests of all of them. The handler's work is microseconds of CPU with no I/O, so it runs on
-the event loop (no thread hand-off).
+function (its own plain-text 404). It imports this file in gunicorn's parent process, before it
+forks the workers: the place to give them one Prometheus metrics directory (`WORKERS` > 1), so
+that any worker's /metrics counts the requests of all of them. The handler's work is
+microseconds of CPU with no I/O, so it runs on the event loop (no thread hand-off).
 """
 import os
 
@@ -30,13 +30,13 @@ from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
 from services.inference import handler  # noqa: E402
-from skyfuse.serving import oip, routes  # noqa: E402
+from skyfuse.serving import api, oip, routes  # noqa: E402
 
 _JSON = "application/json"
 _ROUTES = routes.BY_PATH  # path: the service's own route; the v2 routes are matched by oip.match
 
 
-async def _body(request: Request, path: str) -> bytes | tuple:
+async def _body(request: Request, path: str) -> bytes | api.Result:
     """The body, or the 413 for one over the limit (refused on its Content-Length before reading,
     or counted while reading a chunked one: the rest is never read)."""
     limit = handler.max_body_bytes()
@@ -60,7 +60,7 @@ def _content_length(request: Request) -> int | None:
         return None
 
 
-async def _route(request: Request, path: str) -> tuple:
+async def _route(request: Request, path: str) -> handler.Reply:
     """(status, body[, headers]) of one request."""
     method = request.method
     route = _ROUTES.get(path)

@@ -20,8 +20,13 @@ Settings (environment; not `SKYFUSE_*`, whose names are fleet config keys):
 | `INFERENCE_MAX_BODY_BYTES` | `1048576` | largest request body (more: 413) |
 | `INFERENCE_METRICS_S` | `30` | seconds between `metrics.sampled` events; `0` turns them off |
 | `INFERENCE_THREADS` | `1` | onnxruntime intra-op threads of the session |
-| `INFERENCE_API_KEY_HASHES` | (none) | comma-separated sha256 hex digests of the API keys `/predict`, `/metadata`, and the v2 model metadata and infer routes take (in `X-API-Key` or `Authorization: Bearer`); when set, a request without a valid key gets 401. Keys themselves are never stored: `skyfuse.serving.api.key_hash(key)` makes a digest |
-| `INFERENCE_MODEL_NAME` | `skyfuse` | the model's name on the Open Inference Protocol routes (`/v2/models/{name}/...`; letters, digits, `_.-`) |
+| `INFERENCE_API_KEY_HASHES` | (none) | comma-separated sha256 hex digests of the API keys (below) |
+| `INFERENCE_MODEL_NAME` | `skyfuse` | the model's name on the v2 routes (`/v2/models/{name}/...`) |
+
+API keys: `/predict`, `/metadata`, and the v2 model metadata and infer routes take one (in `X-API-Key`
+or `Authorization: Bearer`) when `INFERENCE_API_KEY_HASHES` is set; a request without a valid key
+gets 401. Keys themselves are never stored: `skyfuse.serving.api.key_hash(key)` makes a digest.
+A model name is 1 to 128 letters, digits, `_`, `.` or `-`: it is a segment of the URL path.
 
 Every process also keeps Prometheus metrics (`skyfuse.serving.prometheus`, GET /metrics);
 `PROMETHEUS_MULTIPROC_DIR` makes several worker processes report as one (see there).
@@ -34,17 +39,21 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from skyfuse import tracing
+from skyfuse.payloads import MetricsSampled
 from skyfuse.runtime.function import Runtime, current
 from skyfuse.serving import api, oip, prometheus, routes
 from skyfuse.serving.metrics import LatencyRecorder, MetricsEmitter
-from skyfuse.serving.model import POINTER_KEY, ModelSlot, PointerWatcher
+from skyfuse.serving.model import POINTER_KEY, LoadedModel, ModelSlot, PointerWatcher
 
 FUNCTION = "inference"
 KEEP = 16  # events its runtime remembers (`Runtime.keep`): a server runs for days, and nothing reads them back
 log = logging.getLogger("skyfuse.inference")
+Reply = api.Result | oip.Answer  # (status, body[, headers]): what a route answers
 
 
 @dataclass(frozen=True)
@@ -60,20 +69,22 @@ class Settings:
     model_name: str = api.MODEL_NAME
 
     @classmethod
-    def from_env(cls, environ=None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
-        values = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             name = f"INFERENCE_{f.name.upper()}"
             raw = environ.get(name)
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
+            default = f.default
+            assert isinstance(default, (str, float, int))  # every setting has a default of its type
+            kind = type(default)
             try:
                 value = kind(raw)
             except ValueError:
                 raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
-            if kind is not str and value < 0:
+            if not isinstance(value, str) and value < 0:
                 raise ValueError(f"{name}={raw!r} must be >= 0")
             values[f.name] = value
         settings = cls(**values)
@@ -113,7 +124,7 @@ class Service:
             self.emitter = MetricsEmitter(self.recorder, self._publish, self._describe, settings.metrics_s)
             self.emitter.start()
 
-    def _swapped(self, new, old) -> None:
+    def _swapped(self, new: LoadedModel, old: LoadedModel | None) -> None:
         self.metrics.swapped(new, old)
         self.first.arm(new.version, new.traceparent)
 
@@ -121,14 +132,14 @@ class Service:
         model = self.slot.model
         self.first.served(model.version if model else None, started_ns, status)
 
-    def _describe(self) -> dict:
+    def _describe(self) -> dict[str, Any]:
         cloud = self.runtime.fleet.clouds[self.runtime.cloud]
         model = self.slot.model
         return {"cloud": self.runtime.cloud, "price_per_hour": cloud.price_per_hour,
                 "price_per_million_requests": cloud.price_per_million_requests,
                 "model_version": model.version if model else None}
 
-    def _publish(self, data: dict) -> None:
+    def _publish(self, data: MetricsSampled) -> None:
         self.runtime.emit("metrics.sampled", data)
 
     def predict(self, body: bytes | str, content_type: str | None = None) -> api.Result:
@@ -141,7 +152,7 @@ class Service:
         self._served(started_ns, status)
         return status, out
 
-    def infer(self, params: dict, header, body: bytes | str) -> oip.Answer:
+    def infer(self, params: dict[str, str], header: api.Header, body: bytes | str) -> oip.Answer:
         started, started_ns = time.perf_counter(), time.time_ns()
         answer = oip.infer(body, self.slot, self.settings.model_name, params["name"], params.get("version"),
                            self.limits, header(oip.HEADER_LENGTH.lower()), header("content-type"))
@@ -200,7 +211,7 @@ def reset() -> None:
         _service, _pid = None, None
 
 
-def authorize(header) -> api.Result | None:
+def authorize(header: api.Header) -> api.Result | None:
     """None when the request may go on, else the 401 to answer; `header(name)` reads a request
     header (any case)."""
     return api.authorize(service().key_hashes, header)
@@ -210,11 +221,12 @@ def max_body_bytes() -> int:
     return service().limits.max_body_bytes
 
 
-def v2(endpoint: str, params: dict[str, str], header, body: bytes | str = b"") -> oip.Answer:
+def v2(endpoint: str, params: dict[str, str], header: api.Header, body: bytes | str = b"") -> oip.Answer:
     """An Open Inference Protocol route (`oip.ROUTES` names the endpoints) → (status, body, headers).
-    Model metadata and infer take the API keys; health and readiness stay open, like /health."""
+    Model metadata and infer take the API keys; health and readiness stay open, like /health.
+    `params` are the path's: each of the model routes has a `name`."""
     svc = service()
-    name, version = params.get("name"), params.get("version")
+    version = params.get("version")
     if endpoint in ("model", "infer"):
         denied = authorize(header)
         if denied:
@@ -222,9 +234,9 @@ def v2(endpoint: str, params: dict[str, str], header, body: bytes | str = b"") -
     if endpoint == "infer":
         return svc.infer(params, header, body)
     if endpoint == "model":
-        return *oip.model_metadata(svc.slot, svc.settings.model_name, name, version), {}
+        return *oip.model_metadata(svc.slot, svc.settings.model_name, params["name"], version), {}
     if endpoint == "model_ready":
-        return *oip.model_ready(svc.slot, svc.settings.model_name, name, version), {}
+        return *oip.model_ready(svc.slot, svc.settings.model_name, params["name"], version), {}
     if endpoint == "ready":
         return *oip.ready(svc.slot), {}
     return *(oip.live() if endpoint == "live" else oip.server()), {}
@@ -235,13 +247,13 @@ def metrics() -> tuple[int, bytes, str]:
     return 200, *service().metrics.exposition()
 
 
-def _metrics_view(header, body) -> tuple:
+def _metrics_view(header: api.Header, body: bytes | str) -> oip.Answer:
     status, text, content_type = metrics()
     return status, text, {"Content-Type": content_type}
 
 
 # route name (`routes.ROUTES`) -> view(header, body) -> (status, body[, headers])
-VIEWS = {
+VIEWS: dict[str, Callable[[api.Header, bytes | str], Reply]] = {
     "predict": lambda header, body: predict(body, header("content-type")),
     "health": lambda header, body: health(),
     "metadata": lambda header, body: metadata(),
@@ -252,7 +264,7 @@ if set(VIEWS) != {route.name for route in routes.ROUTES}:
     raise RuntimeError(f"handler views {sorted(VIEWS)} differ from the routes of skyfuse.serving.routes")
 
 
-def answer(route: routes.Route, header, body: bytes | str = b"") -> tuple:
+def answer(route: routes.Route, header: api.Header, body: bytes | str = b"") -> Reply:
     """(status, body[, headers]) of one of the service's own routes: its API key checked when the
     table says so, then its view. `header(name)` reads a request header (any case); `body` is read
     by the entry point (for POST routes only)."""

@@ -71,5 +71,8 @@ def percentiles(times_ms: list[float]) -> Latency:
     if not times_ms:
         return {"p50": None, "p99": None}
     ordered = sorted(times_ms)
-    rank = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    def rank(q: float) -> float:
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
     return {"p50": round(rank(0.5), 3), "p99": round(rank(0.99), 3)}

@@ -101,7 +101,7 @@ class Probe:
     def __init__(self, clock: Callable[[], float] = time.monotonic,
                  scrape: Callable[[str], float | None] = scrape_bytes):
         self.clock, self.scrape = clock, scrape
-        self._servers: dict[int, list] = {}  # port → the root processes found listening on it
+        self._servers: dict[int, list[psutil.Process]] = {}  # port → the root processes found listening on it
         self._lock = threading.Lock()
 
     def read(self, endpoint: str) -> Reading | None:
@@ -132,7 +132,7 @@ class Probe:
             cores = psutil.cpu_count() or 1
         return Reading(at, server, cpu_s, cores, rss, psutil.virtual_memory().total, self.scrape(endpoint))
 
-    def _roots(self, port: int) -> list:
+    def _roots(self, port: int) -> list[psutil.Process]:
         """The server listening on `port`: the eldest of the processes that share its socket (the
         machine-wide scan names one of them, maybe a worker)."""
         with self._lock:
@@ -154,7 +154,7 @@ class Probe:
             return roots
 
 
-def _listens(process, port: int) -> bool:
+def _listens(process: psutil.Process, port: int) -> bool:
     try:
         return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                    for c in process.net_connections(kind="tcp"))
@@ -162,7 +162,7 @@ def _listens(process, port: int) -> bool:
         return False
 
 
-def _eldest(process, port: int):
+def _eldest(process: psutil.Process, port: int) -> psutil.Process:
     """`process`, or its furthest ancestor in an unbroken line of ancestors that listen on `port`
     too (gunicorn's master above its workers, uvicorn's supervisor above its)."""
     eldest = process
@@ -173,17 +173,17 @@ def _eldest(process, port: int):
     return eldest
 
 
-def _alive(process) -> bool:
+def _alive(process: psutil.Process) -> bool:
     """Running, and not a zombie its parent has yet to reap (a dead server)."""
     try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
 
 
-def _tree(roots: list) -> list:
+def _tree(roots: list[psutil.Process]) -> list[psutil.Process]:
     """The roots and every descendant, each once."""
-    seen: dict[int, object] = {}
+    seen: dict[int, psutil.Process] = {}
     for root in roots:
         try:
             family = [root, *root.children(recursive=True)]

@@ -28,7 +28,7 @@ class Reading:
     """One look at a cloud's serving processes."""
 
     at: float  # monotonic seconds
-    server: tuple  # who was read: a different value means another server (restart), not comparable
+    server: tuple[tuple[int, float], ...]  # who was read, (pid, start time) per root: another value is a restart
     cpu_s: float  # CPU seconds used so far by the processes (and the children they reaped)
     cores: int  # CPUs the processes may run on
     rss_bytes: int  # resident memory of the processes now

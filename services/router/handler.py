@@ -16,14 +16,15 @@ recorded; the deployer treats it the same way.
 """
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse.dns import open_backend, records
+from skyfuse.dns import Backend, open_backend, records
 from skyfuse.payloads import PlacementChanged
 from skyfuse.runtime.function import Rejected, Runtime
+from skyfuse.storage import Store
 
 APPLIED = "router/dns"  # /<record name>/<sequence>.json, zero-padded so the keys sort by it
 KEEP = 10  # decisions remembered; older ones are never needed again
@@ -73,16 +74,16 @@ def _key(name: str, sequence: int) -> str:
     return f"{_folder(name)}/{sequence:020d}.json"
 
 
-def _newest(store, name: str) -> dict | None:
+def _newest(store: Store, name: str) -> dict[str, Any] | None:
     keys = store.list(_folder(name))
     return orjson.loads(store.get(keys[-1])) if keys else None
 
 
-def _write(backend, name: str, wanted: list[records.Record]) -> None:
+def _write(backend: Backend, name: str, wanted: list[records.Record]) -> None:
     backend.apply(records.changes(backend.records(name), wanted))
 
 
-def _converge(backend, store, name: str, mine: dict) -> dict:
+def _converge(backend: Backend, store: Store, name: str, mine: dict[str, Any]) -> dict[str, Any]:
     """Write this decision's records, then the newest recorded decision's as long as a newer one
     was recorded meanwhile; returns the decision DNS was left at."""
     applied = mine
@@ -93,6 +94,6 @@ def _converge(backend, store, name: str, mine: dict) -> dict:
     return applied
 
 
-def _forget_old(store, name: str) -> None:
+def _forget_old(store: Store, name: str) -> None:
     for key in store.list(_folder(name))[:-KEEP]:
         store.delete(key)

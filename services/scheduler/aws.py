@@ -1,5 +1,9 @@
 """AWS Lambda entry point of the scheduler: a Kafka event source mapping delivers batches of records."""
+from typing import Any
+
 from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from services.scheduler.handler import handle
 from skyfuse.runtime.clouds.aws import process_kafka_batch
@@ -8,5 +12,5 @@ logger = Logger(service="skyfuse-scheduler")
 
 
 @logger.inject_lambda_context
-def lambda_handler(event, context):
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return process_kafka_batch("scheduler", handle, event, context)

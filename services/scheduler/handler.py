@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import threading
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import Any, cast
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -39,7 +39,7 @@ from skyfuse.runtime.function import Runtime
 from skyfuse.runtime.idempotency import InProgress
 from skyfuse.scheduling import Placement, Policy, PolicyConfig, Sample, SampleError, parse_time
 from skyfuse.scheduling.clock import EventClock, Stamp, TooOld
-from skyfuse.scheduling.policy import State
+from skyfuse.scheduling.policy import Decision, State
 
 _lock = threading.Lock()
 _schedulers: dict[str, Scheduler] = {}  # control cloud → the latest snapshot this process knows
@@ -54,12 +54,12 @@ class Scheduler:
     policy: Policy
     state: State
     clock: EventClock
-    model: dict | None = None
+    model: dict[str, str] | None = None  # version, uri, sha256, cloud
     handled: list[str] = field(default_factory=list)
-    outbox: list[dict] = field(default_factory=list)  # placement.changed data (with its dedupe key) to publish
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # placement.changed data and dedupe key, to publish
     seq: int = 0
 
-    def to_data(self) -> dict:
+    def to_data(self) -> dict[str, Any]:
         return {"seq": self.seq, "state": self.state.to_data(), "clock": self.clock.to_data(), "model": self.model,
                 "handled": self.handled[-REMEMBERED_EVENTS:], "outbox": self.outbox}
 
@@ -139,11 +139,14 @@ def _on_event(runtime: Runtime, event: CloudEvent, kind: str, data: Consumed, sc
             return f"skipped: {exc}"
         state = scheduler.state
         state.observe(replace(sample, t=stamp.at))
+        now = scheduler.clock.now
+        assert now is not None  # accept() has set the clock
         if state.placements and state.placed_at is None:
-            state.placed_at = scheduler.clock.now  # placed before any metrics: the dwell counts from here
-        decision = scheduler.policy.decide(state, scheduler.clock.now) if scheduler.model else None
-        if decision:
-            _announce(scheduler, event, decision, scheduler.model, "metrics", stamp)
+            state.placed_at = now  # placed before any metrics: the dwell counts from here
+        if scheduler.model:
+            decision = scheduler.policy.decide(state, now)
+            if decision:
+                _announce(scheduler, event, decision, scheduler.model, "metrics", stamp)
     return "handled"
 
 
@@ -168,7 +171,8 @@ def _new_model(runtime: Runtime, event: CloudEvent, data: FusedReady, scheduler:
     _announce(scheduler, event, decision, model, "model", stamp)
 
 
-def _announce(scheduler: Scheduler, event: CloudEvent, decision, model: dict, trigger: str, stamp: Stamp) -> None:
+def _announce(scheduler: Scheduler, event: CloudEvent, decision: Decision, model: dict[str, str], trigger: str,
+              stamp: Stamp) -> None:
     data = decision.to_event_data(model["version"], model["uri"], model["sha256"], model["cloud"], trigger=trigger)
     data["clock"] = stamp.to_data()
     data["sequence"] = scheduler.seq  # the snapshot that records this decision

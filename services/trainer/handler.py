@@ -10,14 +10,20 @@ nothing twice.
 """
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
+from skyfuse.config import Training
 from skyfuse.payloads import ModelSettings, RoundStarted, ShardReady
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.storage import StoreError, keys
+
+if TYPE_CHECKING:  # both import TensorFlow: the handler imports them when it trains
+    import keras
+
+    from skyfuse.ml.model import ModelSpec
 
 
 def handle(event: CloudEvent, runtime: Runtime) -> None:
@@ -76,6 +82,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, 
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
     member = (shard["run_id"], round_, runtime.cloud, shard["shard_id"])
     saved = store.put(keys.member_model(*member), mlmodel.to_bytes(result.model))
+    assert result.validation_rows is not None  # train() always holds rows out (maybe none)
     validation = store.put(keys.member_validation(*member), mldata.to_csv_bytes(result.validation_rows))
     runtime.emit("model.ready", {
         "run_id": shard["run_id"], "round": round_, "shard_id": shard["shard_id"], "cloud": runtime.cloud,
@@ -87,7 +94,7 @@ def _train(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, 
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
 
 
-def user_model(runtime: Runtime, given: ModelSettings):
+def user_model(runtime: Runtime, given: ModelSettings) -> keras.Model | None:
     """The user's model the run trains instead of the MLP (`model.template_uri`, saved by
     `skyfuse train --model`; every trainer starts from its weights), or None."""
     from skyfuse.ml import model as mlmodel
@@ -103,7 +110,7 @@ def user_model(runtime: Runtime, given: ModelSettings):
         raise Rejected(f"the model template {uri} cannot be loaded: {type(exc).__name__}: {exc}") from None
 
 
-def model_spec(given: ModelSettings, settings, fusion: str, round_: int = 0):
+def model_spec(given: ModelSettings, settings: Training, fusion: str, round_: int = 0) -> ModelSpec:
     """The ModelSpec of a shard's `model` dict: the keys it sets, the fleet's training settings for
     the rest, then ModelSpec's own defaults. A fine-tuning round (r >= 1) trains as the fleet's
     `finetune_*` settings say (the learning rate decaying by round), for exactly its epochs (as

@@ -10,12 +10,25 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from skyfuse.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor", "router")
 PROVIDERS = ("aws", "gcp", "azure")
@@ -35,7 +48,9 @@ class Cloud(Section):
     capacity_rps: float = Field(500.0, gt=0, description="Requests/s one replica sustains within the SLO.")
     store: str = Field("", description="Object store URI for this cloud's shards and models; default a local folder.")
     endpoint: str = Field("", description="Base URL of this cloud's inference function; `skyfuse up` sets it locally.")
-    inference_port: int = Field(0, ge=0, le=65535, description="Port `skyfuse up` serves this cloud's inference on (0: 8101, 8102, … by order).")
+    inference_port: int = Field(
+        0, ge=0, le=65535, description="Port `skyfuse up` serves this cloud's inference on (0: 8101, 8102, … by "
+                                       "order).")
 
 
 def _default_clouds() -> dict[str, Cloud]:
@@ -56,15 +71,18 @@ class EmbeddedBus(Section):
 class KafkaBus(Section):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers.")
     client_id: str = Field("skyfuse", description="Prefix of client ids seen by the broker.")
-    session_timeout_ms: int = Field(10_000, ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")
+    session_timeout_ms: int = Field(
+        10_000, ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")
     request_timeout_ms: int = Field(
         30_000, ge=1000, description="How long connecting to the brokers, or a produce or admin request, may take.")
     # TLS and SASL: infra/kafka/SECURITY.md shows them for the local broker, MSK, Confluent Cloud, Event Hubs.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="PLAINTEXT (neither TLS nor login), SSL (TLS), SASL_PLAINTEXT (login without "
                                  "TLS) or SASL_SSL (TLS, then a login).")
-    ssl_cafile: str = Field("", description="PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs.")
-    ssl_certfile: str = Field("", description="PEM client certificate (chain) for mutual TLS, the key too unless ssl_keyfile; empty: none.")
+    ssl_cafile: str = Field(
+        "", description="PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs.")
+    ssl_certfile: str = Field(
+        "", description="PEM client certificate (chain) for mutual TLS, the key too unless ssl_keyfile; empty: none.")
     ssl_keyfile: str = Field("", description="PEM private key of ssl_certfile, when it is not in that file.")
     ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names the host connected to.")
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = Field(
@@ -81,7 +99,7 @@ class KafkaBus(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _credentials_are_strings(cls, data):
+    def _credentials_are_strings(cls, data: Any) -> Any:  # the raw input, before validation
         # Checked before pydantic's own type check, whose message would quote the value.
         for key in ("sasl_username", "sasl_password"):
             if isinstance(data, dict) and not isinstance(data.get(key, ""), str):
@@ -136,7 +154,8 @@ class KafkaBus(Section):
 
 
 class Bus(Section):
-    backend: Literal["embedded", "kafka"] = Field("embedded", description="`embedded` needs no server; `kafka` is Apache Kafka.")
+    backend: Literal["embedded", "kafka"] = Field(
+        "embedded", description="`embedded` needs no server; `kafka` is Apache Kafka.")
     partitions: int = Field(3, ge=1, le=256, description="Partitions of each topic skyfuse creates.")
     embedded: EmbeddedBus = EmbeddedBus()
     kafka: KafkaBus = KafkaBus()
@@ -167,7 +186,8 @@ class Signing(Section):
     max_age_s: float = Field(
         7 * 24 * 3600.0, gt=0, description="An event signed longer ago than this is refused as a replay. Default: "
                                            "Kafka's default retention, so nothing still on the bus is refused.")
-    max_skew_s: float = Field(300.0, ge=0, description="How far in the future an event's signed time may be (clock skew).")
+    max_skew_s: float = Field(
+        300.0, ge=0, description="How far in the future an event's signed time may be (clock skew).")
 
 
 class Tracing(Section):
@@ -202,7 +222,7 @@ class Dns(Section):
 
     @field_validator("zone", "record")
     @classmethod
-    def _dns_name(cls, value: str, info) -> str:
+    def _dns_name(cls, value: str, info: ValidationInfo) -> str:
         name = value.strip().lower()
         if name and not name.endswith("."):
             name += "."  # fully qualified, as Route 53 answers it
@@ -219,7 +239,8 @@ class Dns(Section):
             return self
         problems = []
         if not self.record:
-            problems.append("dns.record is empty: set it to the name callers use, e.g. record = \"api.skyfuse.example.\"")
+            problems.append("dns.record is empty: set it to the name callers use, e.g. "
+                            "record = \"api.skyfuse.example.\"")
         if not (self.zone or self.hosted_zone_id):
             problems.append("dns.zone and dns.hosted_zone_id are both empty: set zone = \"skyfuse.example.\" (or the "
                             "zone's id) so the records have a zone")
@@ -252,21 +273,35 @@ class Function(Section):
 
 class Training(Section):
     hidden: list[int] = Field([64, 32], min_length=1, description="Units of each hidden layer of the MLP.")
-    epochs: int = Field(100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
-    finetune_epochs: int = Field(5, ge=1, description="Epochs of each FedAvg round's fine-tuning (all of them run: no early stopping).")
-    finetune_optimizer: Literal["adam", "sgd"] = Field("sgd", description="Optimizer of the fine-tuning rounds: sgd (plain, as FedAvg's clients) or adam.")
+    epochs: int = Field(
+        100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
+    finetune_epochs: int = Field(
+        5, ge=1, description="Epochs of each FedAvg round's fine-tuning (all of them run: no early stopping).")
+    finetune_optimizer: Literal["adam", "sgd"] = Field(
+        "sgd", description="Optimizer of the fine-tuning rounds: sgd (plain, as FedAvg's clients) or adam.")
     finetune_learning_rate: float = Field(0.3, gt=0, description="Learning rate of the first fine-tuning round.")
-    finetune_lr_decay: float = Field(0.85, gt=0, le=1, description="Each later fine-tuning round's learning rate is the one before times this.")
+    finetune_lr_decay: float = Field(
+        0.85, gt=0, le=1, description="Each later fine-tuning round's learning rate is the one before times this.")
     batch_size: int = Field(16, ge=1, description="Mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     rounds: int = Field(10, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
-    rounds_patience: int = Field(3, ge=0, description="Stop the rounds early when this many in a row scored no better on validation than the best before them (any strategy); 0 runs every round.")
-    proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning rounds of a fedprox run.")
-    server_lr: float = Field(0.03, gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + tau)).")
-    server_tau: float = Field(1e-3, gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing (adaptivity).")
-    server_beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi: decay of the first moment m of the pseudo-gradients.")
-    server_beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi: decay of the second moment v of the pseudo-gradients.")
-    quorum_timeout_s: float = Field(120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
+    rounds_patience: int = Field(
+        3, ge=0, description="Stop the rounds early when this many in a row scored no better on validation than the "
+                             "best before them (any strategy); 0 runs every round.")
+    proximal_mu: float = Field(
+        0.01, ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning "
+                                "rounds of a fedprox run.")
+    server_lr: float = Field(
+        0.03, gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + tau)).")
+    server_tau: float = Field(
+        1e-3, gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing "
+                                "(adaptivity).")
+    server_beta1: float = Field(
+        0.9, ge=0, lt=1, description="FedAdam/FedYogi: decay of the first moment m of the pseudo-gradients.")
+    server_beta2: float = Field(
+        0.99, ge=0, lt=1, description="FedAdam/FedYogi: decay of the second moment v of the pseudo-gradients.")
+    quorum_timeout_s: float = Field(
+        120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
     timer_s: float = Field(2.0, gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")
 
 
@@ -292,7 +327,8 @@ class Scheduler(Section):
                                                         "measured figure (latency, errors, load).")
     error_budget: float = Field(0.01, gt=0, description="Error rate that costs 1.0 in P (0.01: 1 %).")
     failover_error_rate: float = Field(0.25, gt=0, le=1, description="Smoothed error rate at which a cloud is "
-                                                                     "ineligible, and a serving one failed over at once.")
+                                                                     "ineligible, and a serving one failed over at "
+                                                                     "once.")
     slo_breach_weight: float = Field(4.0, ge=0, description="Extra P per unit of p99/SLO above 1 (a p99 10 % "
                                                             "over the objective adds 0.4 at the default).")
     saturation_knee: float = Field(0.8, ge=0, lt=1, description="Projected utilisation (load / capacity_rps of the "
@@ -332,7 +368,8 @@ class Fleet(Section):
     delivery: Delivery = Delivery()
     functions: dict[str, Function] = Field(default_factory=dict)
     lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
-    control_cloud: str = Field("", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
+    control_cloud: str = Field(
+        "", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
     scheduler: Scheduler = Field(default_factory=lambda: Scheduler())
     training: Training = Field(default_factory=lambda: Training())
     signing: Signing = Signing()
@@ -342,7 +379,7 @@ class Fleet(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _provider_from_name(cls, data):
+    def _provider_from_name(cls, data: Any) -> Any:  # the raw input, before validation
         """`[clouds.aws]` needs no `provider = "aws"`."""
         for name, cloud in (data.get("clouds") or {}).items() if isinstance(data, dict) else ():
             if isinstance(cloud, dict) and "provider" not in cloud and name in PROVIDERS:
@@ -356,7 +393,8 @@ class Fleet(Section):
             raise ValueError("at least one cloud is needed, e.g. [clouds.aws] provider = \"aws\"")
         for name in clouds:
             if not name.replace("-", "").isalnum() or not name[0].isalpha() or name.lower() != name:
-                raise ValueError(f"cloud name {name!r} must be lowercase letters, digits and '-', starting with a letter")
+                raise ValueError(f"cloud name {name!r} must be lowercase letters, digits and '-', starting with a "
+                                 "letter")
         return clouds
 
     @field_validator("functions")
@@ -375,11 +413,12 @@ class Fleet(Section):
             if not cloud.store:
                 cloud.store = f"file://.skyfuse/stores/{name}"
         if self.control_cloud and self.control_cloud not in self.clouds:
-            raise ValueError(f"control_cloud {self.control_cloud!r} is not under [clouds]; configured: {', '.join(self.clouds)}")
+            raise ValueError(f"control_cloud {self.control_cloud!r} is not under [clouds]; "
+                             f"configured: {', '.join(self.clouds)}")
         for name, fn in self.functions.items():
-            for cloud in fn.clouds or ():
-                if cloud not in self.clouds:
-                    raise ValueError(f"functions.{name}.clouds names {cloud!r}, which is not under [clouds]; "
+            for cloud_name in fn.clouds or ():
+                if cloud_name not in self.clouds:
+                    raise ValueError(f"functions.{name}.clouds names {cloud_name!r}, which is not under [clouds]; "
                                      f"configured clouds: {', '.join(self.clouds)}")
         return self
 
@@ -394,11 +433,12 @@ class ConfigError(InvalidInput):
     """A config file, key or value that cannot work; the message names the key and what to change."""
 
 
-def _env_overrides(environ: dict[str, str]) -> dict:
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """`SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS=x` → {"bus": {"kafka": {"bootstrap_servers": "x"}}}."""
-    tree: dict = {}
+    tree: dict[str, Any] = {}
     for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS or name.startswith(("SKYFUSE_TEST_", "SKYFUSE_SIGNING_KEY")):
+        if (not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS
+                or name.startswith(("SKYFUSE_TEST_", "SKYFUSE_SIGNING_KEY"))):
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         node = tree
@@ -412,18 +452,18 @@ def _env_overrides(environ: dict[str, str]) -> dict:
     return tree
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in over.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def _describe(error: dict, origin: str) -> str:
+def _describe(error: ErrorDetails, origin: str) -> str:
     loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after",))
     if error["type"] == "extra_forbidden":
         parent_path, key = error["loc"][:-1], error["loc"][-1]
-        model = Fleet
+        model: type[BaseModel] = Fleet
         for part in parent_path:
             field = model.model_fields.get(str(part)) or model.model_fields.get(f"{part}_")
             annotation = field.annotation if field else None
@@ -440,11 +480,11 @@ def _describe(error: dict, origin: str) -> str:
     return f"{origin}: {loc or '(top level)'}: {error['msg']}{shown}"
 
 
-def load(path: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> Fleet:
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Fleet:
     """The fleet config; raises `ConfigError` naming every bad key and how to fix it."""
     environ = dict(os.environ if environ is None else environ)
     chosen = path or environ.get("SKYFUSE_CONFIG") or ("skyfuse.toml" if Path("skyfuse.toml").exists() else None)
-    data: dict = {}
+    data: dict[str, Any] = {}
     origin = "defaults"
     if chosen:
         origin = str(chosen)

@@ -6,11 +6,17 @@ import importlib.util
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from skyfuse.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import jsonschema_rs
+    from jsonschema import Draft202012Validator
 
 TYPE_PREFIX = "skyfuse."  # CloudEvent `type` attribute = prefix + event type name
 
@@ -81,7 +87,7 @@ def event_type(name: str) -> EventType:
     return types[name]
 
 
-def producer_error(name: str, signer: str, data: dict, control_cloud: str) -> str | None:
+def producer_error(name: str, signer: str, data: Mapping[str, Any] | None, control_cloud: str) -> str | None:
     """Why `signer` (`cloud/function` or `cli`, a verified signer) may not emit this event, or None."""
     kind = event_type(name)
     cloud, _, function = signer.rpartition("/")  # "cli": no cloud
@@ -114,19 +120,20 @@ def dlq_topic(function: str) -> str:
 
 
 @cache
-def _schema(name: str) -> dict:
-    return json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
+def _schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((events_dir() / "schemas" / f"{name}.json").read_text())
+    return schema
 
 
 @cache
-def _validator(name: str):
+def _validator(name: str) -> Draft202012Validator:
     from jsonschema import Draft202012Validator  # here: not every process validates (cold start)
 
     return Draft202012Validator(_schema(name), format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 @cache
-def _fast_validator(name: str):
+def _fast_validator(name: str) -> jsonschema_rs.Validator:
     """jsonschema-rs (compiled; ~100x faster) for the yes/no every delivered event needs; the
     errors of a no are worded by `jsonschema` (`validation_errors`)."""
     import jsonschema_rs
@@ -155,6 +162,7 @@ def validate(name: str, data: object) -> None:
     raise ContractError(name, errors)
 
 
-def sample(name: str) -> dict:
+def sample(name: str) -> dict[str, Any]:
     """The valid example of `name`'s data shipped in `events/samples/`."""
-    return json.loads((events_dir() / "samples" / f"{event_type(name).name}.json").read_text())
+    data: dict[str, Any] = json.loads((events_dir() / "samples" / f"{event_type(name).name}.json").read_text())
+    return data

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import secrets
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -32,7 +34,7 @@ def new_traceparent() -> str:
 
 def new_event(
     type_name: str,
-    data: dict,
+    data: Mapping[str, Any],
     *,
     source: str,
     subject: str | None = None,
@@ -83,7 +85,9 @@ def key_of(event: CloudEvent) -> bytes | None:
 def encode(event: CloudEvent) -> tuple[bytes | None, bytes, Headers]:
     """(key, value, headers) of the Kafka record for `event`, in binary content mode."""
     message = to_binary(event, data_marshaller=orjson.dumps, key_mapper=lambda _: None)
-    return key_of(event), message.value, list(message.headers.items())
+    value = message.value
+    assert isinstance(value, bytes)  # typed str | bytes, but to_binary encodes a str value to UTF-8
+    return key_of(event), value, list(message.headers.items())
 
 
 def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent:
@@ -120,7 +124,7 @@ def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEve
 REQUIRED = ("id", "source", "type", "specversion")
 
 
-def _require(present) -> None:
+def _require(present: Iterable[str]) -> None:
     """Every required attribute must be in the record itself: the SDK invents a fresh id for a
     record without one, which would give each redelivery another id and defeat deduplication."""
     names = {name.removeprefix("ce_") for name in present}
@@ -146,7 +150,7 @@ def _from_structured(value: bytes) -> CloudEvent:
     return CloudEvent(envelope, data)
 
 
-def _json(raw: bytes | str | None):
+def _json(raw: bytes | str | None) -> Any:  # any JSON value
     if raw in (None, b"", ""):
         return None
     try:
@@ -167,4 +171,5 @@ class EventInfo:
     def of(cls, event: CloudEvent) -> EventInfo:
         parent = event.get("traceparent") or ""
         parts = parent.split("-")
-        return cls(event["id"], event["type"].removeprefix(contracts.TYPE_PREFIX), parts[1] if len(parts) == 4 else None)
+        return cls(event["id"], event["type"].removeprefix(contracts.TYPE_PREFIX),
+                   parts[1] if len(parts) == 4 else None)

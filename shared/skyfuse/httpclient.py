@@ -11,6 +11,7 @@ Standard library only; servers use their own frameworks, not this.
 from __future__ import annotations
 
 import http.client
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,12 +51,13 @@ class Connection:
 
     def __init__(self, base_url: str, timeout_s: float = 10.0):
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        host = parts.hostname
+        if parts.scheme not in ("http", "https") or not host:
             raise HttpError(f"not an http(s) URL: {base_url!r}")
         self.base_url, self.prefix = base_url.rstrip("/"), parts.path.rstrip("/")
         self.query = f"?{parts.query}" if parts.query else ""  # of base_url itself, for a request of path ""
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._connect = lambda: kind(parts.hostname, parts.port, timeout=timeout_s)
+        self._connect: Callable[[], http.client.HTTPConnection] = lambda: kind(host, parts.port, timeout=timeout_s)
         self._conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str = "", body: bytes | None = None,
@@ -81,7 +83,7 @@ class Connection:
     def __enter__(self) -> Connection:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 
 MARK = "<redacted>"
 _QUERY = re.compile(r"((?:https?|s3|gs|az|file)://[^\s?'\"<>]*)\?[^\s'\"<>]+")
@@ -21,15 +22,15 @@ _BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/-]+=*", re.IGNORECASE)
 _SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|SAS|CREDENTIAL|CONNECTION_STRING", re.IGNORECASE)
 
 
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of secret-looking environment variables (8 characters or more), longest first."""
-    environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if _SECRET_NAME.search(k) and len(v) >= 8}
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if _SECRET_NAME.search(k) and len(v) >= 8}
     parts = {p.split("=", 1)[1] for v in values for p in v.split(";") if "=" in p and len(p.split("=", 1)[1]) >= 8}
     return sorted(values | parts, key=len, reverse=True)
 
 
-def redact(text: str, environ: dict[str, str] | None = None) -> str:
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     if not text:
         return text
     for value in secret_values(environ):

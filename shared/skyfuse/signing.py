@@ -24,10 +24,11 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import orjson
 from cloudevents.http import CloudEvent
@@ -36,6 +37,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from skyfuse.errors import Failure, SkyfuseError
+
+if TYPE_CHECKING:
+    from skyfuse.config import Fleet
 
 SIGNATURE, KEY_ID = "signature", "signaturekeyid"  # CloudEvents extension attributes
 CLI = "cli"
@@ -48,6 +52,14 @@ class Untrusted(SkyfuseError):
 
 class KeySetupError(Failure, RuntimeError):
     """Keys missing or unusable; the message says which and what to run."""
+
+
+class TrustEntry(TypedDict):
+    """One trusted public key in `trust.json`."""
+
+    id: str
+    principal: str
+    ed25519: str  # the raw public key, base64url
 
 
 def principal(cloud: str, function: str) -> str:
@@ -128,8 +140,8 @@ class Keyring:
             raise Untrusted(f"time {str(event.get('time'))[:40]!r} is not an RFC 3339 timestamp") from None
         age = (time.time() if now is None else now) - signed_at
         if age > max_age_s:
-            raise Untrusted(f"signed at {event['time']}, {age:.0f} s ago, longer than signing.max_age_s={max_age_s:.0f}:"
-                            " refused as a replay")
+            raise Untrusted(f"signed at {event['time']}, {age:.0f} s ago, longer than "
+                            f"signing.max_age_s={max_age_s:.0f}: refused as a replay")
         if -age > max_skew_s:
             raise Untrusted(f"signed at {event['time']}, {-age:.0f} s in the future, more than "
                             f"signing.max_skew_s={max_skew_s:.0f}")
@@ -138,12 +150,12 @@ class Keyring:
 
 # -- for a fleet (its `signing` settings) ---------------------------------------------------------
 
-def signer_for(fleet, who: str) -> Signer | None:
+def signer_for(fleet: Fleet, who: str) -> Signer | None:
     """`who`'s signer under the fleet's settings; None with signing off."""
     return load_signer(fleet.signing.keys_dir, who) if fleet.signing.enabled else None
 
 
-def check(fleet, event: CloudEvent) -> str | None:
+def check(fleet: Fleet, event: CloudEvent) -> str | None:
     """The verified signer of `event`, allowed by the catalog to emit it (None with signing off);
     raises `Untrusted` with the reason otherwise."""
     from skyfuse import contracts
@@ -159,41 +171,43 @@ def check(fleet, event: CloudEvent) -> str | None:
     return who
 
 
-def fleet_principals(fleet) -> list[str]:
+def fleet_principals(fleet: Fleet) -> list[str]:
     """Every principal of a fleet: each function in each of its clouds, and the CLI."""
     from skyfuse.config import FUNCTIONS
 
     return [principal(c, f) for f in FUNCTIONS for c in fleet.clouds_for(f)] + [CLI]
 
 
-def ensure_local_keys(fleet) -> list[str]:
+def ensure_local_keys(fleet: Fleet) -> list[str]:
     """A local fleet's keys, made where missing (what `skyfuse up`, `demo` and `keys init` do)."""
     return init_keys(fleet.signing.keys_dir, fleet_principals(fleet)) if fleet.signing.enabled else []
 
 
 # -- the keys folder ---------------------------------------------------------------------------
 
-def _trust_path(keys_dir: str | os.PathLike) -> Path:
+def _trust_path(keys_dir: str | os.PathLike[str]) -> Path:
     return Path(keys_dir) / "trust.json"
 
 
-def _private_path(keys_dir: str | os.PathLike, who: str) -> Path:
+def _private_path(keys_dir: str | os.PathLike[str], who: str) -> Path:
     return Path(keys_dir) / "private" / f"{who.replace('/', '.')}.pem"
 
 
-def _read_trust(path: Path) -> list[dict]:
+def _read_trust(path: Path) -> list[TrustEntry]:
     try:
-        return orjson.loads(path.read_bytes())["keys"]
+        entries: list[TrustEntry] = orjson.loads(path.read_bytes())["keys"]  # as `_save_trust` wrote them
+        return entries
     except FileNotFoundError:
         return []
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        raise KeySetupError(f"{path}: not a skyfuse trust file ({exc}); remove it and run `skyfuse keys init`") from None
+        raise KeySetupError(f"{path}: not a skyfuse trust file ({exc}); remove it and run "
+                            "`skyfuse keys init`") from None
 
 
 _keyrings: dict[Path, tuple[int, Keyring]] = {}
 
 
-def keyring(keys_dir: str | os.PathLike) -> Keyring:
+def keyring(keys_dir: str | os.PathLike[str]) -> Keyring:
     """The trust file of `keys_dir`, read again whenever it changes (keys rotate under running hosts)."""
     path = _trust_path(keys_dir).resolve()
     try:
@@ -204,7 +218,7 @@ def keyring(keys_dir: str | os.PathLike) -> Keyring:
     cached = _keyrings.get(path)
     if cached and cached[0] == stamp:
         return cached[1]
-    keys = {}
+    keys: dict[str, TrustedKey] = {}
     for entry in _read_trust(path):
         public = Ed25519PublicKey.from_public_bytes(_unb64(entry["ed25519"]))
         keys[entry["id"]] = TrustedKey(entry["id"], entry["principal"], public)
@@ -213,15 +227,15 @@ def keyring(keys_dir: str | os.PathLike) -> Keyring:
     return ring
 
 
-def load_signer(keys_dir: str | os.PathLike, who: str, environ: dict[str, str] | None = None) -> Signer:
+def load_signer(keys_dir: str | os.PathLike[str], who: str, environ: Mapping[str, str] | None = None) -> Signer:
     """The signer of `who`: from SKYFUSE_SIGNING_KEY_<FUNCTION> (an Azure function app, whose functions
     share one environment) or SKYFUSE_SIGNING_KEY (a function of its own), set from the cloud's secret
     store; else `private/<who>.pem` (a local fleet)."""
-    environ = os.environ if environ is None else environ
+    env = os.environ if environ is None else environ
     path = _private_path(keys_dir, who)
-    variable = next((n for n in (f"{ENV_KEY}_{who.rpartition('/')[2].upper()}", ENV_KEY) if environ.get(n)), None)
+    variable = next((n for n in (f"{ENV_KEY}_{who.rpartition('/')[2].upper()}", ENV_KEY) if env.get(n)), None)
     try:
-        pem = environ[variable].encode() if variable else path.read_bytes()
+        pem = env[variable].encode() if variable else path.read_bytes()
         key = serialization.load_pem_private_key(pem, password=None)
     except FileNotFoundError:
         raise KeySetupError(f"signing is on but {who} has no key: none at {path} and {ENV_KEY} is unset; run "
@@ -240,7 +254,7 @@ def load_signer(keys_dir: str | os.PathLike, who: str, environ: dict[str, str] |
 
 
 @contextlib.contextmanager
-def _locked(keys_dir: Path):
+def _locked(keys_dir: Path) -> Iterator[None]:
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(keys_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -261,53 +275,54 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _new_key(keys_dir: Path, who: str, trust: list[dict]) -> dict:
+def _new_key(keys_dir: Path, who: str, trust: list[TrustEntry]) -> TrustEntry:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     _write_atomic(_private_path(keys_dir, who), pem, 0o600)
-    entry = {"id": key_id(who, key.public_key()), "principal": who, "ed25519": _b64(_public_raw(key.public_key()))}
+    entry: TrustEntry = {"id": key_id(who, key.public_key()), "principal": who,
+                         "ed25519": _b64(_public_raw(key.public_key()))}
     trust.append(entry)
     return entry
 
 
-def _save_trust(keys_dir: Path, trust: list[dict]) -> None:
+def _save_trust(keys_dir: Path, trust: list[TrustEntry]) -> None:
     _write_atomic(_trust_path(keys_dir), orjson.dumps({"keys": trust}, option=orjson.OPT_INDENT_2), 0o644)
 
 
-def init_keys(keys_dir: str | os.PathLike, principals: Iterable[str]) -> list[str]:
+def init_keys(keys_dir: str | os.PathLike[str], principals: Iterable[str]) -> list[str]:
     """Make a key pair for every principal that has no private key here; returns the new key ids."""
-    keys_dir = Path(keys_dir)
-    with _locked(keys_dir):
-        trust = _read_trust(_trust_path(keys_dir))
-        made = [_new_key(keys_dir, who, trust)["id"] for who in dict.fromkeys(principals)
-                if not _private_path(keys_dir, who).exists()]
-        if made or not _trust_path(keys_dir).exists():
-            _save_trust(keys_dir, trust)
+    folder = Path(keys_dir)
+    with _locked(folder):
+        trust = _read_trust(_trust_path(folder))
+        made = [_new_key(folder, who, trust)["id"] for who in dict.fromkeys(principals)
+                if not _private_path(folder, who).exists()]
+        if made or not _trust_path(folder).exists():
+            _save_trust(folder, trust)
     return made
 
 
-def rotate(keys_dir: str | os.PathLike, who: str) -> str:
+def rotate(keys_dir: str | os.PathLike[str], who: str) -> str:
     """A new key for `who`: it signs from now on; its old keys stay trusted until `retire`d."""
-    keys_dir = Path(keys_dir)
-    with _locked(keys_dir):
-        trust = _read_trust(_trust_path(keys_dir))
-        entry = _new_key(keys_dir, who, trust)
-        _save_trust(keys_dir, trust)
+    folder = Path(keys_dir)
+    with _locked(folder):
+        trust = _read_trust(_trust_path(folder))
+        entry = _new_key(folder, who, trust)
+        _save_trust(folder, trust)
     return entry["id"]
 
 
-def retire(keys_dir: str | os.PathLike, kid: str) -> None:
+def retire(keys_dir: str | os.PathLike[str], kid: str) -> None:
     """Stop trusting key `kid` (after signing.max_age_s, nothing on the bus is signed with it any more)."""
-    keys_dir = Path(keys_dir)
-    with _locked(keys_dir):
-        trust = _read_trust(_trust_path(keys_dir))
+    folder = Path(keys_dir)
+    with _locked(folder):
+        trust = _read_trust(_trust_path(folder))
         kept = [e for e in trust if e["id"] != kid]
         if len(kept) == len(trust):
-            raise KeySetupError(f"no key {kid!r} in {_trust_path(keys_dir)}; `skyfuse keys list` shows them")
-        _save_trust(keys_dir, kept)
+            raise KeySetupError(f"no key {kid!r} in {_trust_path(folder)}; `skyfuse keys list` shows them")
+        _save_trust(folder, kept)
 
 
-def trusted(keys_dir: str | os.PathLike) -> list[dict]:
+def trusted(keys_dir: str | os.PathLike[str]) -> list[TrustEntry]:
     """The trust file's entries (id, principal, ed25519)."""
     return _read_trust(_trust_path(keys_dir))

@@ -26,7 +26,8 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -34,6 +35,14 @@ from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, Statu
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from skyfuse.errors import Failure
+
+if TYPE_CHECKING:
+    from cloudevents.http import CloudEvent
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.util.types import AttributeValue
+
+    from skyfuse.config import Fleet
 
 log = logging.getLogger("skyfuse.tracing")
 
@@ -45,7 +54,7 @@ _propagator = TraceContextTextMapPropagator()
 _NOOP = trace.NoOpTracer()
 _lock = threading.Lock()
 _installed: trace.TracerProvider | None = None  # set by `installed`: wins over the config
-_providers: dict[str, trace.TracerProvider] = {}  # exporter endpoint → the provider built for it
+_providers: dict[str, SdkTracerProvider] = {}  # exporter endpoint → the provider built for it
 _tracers: dict[int, trace.Tracer] = {}  # id(provider) → its skyfuse tracer
 _refused: set[str] = set()  # endpoints whose provider could not be built (said once, then off)
 
@@ -56,7 +65,7 @@ class TracingSetupError(Failure, RuntimeError):
 
 # -- the provider ---------------------------------------------------------------------------------
 
-def endpoint(fleet=None, environ=None) -> str | None:
+def endpoint(fleet: Fleet | None = None, environ: Mapping[str, str] | None = None) -> str | None:
     """Where spans go: the OTLP/HTTP traces URL, `env` when only the standard OTEL_* variables say
     (the exporter reads them itself), or None: tracing off."""
     environ = os.environ if environ is None else environ
@@ -71,14 +80,14 @@ def endpoint(fleet=None, environ=None) -> str | None:
     return None
 
 
-def resource(service_name: str = "skyfuse"):
+def resource(service_name: str = "skyfuse") -> Resource:
     """The SDK resource of every skyfuse span: the service, plus OTEL_RESOURCE_ATTRIBUTES."""
     from opentelemetry.sdk.resources import Resource
 
     return Resource.create({"service.name": service_name})
 
 
-def sdk_provider(service_name: str = "skyfuse"):
+def sdk_provider(service_name: str = "skyfuse") -> SdkTracerProvider:
     """An SDK TracerProvider for skyfuse spans, with no processor yet. Its span and trace ids come
     from the OS's random source, not from the `random` module: the trainers seed that one (Keras'
     `set_random_seed`), which would give every cloud's trainer the same ids."""
@@ -110,7 +119,7 @@ def _shown(url: str) -> str:
         if parts.hostname and "@" in parts.netloc else url
 
 
-def build_provider(url: str, service_name: str = "skyfuse"):
+def build_provider(url: str, service_name: str = "skyfuse") -> SdkTracerProvider:
     """An SDK provider exporting to `url` (`env`: the OTEL_EXPORTER_OTLP_* variables) in batches."""
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -125,7 +134,7 @@ def build_provider(url: str, service_name: str = "skyfuse"):
     return provider
 
 
-def configure(fleet=None) -> trace.TracerProvider | None:
+def configure(fleet: Fleet | None = None) -> SdkTracerProvider | None:
     """The provider `fleet`'s settings ask for, built once per endpoint (None: tracing off).
     Raises `TracingSetupError` when the exporter's packages are missing."""
     url = endpoint(fleet)
@@ -139,11 +148,11 @@ def configure(fleet=None) -> trace.TracerProvider | None:
     return provider
 
 
-def tracer(fleet=None) -> trace.Tracer:
+def tracer(fleet: Fleet | None = None) -> trace.Tracer:
     """The tracer for spans of `fleet`'s functions: the installed provider's, the configured
     exporter's, or the no-op tracer. A tracing setup that fails is logged once, then left off:
     a missing exporter never stops the events."""
-    provider = _installed
+    provider: trace.TracerProvider | None = _installed
     if provider is None:
         url = endpoint(fleet)
         if url is None or url in _refused:
@@ -215,11 +224,12 @@ def current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
-def _attributes(fleet, function: str, cloud: str | None, event) -> dict:
+def _attributes(fleet: Fleet | None, function: str, cloud: str | None,
+                event: CloudEvent) -> dict[str, AttributeValue]:
     from skyfuse import contracts
 
     kind = contracts.event_type(event["type"])
-    attributes = {
+    attributes: dict[str, AttributeValue] = {
         "messaging.system": "kafka",
         "messaging.destination.name": kind.topic,
         "messaging.message.id": event["id"],
@@ -251,18 +261,19 @@ def _short(type_name: str) -> str:
 # -- spans of functions ---------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def consuming(event, fleet, function: str, cloud: str, trusted: bool = True) -> Iterator[Span]:
+def consuming(event: CloudEvent, fleet: Fleet | None, function: str, cloud: str,
+              trusted: bool = True) -> Iterator[Span]:
     """The CONSUMER span of `function` in `cloud` processing `event`, current for the block: a child
     of the span that published it. An untrusted event's traceparent is not followed (anyone can
     write one): its span starts a trace of its own, linked to the one it claims."""
     parent = extract(event.get("traceparent"))
     claimed = trace.get_current_span(parent).get_span_context()
-    links = []
+    links: list[Link] = []
     if not trusted:
         links = [Link(claimed, {"skyfuse.link": "claimed parent (unverified)"})] if claimed.is_valid else []
         parent = Context()
     spans = tracer(fleet)
-    attributes = {} if spans is _NOOP else {
+    attributes: dict[str, AttributeValue] = {} if spans is _NOOP else {
         **_attributes(fleet, function, cloud, event), "messaging.operation.type": "process",
         "messaging.operation.name": "process", "messaging.consumer.group.name": f"{cloud}.{function}",
         "faas.trigger": "pubsub"}
@@ -285,7 +296,8 @@ def outcome(span: Span, result: str, error: BaseException | str | None = None) -
 
 
 @contextlib.contextmanager
-def producing(event, fleet, function: str, cloud: str | None = None, parent: str | None = None) -> Iterator[Span]:
+def producing(event: CloudEvent, fleet: Fleet | None, function: str, cloud: str | None = None,
+              parent: str | None = None) -> Iterator[Span]:
     """The PRODUCER span of publishing `event`, current for the block; sets the event's
     `traceparent` to it, so its consumers' spans are its children. Call before signing.
 
@@ -295,14 +307,15 @@ def producing(event, fleet, function: str, cloud: str | None = None, parent: str
     run's event); and with neither, it starts a trace (the CLI, a timer)."""
     current = trace.get_current_span().get_span_context()
     remote = span_context(parent)
-    context, links = None, []
+    context: Context | None = None
+    links: list[Link] = []
     if remote.is_valid and not (current.is_valid and current.trace_id == remote.trace_id):
         context = extract(parent)
         links = [Link(current, {"skyfuse.link": "emitted while handling"})] if current.is_valid else []
     elif not current.is_valid:
         context = Context()  # a root
     spans = tracer(fleet)
-    attributes = {} if spans is _NOOP else {
+    attributes: dict[str, AttributeValue] = {} if spans is _NOOP else {
         **_attributes(fleet, function, cloud, event), "messaging.operation.type": "send",
         "messaging.operation.name": "publish"}
     with spans.start_as_current_span(
@@ -315,7 +328,8 @@ def producing(event, fleet, function: str, cloud: str | None = None, parent: str
 
 
 @contextlib.contextmanager
-def root(name: str, fleet=None, attributes: dict | None = None) -> Iterator[Span]:
+def root(name: str, fleet: Fleet | None = None,
+         attributes: Mapping[str, AttributeValue] | None = None) -> Iterator[Span]:
     """A span that starts a trace, current for the block: what the CLI publishes in it (the shard.ready
     events of one run, through `producing`) is one trace."""
     with tracer(fleet).start_as_current_span(name, context=Context(), kind=SpanKind.INTERNAL,
@@ -334,14 +348,14 @@ class FirstPrediction:
     by that version makes the span (from `started_ns`, a `time.time_ns()`, to now), later ones cost
     a dict lookup."""
 
-    def __init__(self, fleet, cloud: str, function: str = "inference"):
+    def __init__(self, fleet: Fleet | None, cloud: str, function: str = "inference"):
         self.fleet, self.cloud, self.function = fleet, cloud, function
         self._armed: dict[str, str] = {}  # version → traceparent of its deploy; one at a time
         self._lock = threading.Lock()
 
     def arm(self, version: str, traceparent: str | None) -> None:
         with self._lock:
-            self._armed = {version: traceparent} if span_context(traceparent).is_valid else {}
+            self._armed = {version: traceparent} if traceparent and span_context(traceparent).is_valid else {}
 
     def served(self, version: str | None, started_ns: int | None = None, status: int = 200,
                rows: int | None = None) -> bool:
@@ -353,9 +367,9 @@ class FirstPrediction:
         if traceparent is None:
             return False
         settings = self.fleet.clouds.get(self.cloud) if self.fleet is not None else None
-        attributes = {"faas.name": self.function, "faas.trigger": "http", "skyfuse.cloud": self.cloud,
-                      "skyfuse.model_version": version, "skyfuse.first_prediction": True,
-                      "http.response.status_code": status}
+        attributes: dict[str, AttributeValue] = {
+            "faas.name": self.function, "faas.trigger": "http", "skyfuse.cloud": self.cloud,
+            "skyfuse.model_version": version, "skyfuse.first_prediction": True, "http.response.status_code": status}
         if settings is not None:
             attributes.update({"cloud.provider": settings.provider, "cloud.region": settings.region})
         if rows is not None:

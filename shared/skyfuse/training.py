@@ -11,16 +11,31 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from cloudevents.http import CloudEvent
 
 from skyfuse import contracts, events, httpclient, signing, tracing
-from skyfuse.bus import Bus
+from skyfuse.bus import Bus, Record
 from skyfuse.config import Fleet
 from skyfuse.errors import InvalidInput
+from skyfuse.payloads import (
+    DeploymentState,
+    DeploymentStatus,
+    FusedMember,
+    FusedReady,
+    OnnxReady,
+    PlacementChanged,
+    ShardReady,
+)
 from skyfuse.runtime import deadletter
 from skyfuse.storage import fetch, keys, open_store
+
+if TYPE_CHECKING:  # numpy and the ML modules load when a run needs them, not with the CLI
+    import numpy as np
+
+    from skyfuse.ml.data import Dataset
 
 RUNS_DIR = Path(".skyfuse/runs")
 MAX_ROWS = 1000  # rows per inference request (skyfuse.serving.api.MAX_ROWS)
@@ -47,7 +62,7 @@ class Plan:
     weights: dict[str, float] | None = None  # fusion weight per cloud (normalised); None: by rows
     shards_per_cloud: int = 1
     holdout: tuple[float, float] = (0.15, 0.2)  # validation and test fractions of the whole dataset
-    model_options: dict = field(default_factory=dict)  # ModelSpec keys over the fleet's training defaults
+    model_options: dict[str, Any] = field(default_factory=dict)  # ModelSpec keys over the fleet's training defaults
     model: str | None = None  # a user's Keras model instead of the MLP: PATH.keras or MODULE:FUNCTION
 
     @property
@@ -59,26 +74,26 @@ class Plan:
 @dataclass
 class Prepared:
     plan: Plan
-    train: object
-    validation: object
-    test: object
-    shards: list  # (cloud, Dataset)
+    train: Dataset
+    validation: Dataset
+    test: Dataset
+    shards: list[tuple[str, Dataset]]  # (cloud, its shard)
     shard_events: list[CloudEvent]  # signed, when signing is on
     seconds: float
     fleet: Fleet
 
 
-def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
+def prepare(fleet: Fleet, dataset: Dataset, plan: Plan) -> Prepared:
     """Split, partition, upload; returns the shard.ready events, not yet published."""
     import numpy as np
 
     from skyfuse.ml import data as mldata
-    from skyfuse.ml import model as mlmodel
 
     started = time.monotonic()
     unknown = [c for c in plan.clouds if c not in fleet.clouds]
     if unknown:
-        raise PlanError(f"--clouds names {', '.join(unknown)}, not configured; configured clouds: {', '.join(fleet.clouds)}")
+        raise PlanError(f"--clouds names {', '.join(unknown)}, not configured; "
+                        f"configured clouds: {', '.join(fleet.clouds)}")
     if plan.weights is not None:
         check_weights(plan.weights, plan.clouds)
     train, validation, test = mldata.split(dataset, *plan.holdout, seed=plan.seed)
@@ -88,12 +103,14 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
     control.put(keys.run_info(plan.run_id), orjson.dumps({
         "target": dataset.target, "classes": dataset.classes, "features": dataset.features, "task": task}))
     control.put(keys.validation(plan.run_id), mldata.to_csv_bytes(validation))
-    mean, variance = mlmodel.pooled_stats([(p.X.mean(0), p.X.var(0), len(p)) for p in parts])
+    mean, variance = mldata.pooled_stats([(p.X.mean(0), p.X.var(0), len(p)) for p in parts])
     settings = fleet.training
-    model = {"hidden": settings.hidden, "epochs": settings.epochs, "batch_size": settings.batch_size,
-             "learning_rate": settings.learning_rate, "seed": plan.seed, "finetune_epochs": settings.finetune_epochs,
-             "standardization": {"mean": np.asarray(mean).tolist(), "variance": np.asarray(variance).tolist()},
-             **plan.model_options}
+    model: dict[str, Any] = {"hidden": settings.hidden, "epochs": settings.epochs, "batch_size": settings.batch_size,
+                             "learning_rate": settings.learning_rate, "seed": plan.seed,
+                             "finetune_epochs": settings.finetune_epochs,
+                             "standardization": {"mean": np.asarray(mean).tolist(),
+                                                 "variance": np.asarray(variance).tolist()},
+                             **plan.model_options}
     if plan.model:  # every trainer starts from this one model (its weights included): FedAvg can average them
         saved = control.put(keys.model_template(plan.run_id),
                             user_template(plan, dataset.n_features, len(dataset.classes), train.X[:256]))
@@ -103,14 +120,15 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
         raw = Path(plan.init).read_bytes()
         saved = control.put(keys.init_model(plan.run_id), raw)
         model.update(init_uri=saved.uri, init_sha256=saved.sha256)
-    manifest = {"expected_members": len(parts), "clouds": plan.clouds, "quorum": len(parts) // 2 + 1,
-                "timeout_s": plan.timeout_s or settings.quorum_timeout_s, "fusion": plan.fusion, "rounds": plan.rounds}
+    manifest: dict[str, Any] = {"expected_members": len(parts), "clouds": plan.clouds, "quorum": len(parts) // 2 + 1,
+                                "timeout_s": plan.timeout_s or settings.quorum_timeout_s, "fusion": plan.fusion,
+                                "rounds": plan.rounds}
     if plan.weights is not None:
         total = sum(plan.weights.values())
         manifest["weights"] = {c: plan.weights[c] / total for c in plan.clouds}
     shard_events = []
     signer = signing.signer_for(fleet, signing.CLI)
-    for i, (cloud, part) in enumerate(zip(plan.shard_clouds, parts)):
+    for i, (cloud, part) in enumerate(zip(plan.shard_clouds, parts, strict=True)):  # one part per shard
         saved = open_store(fleet.clouds[cloud].store).put(keys.shard(plan.run_id, str(i)), mldata.to_csv_bytes(part))
         shard_events.append(events.new_event("shard.ready", {
             "run_id": plan.run_id, "round": 0, "shard_id": str(i), "cloud": cloud, "uri": saved.uri,
@@ -120,17 +138,18 @@ def prepare(fleet: Fleet, dataset, plan: Plan) -> Prepared:
         }, source=signing.source_of(signing.CLI), subject=cloud))
         if signer:
             signer.sign(shard_events[-1])
-    return Prepared(plan, train, validation, test, list(zip(plan.shard_clouds, parts)), shard_events,
+    return Prepared(plan, train, validation, test, list(zip(plan.shard_clouds, parts, strict=True)), shard_events,
                     time.monotonic() - started, fleet)
 
 
-def user_template(plan: Plan, n_features: int, n_classes: int, sample) -> bytes:
+def user_template(plan: Plan, n_features: int, n_classes: int, sample: np.ndarray) -> bytes:
     """The .keras bytes of the user's model `plan.model` (with `plan.init`'s weights, if given),
     checked here, before any shard is sent: it fits the task (`check_user_model`) and exports to
     ONNX. PlanError naming the option and what is wrong."""
     from skyfuse.ml import export
     from skyfuse.ml import model as mlmodel
 
+    assert plan.model, "user_template is called for a plan with --model"
     try:
         model = mlmodel.load_user_model(plan.model, seed=plan.seed)
         mlmodel.check_user_model(model, n_features, n_classes, sample)
@@ -191,36 +210,43 @@ class Progress:
     rounds: int
     trained: dict[int, int] = field(default_factory=dict)  # round → model.ready count
     exported: dict[int, int] = field(default_factory=dict)
-    members: dict[tuple[int, str], dict] = field(default_factory=dict)  # (round, shard) → onnx.ready data
-    failures: list[dict] = field(default_factory=list)
-    fused: dict | None = None
-    placements: dict[str, dict] = field(default_factory=dict)  # model version → its last placement.changed
-    decisions: list[dict] = field(default_factory=list)  # every verified placement.changed seen, in order
-    statuses: dict[str, dict[str, dict]] = field(default_factory=dict)  # version → cloud → deployment.status
+    members: dict[tuple[int, str], OnnxReady] = field(default_factory=dict)  # (round, shard) → onnx.ready data
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    fused: FusedReady | None = None
+    placements: dict[str, PlacementChanged] = field(default_factory=dict)  # model version → its last decision
+    decisions: list[PlacementChanged] = field(default_factory=list)  # every verified placement.changed, in order
+    # version → cloud → deployment.status
+    statuses: dict[str, dict[str, DeploymentStatus]] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)  # milestone → seconds since start
 
     @property
-    def placement(self) -> dict | None:
-        return self.placements.get((self.fused or {}).get("version"))
+    def placement(self) -> PlacementChanged | None:
+        return self.placements.get(self.fused["version"]) if self.fused else None
 
     @property
-    def deployments(self) -> dict[str, dict]:
-        return self.statuses.get((self.fused or {}).get("version"), {})
+    def deployments(self) -> dict[str, DeploymentStatus]:
+        return self.statuses.get(self.fused["version"], {}) if self.fused else {}
 
     @property
     def placed(self) -> list[str]:
-        return [p["cloud"] for p in (self.placement or {}).get("placements", []) if p["weight"] > 0]
+        placement = self.placement
+        return [p["cloud"] for p in placement["placements"] if p["weight"] > 0] if placement else []
+
+    def state(self, cloud: str) -> DeploymentState | None:
+        """The fused version's deployment state in `cloud`; None before its first deployment.status."""
+        status = self.deployments.get(cloud)
+        return status["state"] if status else None
 
     @property
     def deployed(self) -> bool:
         """Every placed cloud serves the fused version, or one has failed to."""
-        states = [self.deployments.get(c, {}).get("state") for c in self.placed]
+        states = [self.state(c) for c in self.placed]
         return bool(states) and (all(s == "serving" for s in states) or "failed" in states)
 
     @property
     def serving(self) -> int:
         """How many placed clouds serve the fused version."""
-        return sum(self.deployments.get(c, {}).get("state") == "serving" for c in self.placed)
+        return sum(self.state(c) == "serving" for c in self.placed)
 
     @property
     def rounds_fused(self) -> int:
@@ -261,31 +287,33 @@ def follow(bus: Bus, prepared: Prepared, on_change: Callable[[Progress], None], 
     return progress
 
 
-def _note(fleet: Fleet, record, run_id: str, progress: Progress, now: float) -> None:
+def _note(fleet: Fleet, record: Record, run_id: str, progress: Progress, now: float) -> None:
     if record.topic.endswith(".dlq"):
         context = deadletter.describe(record.headers)
         try:
-            data = orjson.loads(record.value)
+            data = orjson.loads(record.value or b"")  # no value: no JSON, like a broken one
         except orjson.JSONDecodeError:
             return
         if isinstance(data, dict) and data.get("run_id") == run_id:
-            progress.failures.append({"function": record.topic.removesuffix(".dlq"), "shard_id": data.get("shard_id"),
-                                      "round": data.get("round", 0), "cloud": context.get("cloud"),
-                                      "reason": context.get("reason")})
+            progress.failures.append({"function": record.topic.removesuffix(".dlq"),
+                                      "shard_id": data.get("shard_id"), "round": data.get("round", 0),
+                                      "cloud": context.get("cloud"), "reason": context.get("reason")})
         return
     try:
         event = events.decode(record.key, record.value, record.headers)
         signing.check(fleet, event)  # the functions dead-letter what fails this; here it is just not shown
     except (events.MalformedEvent, signing.Untrusted):
         return
-    data = event.get_data()
+    data = cast(dict[str, Any], event.get_data())  # decode validated it against its schema: a JSON object
     kind = event["type"].removeprefix(contracts.TYPE_PREFIX)
     if kind == "placement.changed":  # may be read before the fused.ready it follows: keep by version
-        progress.placements[data["model_version"]] = data
-        if all(d["decision_id"] != data["decision_id"] for d in progress.decisions):  # a redelivery is one decision
-            progress.decisions.append(data)
+        decided = cast(PlacementChanged, data)
+        progress.placements[decided["model_version"]] = decided
+        if all(d["decision_id"] != decided["decision_id"] for d in progress.decisions):  # a redelivery: one decision
+            progress.decisions.append(decided)
     elif kind == "deployment.status":
-        progress.statuses.setdefault(data["model_version"], {})[data["cloud"]] = data
+        status = cast(DeploymentStatus, data)
+        progress.statuses.setdefault(status["model_version"], {})[status["cloud"]] = status
     if progress.placement:
         progress.times.setdefault("placed", now)
     if progress.deployed:
@@ -298,12 +326,12 @@ def _note(fleet: Fleet, record, run_id: str, progress: Progress, now: float) -> 
         progress.times[f"trained.{data['round']}.last"] = now
     elif kind == "onnx.ready":
         progress.exported[data["round"]] = progress.exported.get(data["round"], 0) + 1
-        progress.members[(data["round"], data["shard_id"])] = data
+        progress.members[(data["round"], data["shard_id"])] = cast(OnnxReady, data)
         progress.times[f"exported.{data['round']}.last"] = now
     elif kind == "round.started":
         progress.times[f"round.{data['round']}"] = now
     elif kind == "fused.ready":
-        progress.fused = data
+        progress.fused = cast(FusedReady, data)
         progress.times["fused"] = now
 
 
@@ -311,7 +339,8 @@ def centralized(fleet: Fleet, prepared: Prepared) -> tuple[float, float]:
     """Test accuracy of the same model trained on all training rows in one place, and its seconds."""
     from skyfuse.ml import model as mlmodel
 
-    given = prepared.shard_events[0].get_data().get("model") or {}  # the shards' spec; the user's model, if any
+    shard = cast(ShardReady, prepared.shard_events[0].get_data())  # built by `prepare` against its schema
+    given: dict[str, Any] = dict(shard.get("model") or {})  # the shards' spec; the user's model, if any
     spec = mlmodel.ModelSpec.from_dict({k: v for k, v in given.items() if k in mlmodel.ModelSpec.keys()
                                         and k != "proximal_mu"}, fleet.training.model_dump())
     template = (mlmodel.from_bytes(fetch(given["template_uri"], given["template_sha256"]))
@@ -321,17 +350,19 @@ def centralized(fleet: Fleet, prepared: Prepared) -> tuple[float, float]:
     return float((probs.argmax(1) == prepared.test.y).mean()), result.seconds
 
 
-def score(prepared: Prepared, progress: Progress, centralized_accuracy: float, timings: dict) -> dict:
+def score(prepared: Prepared, progress: Progress, centralized_accuracy: float,
+          timings: dict[str, float | None]) -> dict[str, Any]:
     """The run's report: every accuracy on the test split."""
     from skyfuse.ml import fusion
 
     test = prepared.test
-    shards = []
+    shards: list[dict[str, Any]] = []
     for i, (cloud, part) in enumerate(prepared.shards):
         member = progress.members.get((0, str(i)))
         accuracy = fusion.accuracy(fetch(member["onnx_uri"], member["sha256"]), test) if member else None
         shards.append({"cloud": cloud, "shard_id": str(i), "rows": len(part), "accuracy": accuracy})
     fused = progress.fused
+    assert fused is not None, "a run is scored once it fused a model"
     strategies = {s: fusion.accuracy(fetch(uri), test) for s, uri in fused["candidates"].items()}
     scored = [s["accuracy"] for s in shards if s["accuracy"] is not None]
     return {
@@ -343,7 +374,8 @@ def score(prepared: Prepared, progress: Progress, centralized_accuracy: float, t
         "shard_mean_accuracy": sum(scored) / len(scored) if scored else None,
         "strategies": strategies,
         "validation": fused["strategies"],
-        "fused": {"strategy": fused["strategy"], "accuracy": strategies[fused["strategy"]], "version": fused["version"],
+        "fused": {"strategy": fused["strategy"], "accuracy": strategies[fused["strategy"]],
+                  "version": fused["version"],
                   "model_uri": fused["model_uri"], "round": fused.get("round", 0),
                   "missing_clouds": fused.get("missing_clouds", []), "weights": cloud_weights(fused["members"])},
         "placements": [decision(d) for d in progress.decisions if d["model_version"] == fused["version"]],
@@ -353,7 +385,7 @@ def score(prepared: Prepared, progress: Progress, centralized_accuracy: float, t
     }
 
 
-def cloud_weights(members: list[dict]) -> dict[str, float]:
+def cloud_weights(members: list[FusedMember]) -> dict[str, float]:
     """cloud → the fusion weight its members had, as used (summing to 1)."""
     weights: dict[str, float] = {}
     for m in members:
@@ -361,25 +393,27 @@ def cloud_weights(members: list[dict]) -> dict[str, float]:
     return {cloud: round(w, 6) for cloud, w in weights.items()}
 
 
-def decision(data: dict) -> dict:
+def decision(data: PlacementChanged) -> dict[str, Any]:
     """A placement.changed as a line of the run's placement timeline."""
     return {"at": data["decided_at"], "sequence": data["sequence"], "trigger": data["trigger"],
             "serving": [p["cloud"] for p in data["placements"] if p["weight"] > 0],
             "weights": {p["cloud"]: p["weight"] for p in data["placements"]}, "reason": data["reason"]}
 
 
-def save(summary: dict) -> Path:
-    folder = RUNS_DIR / summary["run_id"]
+def save(summary: dict[str, Any]) -> Path:
+    run_id: str = summary["run_id"]
+    folder = RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "summary.json"
     path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    (RUNS_DIR / "last").write_text(summary["run_id"])
+    (RUNS_DIR / "last").write_text(run_id)
     return path
 
 
-def load(run_id: str | None = None) -> dict:
+def load(run_id: str | None = None) -> dict[str, Any]:
     run_id = run_id or (RUNS_DIR / "last").read_text().strip()
-    return orjson.loads((RUNS_DIR / run_id / "summary.json").read_bytes())
+    summary: dict[str, Any] = orjson.loads((RUNS_DIR / run_id / "summary.json").read_bytes())  # as `save` wrote it
+    return summary
 
 
 def serves(endpoint: str, version: str, timeout_s: float) -> bool:
@@ -398,21 +432,23 @@ def serves(endpoint: str, version: str, timeout_s: float) -> bool:
         time.sleep(0.1)
 
 
-def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: str | None = None,
-                  timeout_s: float = 30) -> dict[str, dict]:
+def check_serving(progress: Progress, endpoints: dict[str, str], test: Dataset, api_key: str | None = None,
+                  timeout_s: float = 30) -> dict[str, dict[str, Any]]:
     """POST the test rows to every placed cloud's endpoint once it serves the fused version (within
     the servers' pointer poll interval); compare with the fused model run here."""
     from skyfuse.ml import fusion
 
     fused = progress.fused
+    assert fused is not None, "the endpoints are checked once the run fused a model"
     model = fetch(fused["model_uri"], fused["sha256"])
     expected = [str(fused["classes"][i]) for i in fusion.predict(model, test.X).argmax(1)]
     headers = {"x-api-key": api_key} if api_key else {}
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for cloud in progress.placed:
         serves(endpoints[cloud], fused["version"], timeout_s)
         got: list[str] = []
-        status, doc = 0, {}
+        status = 0
+        doc: dict[str, Any] = {}
         for start in range(0, len(test.X), MAX_ROWS):  # the servers take at most MAX_ROWS rows per request
             rows = test.X[start:start + MAX_ROWS].tolist()
             answer = httpclient.post_json(f"{endpoints[cloud]}/predict", {"instances": rows, "format": "compact"},
@@ -421,23 +457,24 @@ def check_serving(progress: Progress, endpoints: dict[str, str], test, api_key: 
             if status != 200:
                 break
             got += [str(c) for c in doc.get("predictions", [])]
+        # a failed request leaves `got` short: the rows it did not get back do not agree
         results[cloud] = {"endpoint": endpoints[cloud], "status": status, "model_version": doc.get("model_version"),
-                          "rows": len(expected), "agree": sum(a == b for a, b in zip(got, expected))}
+                          "rows": len(expected), "agree": sum(a == b for a, b in zip(got, expected, strict=False))}
     return results
 
 
-def placement_decisions(fleet: Fleet, bus: Bus, run_ids: set[str]) -> list[dict]:
+def placement_decisions(fleet: Fleet, bus: Bus, run_ids: set[str]) -> list[PlacementChanged]:
     """The verified placement.changed decisions on the bus for the models of these runs, oldest first."""
     topic = contracts.event_type("placement.changed").topic
     records = bus.read(topic, 100_000) if topic in bus.topics() else []
-    found = []
+    found: list[PlacementChanged] = []
     for record in records:
         try:
             event = events.decode(record.key, record.value, record.headers)
             signing.check(fleet, event)
         except (events.MalformedEvent, signing.Untrusted, signing.KeySetupError):
             continue
-        data = event.get_data()
+        data = cast(PlacementChanged, event.get_data())  # decode validated it against its schema
         if any(data["model_version"].startswith(f"{r}-") for r in run_ids):
             found.append(data)
     return found

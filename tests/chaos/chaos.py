@@ -200,7 +200,8 @@ def ledger(fleet, bus, run_id: str, shards: int) -> dict:
                 data = orjson.loads(record.value)
             except orjson.JSONDecodeError:
                 continue
-            mine = isinstance(data, dict) and (data.get("run_id") == run_id or data.get("model_version") in runs_versions)
+            mine = isinstance(data, dict) and (data.get("run_id") == run_id
+                                               or data.get("model_version") in runs_versions)
             if mine:
                 unexpected.append(f"dead letter in {function}: {deadletter.describe(record.headers).get('reason')}")
     expected = [("model.ready", str(i)) for i in range(shards)] + [("onnx.ready", str(i)) for i in range(shards)]
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
           f"fused {'yes' if result['fused'] else 'NO'}, served {'yes' if result['served'] else 'NO'}")
     print(f"chaos: shards={result['shards']} missing={len(result['missing'])} duplicated={len(result['duplicated'])} "
           f"unexpected={len(result['unexpected'])}")
-    ok = result["fused"] and result["served"] and not (result["missing"] or result["duplicated"] or result["unexpected"])
+    lost_or_wrong = result["missing"] or result["duplicated"] or result["unexpected"]
+    ok = result["fused"] and result["served"] and not lost_or_wrong
     return 0 if ok else 1
 
 

@@ -35,7 +35,8 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
     from skyfuse.ml import data as mldata
     from skyfuse.ml import fusion
 
-    env = {**os.environ, **emulation.ENVIRONMENT, "PYTHONPATH": str(REPO), "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
+    env = {**os.environ, **emulation.ENVIRONMENT, "PYTHONPATH": str(REPO),
+           "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": KAFKA,
            "SKYFUSE_TRAINING__EPOCHS": "30", "SKYFUSE_TRAINING__ROUNDS": "2", "SKYFUSE_TRAINING__TIMER_S": "0.5",
            **{f"SKYFUSE_CLOUDS__{c.upper()}__INFERENCE_PORT": str(free_port()) for c in ("aws", "gcp", "azure")}}
     skyfuse = [sys.executable, "-m", "skyfuse.cli"]
@@ -44,7 +45,8 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
     try:
         deadline, info = time.monotonic() + 60, {}
         while "gateways" not in info:  # up writes the endpoints, then the API gateway in front of aws
-            assert up.poll() is None and time.monotonic() < deadline, up.stdout.read() if up.poll() is not None else "up is slow"
+            assert up.poll() is None and time.monotonic() < deadline, (
+                up.stdout.read() if up.poll() is not None else "up is slow")
             time.sleep(0.2)
             path = tmp_path / ".skyfuse" / "endpoints.json"
             info = json.loads(path.read_text()) if path.exists() else {}
@@ -67,13 +69,16 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
                      "model_version": fused["version"], "model_uri": fused["model_uri"],
                      "sha256": sha256_of(model),
                      "source_cloud": "aws", "trigger": "manual",
-                     "placements": [{"cloud": c, "weight": 0.34 if c == "aws" else 0.33, "replicas": 1} for c in endpoints],
+                     "placements": [{"cloud": c, "weight": 0.34 if c == "aws" else 0.33, "replicas": 1}
+                                    for c in endpoints],
                      "previous": [], "lambda": 1.0, "reason": "manual placement in every cloud",
-                     "scores": [{"cloud": c, "cost": 1.0, "performance": 1.0, "total": 2.0, "eligible": True} for c in endpoints],
+                     "scores": [{"cloud": c, "cost": 1.0, "performance": 1.0, "total": 2.0, "eligible": True}
+                                for c in endpoints],
                      "policy": {"margin": 0.15, "dwell_s": 900, "min_replicas": 1}}
         published = subprocess.run([*skyfuse, "publish", "placement.changed", "--data", json.dumps(placement),
                                     "--as", "aws/scheduler"],  # signed with the local control scheduler's key
-                                   cwd=tmp_path, env={**env, "SKYFUSE_BUS__BACKEND": "kafka"}, capture_output=True, text=True)
+                                   cwd=tmp_path, env={**env, "SKYFUSE_BUS__BACKEND": "kafka"},
+                                   capture_output=True, text=True)
         assert published.returncode == 0, published.stderr
         test = mldata.split(mldata.sample_dataset("breast_cancer"), seed=0)[2]
         expected = [str(c) for c in (fusion.predict(model, test.X).argmax(1))]
@@ -91,7 +96,8 @@ def test_demo_on_the_emulators_places_objects_in_each_and_every_endpoint_serves(
         # and the AWS function as a user calls it in AWS: through API Gateway (LocalStack's)
         gateway = info["gateways"]["aws"]
         status, doc = post(gateway, "/predict", body)
-        assert status == 401 and doc["detail"]["code"] == "unauthorized", (status, doc)  # the local fleet runs with API keys
+        # the local fleet runs with API keys
+        assert status == 401 and doc["detail"]["code"] == "unauthorized", (status, doc)
         status, doc = post(gateway, "/predict", body, api_key)
         assert status == 200 and doc["model_version"] == fused["version"], (status, doc)
         assert [str(c) for c in doc["predictions"]] == expected

@@ -13,7 +13,8 @@ from tests.functions import probe_state
 from tests.integration.test_host import PROVIDERS, Running, clean_probe  # noqa: F401
 
 SAMPLE = contracts.sample("shard.ready")
-GOOD_HEADERS = events.encode(signed_event("shard.ready", SAMPLE, "cli", event_id="e-1"))[2]  # signed as `skyfuse publish` does
+# signed as `skyfuse publish` does
+GOOD_HEADERS = events.encode(signed_event("shard.ready", SAMPLE, "cli", event_id="e-1"))[2]
 
 scalars = st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 63 - 1) | st.floats() | st.text(max_size=20)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)

@@ -13,7 +13,8 @@ from tests.conftest import fleet_env
 @pytest.fixture
 def runtime(tmp_path):
     env = fleet_env("embedded", tmp_path)
-    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in ("aws", "gcp", "azure")})
+    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}"
+                for c in ("aws", "gcp", "azure")})
     return Runtime("aws", "fuser", config.load(environ=env))
 
 
@@ -22,7 +23,9 @@ def open_round(runtime, run_id, members=1, timeout_s=0.0, opened=None):
     manifest = {**contracts.sample("onnx.ready")["manifest"], "quorum": 1, "timeout_s": timeout_s}
     for i in range(members):
         store.put(keys.member_record(run_id, 0, "aws", str(i)), orjson.dumps({"manifest": manifest}))
-    store.put(keys.round_opened(run_id, 0), opened if opened is not None else orjson.dumps({"at": 0, "manifest": manifest}))
+    if opened is None:
+        opened = orjson.dumps({"at": 0, "manifest": manifest})
+    store.put(keys.round_opened(run_id, 0), opened)
 
 
 def test_a_fusion_that_fails_half_way_is_done_by_its_retry(runtime, monkeypatch):

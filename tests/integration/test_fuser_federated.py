@@ -60,7 +60,7 @@ def _member(runtime, run_id, round_, cloud, shard_id, result, manifest):
 
 
 def _round(runtime, run_id, round_, shards, manifest, stats, initial=None):
-    for i, (cloud, shard) in enumerate(zip(CLOUDS, shards)):
+    for i, (cloud, shard) in enumerate(zip(CLOUDS, shards, strict=True)):
         result = M.train(SPEC, shard, 2, stats=stats, initial=initial, epochs=2 if initial is not None else None)
         _member(runtime, run_id, round_, cloud, str(i), result, manifest)
     from services.fuser import handler

@@ -34,7 +34,8 @@ def probe_invoker(provider, topic):
 
 
 def shard_event(shard_id, run_id="r1"):
-    return signed_event("shard.ready", {**contracts.sample("shard.ready"), "shard_id": shard_id, "run_id": run_id}, "cli")
+    data = {**contracts.sample("shard.ready"), "shard_id": shard_id, "run_id": run_id}
+    return signed_event("shard.ready", data, "cli")
 
 
 def publish(bus, topic, event):

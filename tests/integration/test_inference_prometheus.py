@@ -51,7 +51,8 @@ def latency_count(samples, route: str) -> float:
 
 
 def model_info(samples) -> dict[str, float]:
-    return {dict(labels)["version"]: v for (name, labels), v in samples.items() if name == "skyfuse_inference_model_info"}
+    return {dict(labels)["version"]: v for (name, labels), v in samples.items()
+            if name == "skyfuse_inference_model_info"}
 
 
 @pytest.fixture(scope="module", params=hosts.PROVIDERS)

@@ -61,9 +61,11 @@ def secure_env(listener: Listener, tmp_path, mechanism: str = "SCRAM-SHA-512", *
     if mechanism == "OAUTHBEARER":
         login = {"SKYFUSE_BUS__KAFKA__SASL_OAUTH_TOKEN_PROVIDER": f"{__name__}:UnsignedJwt"}
     else:
-        login = {"SKYFUSE_BUS__KAFKA__SASL_USERNAME": listener.user, "SKYFUSE_BUS__KAFKA__SASL_PASSWORD": listener.password}
+        login = {"SKYFUSE_BUS__KAFKA__SASL_USERNAME": listener.user,
+                 "SKYFUSE_BUS__KAFKA__SASL_PASSWORD": listener.password}
     return fleet_env("kafka", tmp_path, **{
-        "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": listener.bootstrap, "SKYFUSE_BUS__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+        "SKYFUSE_BUS__KAFKA__BOOTSTRAP_SERVERS": listener.bootstrap,
+        "SKYFUSE_BUS__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
         "SKYFUSE_BUS__KAFKA__SSL_CAFILE": listener.cafile, "SKYFUSE_BUS__KAFKA__SASL_MECHANISM": mechanism,
         **login, **extra})
 

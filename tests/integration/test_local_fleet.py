@@ -49,7 +49,7 @@ def test_a_part_that_cannot_start_stops_what_had_started(tmp_path, monkeypatch):
     finally:
         taken.close()
         bus.close()
-    for cloud, port in ports.items():  # every server it had started was stopped
+    for port in ports.values():  # every server it had started was stopped
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert not (tmp_path / ".skyfuse" / "endpoints.json").exists()

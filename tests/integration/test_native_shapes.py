@@ -168,6 +168,7 @@ def test_published_event_reaches_the_trainer_in_every_cloud_in_its_native_shape(
     assert {c: d.shape for c, d in mine.items()} == {h.cloud: h.invoker.shape for h in hosts}
     from skyfuse.runtime import deadletter
 
-    rejected = {(d["cloud"], d["event_id"]) for d in map(deadletter.describe, (r.headers for r in bus.read("trainer.dlq", 100_000)))}
+    dead_letters = bus.read("trainer.dlq", 100_000)
+    rejected = {(d["cloud"], d["event_id"]) for d in map(deadletter.describe, (r.headers for r in dead_letters))}
     for host in hosts:  # each cloud's core saw the event, through its own entry point
         assert event["id"] in host.runtime.handled or (host.cloud, event["id"]) in rejected

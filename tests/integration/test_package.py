@@ -128,8 +128,8 @@ def clean_env() -> dict[str, str]:
 @pytest.mark.timeout(600)
 def test_installed_wheel_carries_contracts_and_only_serving_dependencies(clean_venv):
     root, python = clean_venv
-    out = subprocess.run([python, "-c", INSIDE, json.dumps([BAD_URIS, BAD_TIMES])], cwd=root, env=clean_env(), capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([python, "-c", INSIDE, json.dumps([BAD_URIS, BAD_TIMES])], cwd=root, env=clean_env(),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     found = json.loads(out.stdout)
     site = Path(found["skyfuse"]).parents[1]

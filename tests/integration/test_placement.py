@@ -24,7 +24,8 @@ T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 @pytest.fixture
 def fleet(tmp_path):
     env = fleet_env("embedded", tmp_path)
-    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in ("aws", "gcp", "azure")})
+    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}"
+                for c in ("aws", "gcp", "azure")})
     return config.load(environ=env)
 
 
@@ -48,7 +49,7 @@ class Loop:
         with hosted(self.scheduler):
             run_handler(self.schedule, event, self.scheduler)
         for decision in self.scheduler.emitted[len(getattr(self, "_seen", [])):]:
-            for cloud, runtime in self.runtimes.items():
+            for runtime in self.runtimes.values():
                 with hosted(runtime):
                     run_handler(self.deploy, decision, runtime)
         self._seen = list(self.scheduler.emitted)
@@ -64,7 +65,8 @@ class Loop:
 def fused_ready(fleet, version, model):
     saved = open_store(fleet.clouds["aws"].store).put(f"runs/r1/fused/{version}.onnx", model)
     return {"run_id": "r1", "version": version, "strategy": "wavg", "model_uri": saved.uri, "sha256": saved.sha256,
-            "cloud": "aws", "members": [{"cloud": "aws", "shard_id": "0", "weight": 1.0, "samples": 10, "accuracy": 0.9}],
+            "cloud": "aws",
+            "members": [{"cloud": "aws", "shard_id": "0", "weight": 1.0, "samples": 10, "accuracy": 0.9}],
             "metrics": {"validation_accuracy": 0.9}, "strategies": {"wavg": 0.9}, "opset": 17,
             "classes": ["setosa", "versicolor", "virginica"]}
 
@@ -154,7 +156,8 @@ def test_a_model_with_external_data_is_never_deployed(fleet):
     pointer = open_store(fleet.clouds[home].store).get("serving/current.json")
     loop.send("fused.ready", fused_ready(fleet, "evil", pointing_outside(classifier(seed=2))))
     status = loop.statuses(home)[-1]
-    assert status["state"] == "failed" and "external data" in status["reason"] and "still serving v1" in status["reason"]
+    assert status["state"] == "failed"
+    assert "external data" in status["reason"] and "still serving v1" in status["reason"]
     assert open_store(fleet.clouds[home].store).get("serving/current.json") == pointer
 
 
@@ -171,7 +174,8 @@ def test_a_forged_placement_naming_a_file_outside_the_stores_is_refused(fleet, t
     evil = tmp_path / "anywhere" / "evil.onnx"
     evil.parent.mkdir()
     evil.write_bytes(classifier(seed=9))
-    for uri in (evil.as_uri(), "file:///etc/hostname", f"{open_store(fleet.clouds['aws'].store).uri}/../anywhere/evil.onnx"):
+    aws_store = open_store(fleet.clouds["aws"].store).uri
+    for uri in (evil.as_uri(), "file:///etc/hostname", f"{aws_store}/../anywhere/evil.onnx"):
         data = {**contracts.sample("placement.changed"), "model_uri": uri, "sha256": sha256_of(evil.read_bytes()),
                 "model_version": "evil", "source_cloud": "aws",
                 "placements": [{"cloud": "gcp", "weight": 1.0, "replicas": 1}], "previous": []}

@@ -25,7 +25,8 @@ from tests.conftest import signed_event
 pytestmark = pytest.mark.emulators
 REPO = Path(__file__).resolve().parents[2]
 LOCALSTACK = os.environ.get("AWS_ENDPOINT_URL", emulation.ENVIRONMENT["AWS_ENDPOINT_URL"])
-HOSTS = {"aws": "aws.inference.skyfuse.test", "gcp": "gcp.inference.skyfuse.test", "azure": "azure.inference.skyfuse.test"}
+HOSTS = {"aws": "aws.inference.skyfuse.test", "gcp": "gcp.inference.skyfuse.test",
+         "azure": "azure.inference.skyfuse.test"}
 
 
 @pytest.fixture
@@ -183,8 +184,8 @@ def test_the_emulated_fleet_sets_its_records_in_localstacks_route53(route53, tmp
             wait(lambda: dns_weights(route53, fleet) == {c: ("A", "127.0.0.1", w, 60) for c, w in
                                                          (("aws", 255), ("gcp", 0), ("azure", 255))}, "records")
             router.place(2, gcp=1.0)
-            wait(lambda: {c: w[2] for c, w in dns_weights(route53, fleet).items()} == {"aws": 0, "gcp": 255, "azure": 0},
-                 "the move")
+            wait(lambda: {c: w[2] for c, w in dns_weights(route53, fleet).items()}
+                 == {"aws": 0, "gcp": 255, "azure": 0}, "the move")
         assert store.list(f"router/dns/{record.rstrip('.')}") == [
             f"router/dns/{record.rstrip('.')}/{s:020d}.json" for s in (1, 2)]
     finally:
@@ -231,7 +232,8 @@ def test_skyfuse_up_emulate_points_the_router_at_localstack(route53, tmp_path, u
                                     {"cloud": "gcp", "weight": 0.8, "replicas": 1}]}
         del placement["sequence"]  # an operator's decision, applied as it comes
         published = subprocess.run([*skyfuse, "publish", "placement.changed", "--data", json.dumps(placement),
-                                    "--as", "aws/scheduler"], cwd=tmp_path, env={**env, "SKYFUSE_BUS__BACKEND": "kafka"},
+                                    "--as", "aws/scheduler"], cwd=tmp_path,
+                                   env={**env, "SKYFUSE_BUS__BACKEND": "kafka"},
                                    capture_output=True, text=True, timeout=120)
         assert published.returncode == 0, published.stderr
 

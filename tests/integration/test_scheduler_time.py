@@ -53,8 +53,10 @@ class Scheduler:
         saved = open_store(self.fleet.clouds["aws"].store).put(f"runs/r1/fused/{version}.onnx", b"model bytes")
         self.send("fused.ready", {
             "run_id": "r1", "version": version, "strategy": "wavg", "model_uri": saved.uri, "sha256": saved.sha256,
-            "cloud": "aws", "members": [{"cloud": "aws", "shard_id": "0", "weight": 1.0, "samples": 10, "accuracy": 0.9}],
-            "metrics": {"validation_accuracy": 0.9}, "strategies": {"wavg": 0.9}, "opset": 17, "classes": ["a", "b"]}, at)
+            "cloud": "aws",
+            "members": [{"cloud": "aws", "shard_id": "0", "weight": 1.0, "samples": 10, "accuracy": 0.9}],
+            "metrics": {"validation_accuracy": 0.9}, "strategies": {"wavg": 0.9}, "opset": 17,
+            "classes": ["a", "b"]}, at)
 
     def sample(self, cloud: str, at: datetime, price: float, p99: float = 40.0) -> None:
         self.send("metrics.sampled", {

@@ -228,7 +228,8 @@ def test_every_function_signs_with_its_own_key_from_the_clouds_secret_store():
     for name, props in sam_functions().items():
         variables = props["Environment"]["Variables"]
         reference = variables["SKYFUSE_SIGNING_KEY"]  # the !Sub string
-        assert reference == "{{resolve:secretsmanager:${SigningSecretPrefix}/aws.%s}}" % variables["SKYFUSE_FUNCTION"], name
+        function = variables["SKYFUSE_FUNCTION"]
+        assert reference == "{{resolve:secretsmanager:${SigningSecretPrefix}/aws." + function + "}}", name
     assert "/opt/keys/trust.json" in (SAM.parent / "Dockerfile").read_text()
     assert "keys/trust.json" in (SAM.parent / "Makefile").read_text()
     run = subprocess.run(["bash", str(DEPLOY_SH)], capture_output=True, text=True, check=True,
@@ -246,7 +247,8 @@ def test_every_function_signs_with_its_own_key_from_the_clouds_secret_store():
 
 def test_sam_route53_records_and_a_router_allowed_only_its_own_name():
     resources = sam()["Resources"]
-    records = {r["Properties"]["SetIdentifier"]: r for r in resources.values() if r["Type"] == "AWS::Route53::RecordSet"}
+    records = {r["Properties"]["SetIdentifier"]: r for r in resources.values()
+               if r["Type"] == "AWS::Route53::RecordSet"}
     assert set(records) == set(config.Fleet().clouds)  # one weighted record per cloud
     for cloud, record in records.items():
         props = record["Properties"]
@@ -268,7 +270,8 @@ def test_sam_route53_records_and_a_router_allowed_only_its_own_name():
     fleet = config.load(environ={**dns_env, "SKYFUSE_DNS__PROVIDER": env["SKYFUSE_DNS__PROVIDER"]})
     assert (fleet.dns.provider, fleet.dns.hosted_zone_id, fleet.dns.record, fleet.dns.ttl) == (
         "route53", "Z0123456789ABC", "api.skyfuse.example.", 60)
-    assert {"SKYFUSE_CLOUDS__AWS__ENDPOINT", "SKYFUSE_CLOUDS__GCP__ENDPOINT", "SKYFUSE_CLOUDS__AZURE__ENDPOINT"} <= set(env)
+    assert {"SKYFUSE_CLOUDS__AWS__ENDPOINT", "SKYFUSE_CLOUDS__GCP__ENDPOINT",
+            "SKYFUSE_CLOUDS__AZURE__ENDPOINT"} <= set(env)
 
 
 def test_azure_traffic_manager_weights_one_endpoint_per_cloud():

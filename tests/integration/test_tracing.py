@@ -285,7 +285,8 @@ def test_a_round_fused_on_the_quorum_timer_stays_in_the_run_trace(fleet, spans):
     (fused,) = runtime.emitted
     assert fused["type"] == "skyfuse.fused.ready"
     (publish,) = [s for s in spans.get_finished_spans() if attr(s, "messaging.message.id") == fused["id"]]
-    assert publish.kind == SpanKind.PRODUCER and publish.parent.span_id in {span_id_of(e["traceparent"]) for e in members}
+    assert publish.kind == SpanKind.PRODUCER
+    assert publish.parent.span_id in {span_id_of(e["traceparent"]) for e in members}
     assert publish.context.trace_id == trace_id_of(members[0]["traceparent"])
     assert span_id_of(fused["traceparent"]) == publish.context.span_id
 

@@ -46,7 +46,8 @@ def run_cli(env, *args, cwd, timeout=600):
 
 def test_train_end_to_end_from_the_command_line(backend, tmp_path, breast_cancer_csv):
     env = env_for(backend, tmp_path)
-    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--rounds", "2", "--json", cwd=tmp_path)
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--rounds", "2", "--json",
+                  cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert [s["cloud"] for s in summary["shards"]] == ["aws", "gcp", "azure"]
@@ -95,8 +96,10 @@ def test_train_refuses_bad_input_with_a_clear_message(tmp_path, breast_cancer_cs
     cnn = str(REPO / "tests" / "models" / "digits_cnn.py")
     run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--model", f"{cnn}:nope", cwd=tmp_path)
     assert run.returncode == 2 and "found:" in run.stderr, run.stderr  # names the functions the file has
-    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--model", f"{cnn}:build", cwd=tmp_path)
-    assert run.returncode == 2 and "64" in run.stderr and "30" in run.stderr, run.stderr  # its input is 8x8, not 30
+    run = run_cli(env, "train", str(breast_cancer_csv), "--target", "diagnosis", "--model", f"{cnn}:build",
+                  cwd=tmp_path)
+    # its input is 8x8, not 30
+    assert run.returncode == 2 and "64" in run.stderr and "30" in run.stderr, run.stderr
 
 
 def test_weights_are_checked_before_anything_runs(tmp_path, breast_cancer_csv):
@@ -132,7 +135,8 @@ def test_five_clouds_configured_twelve_shards_over_three_user_weights_served(tmp
     assert sum(s["rows"] for s in summary["shards"]) == summary["rows"]["train"]
     assert summary["fused"]["weights"] == {"aws-eu": 0.25, "gcp": 0.25, "azure-west": 0.5}
     assert summary["fused"]["accuracy"] >= 0.85
-    assert summary["placements"] and all({"at", "trigger", "serving", "reason"} <= set(p) for p in summary["placements"])
+    assert summary["placements"]
+    assert all({"at", "trigger", "serving", "reason"} <= set(p) for p in summary["placements"])
     assert summary["serving"] and set(summary["serving"]) <= set(clouds)
     for cloud, serving in summary["serving"].items():
         assert serving["status"] == 200 and serving["agree"] == serving["rows"], cloud
@@ -194,7 +198,8 @@ def test_a_shard_that_cannot_train_is_dead_lettered_and_the_round_fuses_on_quoru
     (failure,) = [f for f in progress.failures if f["function"] == "trainer"]
     assert failure["cloud"] == "azure" and "class" in failure["reason"]
     (next_round,) = run_events(bus, plan.run_id, "round.started")  # waits for the two members it has, not three
-    assert next_round.get_data()["manifest"]["expected_members"] == 2 and next_round.get_data()["clouds"] == ["aws", "gcp"]
+    assert next_round.get_data()["manifest"]["expected_members"] == 2
+    assert next_round.get_data()["clouds"] == ["aws", "gcp"]
 
 
 def test_an_empty_shard_file_is_dead_lettered_with_the_reason(tmp_path):

@@ -60,7 +60,8 @@ def test_a_users_cnn_on_digits_is_trained_fused_and_served(tmp_path, monkeypatch
         assert {"Conv", "MaxPool"} <= ops, (round_, shard_id)
         assert member["parity_max_abs_diff"] <= 1e-5
     ensembles = {"wavg", "vote", "confidence"}
-    assert ensembles < set(fused["strategies"]) and all(s.startswith("fed") for s in set(fused["strategies"]) - ensembles)
+    assert ensembles < set(fused["strategies"])
+    assert all(s.startswith("fed") for s in set(fused["strategies"]) - ensembles)
     test = prepared.test
     accuracy = {s: fusion.accuracy(fetch(uri), test) for s, uri in fused["candidates"].items()}
     assert min(accuracy.values()) >= 0.8, accuracy  # chance is 0.1
@@ -68,7 +69,7 @@ def test_a_users_cnn_on_digits_is_trained_fused_and_served(tmp_path, monkeypatch
     assert served and all(s["status"] == 200 and s["model_version"] == fused["version"] for s in served.values())
     assert all(s["agree"] == s["rows"] == len(test) for s in served.values()), served
     labels = [str(c) for c in fused["classes"]]
-    hits = sum(p["class"] == labels[y] for p, y in zip(answer["predictions"], test.y))
+    hits = sum(p["class"] == labels[y] for p, y in zip(answer["predictions"], test.y, strict=True))
     assert answer["model_version"] == fused["version"] and hits / len(test) >= 0.8, hits
     # the centralized baseline trains the same CNN on all training rows
     central, _ = training.centralized(fleet, prepared)

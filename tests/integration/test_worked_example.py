@@ -11,8 +11,9 @@ def test_worked_example_moves_serving_by_response_time(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert [(s["cloud"], s["rows"]) for s in summary["shards"]] == [("aws", 1000), ("gcp", 1000), ("azure", 1000)]
-    assert summary["plan"]["model_options"] == {"hidden": [], "init": "normal", "optimizer": "sgd", "learning_rate": 0.01,
-                                                "epochs": 10, "batch_size": 1_000_000, "early_stopping": False}
+    assert summary["plan"]["model_options"] == {"hidden": [], "init": "normal", "optimizer": "sgd",
+                                                "learning_rate": 0.01, "epochs": 10, "batch_size": 1_000_000,
+                                                "early_stopping": False}
     assert summary["fused"]["strategy"] == "wavg"
     assert summary["fused"]["weights"] == {"aws": 0.3, "gcp": 0.3, "azure": 0.4}
     first = summary["placements"][0]

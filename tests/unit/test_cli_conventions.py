@@ -11,7 +11,8 @@ from skyfuse.cli import app
 
 runner = CliRunner()
 COMMANDS = [[], ["publish"], ["events"], ["up"], ["status"], ["dlq"], ["selftest"], ["train"], ["demo"], ["report"],
-            ["predict"], ["simulate"], ["keys"], ["keys", "init"], ["keys", "list"], ["keys", "rotate"], ["keys", "retire"]]
+            ["predict"], ["simulate"], ["keys"], ["keys", "init"], ["keys", "list"], ["keys", "rotate"],
+            ["keys", "retire"]]
 
 
 def test_version():

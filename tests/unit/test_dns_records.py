@@ -58,7 +58,8 @@ def test_one_weighted_record_per_cloud_with_an_endpoint():
 
 def test_a_placed_cloud_without_endpoint_names_the_key_to_set():
     endpoints = {"aws": "http://127.0.0.1:8101", "gcp": "", "aws-eu": ""}
-    with pytest.raises(DnsError, match=r"no endpoint to point DNS at: clouds\.gcp\.endpoint \(SKYFUSE_CLOUDS__GCP__ENDPOINT\) empty; set it"):
+    with pytest.raises(DnsError, match=r"no endpoint to point DNS at: "
+                                       r"clouds\.gcp\.endpoint \(SKYFUSE_CLOUDS__GCP__ENDPOINT\) empty; set it"):
         wanted(placed(aws=0.5, gcp=0.5), endpoints, NAME, 60)
     # an unplaced cloud without endpoint simply has no record
     assert [r.set_id for r in wanted(placed(aws=1.0), endpoints, NAME, 60)] == ["aws"]
@@ -75,7 +76,8 @@ def test_changes_upsert_every_wanted_record_and_delete_stale_ones_first():
     old_gcp = Record(NAME, "A", "gcp", 255, "10.0.0.2", 60)  # gcp moved from an address to a host name
     gone = Record(NAME, "CNAME", "azure-west", 3, "w.example.com", 60)  # a cloud no longer configured
     aws = Record(NAME, "CNAME", "aws", 10, "a.example.com", 60)
-    want = [Record(NAME, "CNAME", "aws", 255, "a.example.com", 60), Record(NAME, "CNAME", "gcp", 0, "g.example.com", 60)]
+    want = [Record(NAME, "CNAME", "aws", 255, "a.example.com", 60),
+            Record(NAME, "CNAME", "gcp", 0, "g.example.com", 60)]
     assert changes([aws, old_gcp, gone], want) == [Change("DELETE", old_gcp), Change("DELETE", gone),
                                                    Change("UPSERT", want[0]), Change("UPSERT", want[1])]
     assert changes(want, want) == [Change("UPSERT", r) for r in want]  # a redelivery rewrites the same values
@@ -90,7 +92,8 @@ def test_dns_config_is_checked_and_names_the_key():
     with pytest.raises(config.ConfigError, match=r"dns\.record is empty: set it.*dns\.zone and dns\.hosted_zone_id"):
         config.load(environ=bad)
     with pytest.raises(config.ConfigError, match=r"dns\.record 'api\.other\.example\.' is not inside dns\.zone"):
-        config.load(environ={**bad, "SKYFUSE_DNS__ZONE": "skyfuse.example.", "SKYFUSE_DNS__RECORD": "api.other.example"})
+        config.load(environ={**bad, "SKYFUSE_DNS__ZONE": "skyfuse.example.",
+                             "SKYFUSE_DNS__RECORD": "api.other.example"})
     with pytest.raises(config.ConfigError, match=r"dns\.record: .*'api\.\.x' is not a DNS name"):
         config.load(environ={**bad, "SKYFUSE_DNS__HOSTED_ZONE_ID": "Z1", "SKYFUSE_DNS__RECORD": "api..x"})
     with pytest.raises(config.ConfigError, match=r"unknown key 'dns\.recrod'; did you mean 'record'"):

@@ -372,7 +372,8 @@ ACCEPTED = [
     ("placement.changed", "first-decision", _set("previous", [])),
     ("placement.changed", "standby-cloud", _set("placements/1/weight", 0)),
     ("deployment.status", "failed-with-reason", _set("state", "failed")),
-    ("deployment.status", "minimal", lambda d: [d.pop(k) for k in ("sha256", "endpoint", "replicas", "reason", "warm_ms")]),
+    ("deployment.status", "minimal",
+     lambda d: [d.pop(k) for k in ("sha256", "endpoint", "replicas", "reason", "warm_ms")]),
 ]
 
 

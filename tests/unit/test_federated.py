@@ -50,7 +50,7 @@ def test_fedadam_one_step_by_hand():
     after = adam.step(_state(adam), MEMBERS, ROWS)
     # delta = [1.5, 0], [[0.5]]; m = 0.1 delta; v = 0.99 tau^2 + 0.01 delta^2 (v starts at tau^2)
     for got, g, d in ((after["global"][0], [0.0, 1.0], [1.5, 0.0]), (after["global"][1].ravel(), [2.0], [0.5])):
-        for x, g_i, d_i in zip(got, g, d):
+        for x, g_i, d_i in zip(got, g, d, strict=True):
             m = 0.1 * d_i
             v = 0.99 * 1e-6 + 0.01 * d_i ** 2
             assert x == pytest.approx(g_i + 0.1 * m / (math.sqrt(v) + 1e-3), rel=1e-6)
@@ -93,7 +93,7 @@ def test_state_round_trips_through_bytes_exactly():
     back = FL.loads(raw)
     assert back["round"] == 1 and back["strategy"] == "fedyogi"
     for key in ("global", "m", "v"):
-        for a, b in zip(state[key], back[key]):
+        for a, b in zip(state[key], back[key], strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     # a retried round steps from the stored state to exactly what the first try wrote
     assert FL.dumps(yogi.step(back, MEMBERS, ROWS)) == FL.dumps(yogi.step(state, MEMBERS, ROWS))
@@ -107,8 +107,9 @@ def test_round_states_and_follow():
     assert not np.array_equal(second["fedavg"]["global"][0], second["fedadam"]["global"][0])
     followed = FL.follow(second, "fedadam")
     for name in FL.AUTO_SERVER:  # every strategy continues from the model the clients get next
-        assert all(np.array_equal(a, b) for a, b in zip(followed[name]["global"], second["fedadam"]["global"]))
-    assert all(np.array_equal(a, b) for a, b in zip(followed["fedyogi"]["v"], second["fedyogi"]["v"]))
+        assert all(np.array_equal(a, b)
+                   for a, b in zip(followed[name]["global"], second["fedadam"]["global"], strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(followed["fedyogi"]["v"], second["fedyogi"]["v"], strict=True))
     with pytest.raises(FL.FederatedError, match=r"no state of \['fedyogi'\] from the previous round"):
         FL.round_states(strategies, {"fedavg": first["fedavg"], "fedadam": first["fedadam"]}, MEMBERS)
 

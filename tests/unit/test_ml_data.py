@@ -124,7 +124,7 @@ def test_split_sizes_stratification_and_disjointness(cancer):
     for part in (train, val, test):
         assert abs(part.y.mean() - share) <= 1.0 / len(part) + 1e-9  # stratified to within a row
     again = D.split(ds, validation=0.15, test=0.2, seed=3)
-    assert all(np.array_equal(a.X, b.X) for a, b in zip((train, val, test), again))
+    assert all(np.array_equal(a.X, b.X) for a, b in zip((train, val, test), again, strict=True))
     other = D.split(ds, validation=0.15, test=0.2, seed=4)
     assert not np.array_equal(other[2].X, test.X)
 
@@ -148,10 +148,10 @@ def test_partition_is_disjoint_covering_and_deterministic(cancer, method):
     assert all(len(s) >= D.min_shard_rows(len(ds), 3) for s in shards)
     assert all(s.classes == ds.classes for s in shards)
     again = D.partition(ds, 3, method, seed=7)
-    assert all(np.array_equal(a, _ids(b)) for a, b in zip(ids, again))
+    assert all(np.array_equal(a, _ids(b)) for a, b in zip(ids, again, strict=True))
     if method != "kmeans":  # k-means on the same data may find the same clusters for any seed
         other = D.partition(ds, 3, method, seed=8)
-        assert any(not np.array_equal(a, _ids(b)) for a, b in zip(ids, other))
+        assert any(not np.array_equal(a, _ids(b)) for a, b in zip(ids, other, strict=True))
 
 
 def test_iid_and_stratified_shard_sizes_and_label_mix(digits):

@@ -141,7 +141,7 @@ def test_fedavg_of_hand_built_members_averages_the_initializers(X5):
     bs = [numpy_helper.to_array(next(t for t in onnx.load_from_string(m).graph.initializer if t.name == "b"))
           for m in members]
     wn = np.array(w) / sum(w)
-    W, b = sum(x * y for x, y in zip(wn, Ws)), sum(x * y for x, y in zip(wn, bs))
+    W, b = sum(x * y for x, y in zip(wn, Ws, strict=True)), sum(x * y for x, y in zip(wn, bs, strict=True))
     np.testing.assert_allclose(F.predict(fused, X5), F.predict(linear_member(W, b), X5), atol=ATOL)
     assert len(onnx.load_from_string(fused).graph.node) == 3  # one model, not an ensemble
 
@@ -169,7 +169,8 @@ def test_fedavg_equals_the_keras_model_with_averaged_weights(keras_members):
     w = np.array([10.0, 30.0, 60.0])
     fused = F.fuse("fedavg", members, list(w), lineage={"round": 2})
     wn = w / w.sum()
-    averaged = [sum(wi * np.asarray(ws[j], np.float64) for wi, ws in zip(wn, (m.get_weights() for m in models)))
+    averaged = [sum(wi * np.asarray(ws[j], np.float64)
+                    for wi, ws in zip(wn, (m.get_weights() for m in models), strict=True))
                 for j in range(len(models[0].get_weights()))]
     expected_model = M.build(M.ModelSpec(hidden=(7, 5), seed=99), 6, 4, np.zeros(6), np.ones(6))
     expected_model.set_weights([a.astype(np.float32) for a in averaged])

@@ -69,7 +69,7 @@ def test_same_seed_same_initial_weights_and_onnx_names():
     a = M.build(spec, 4, 3, np.zeros(4), np.ones(4))
     b = M.build(spec, 4, 3, np.zeros(4), np.ones(4))
     c = M.build(M.ModelSpec(hidden=(6, 4), seed=6), 4, 3, np.zeros(4), np.ones(4))
-    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
     assert not np.array_equal(a.get_weights()[2], c.get_weights()[2])
     ga, gc = (onnx.load_from_string(E.to_onnx(m)).graph for m in (a, c))
     assert [t.name for t in ga.initializer] == [t.name for t in gc.initializer]
@@ -96,7 +96,7 @@ def test_training_reports_validation_and_learns(trained, shard, cancer):
 def test_training_is_deterministic_and_stops_early(shard):
     spec = M.ModelSpec(hidden=(8,), epochs=400, learning_rate=1e-2, seed=1)
     a, b = M.train(spec, shard, 2), M.train(spec, shard, 2)
-    assert all(np.array_equal(x, y) for x, y in zip(a.model.get_weights(), b.model.get_weights()))
+    assert all(np.array_equal(x, y) for x, y in zip(a.model.get_weights(), b.model.get_weights(), strict=True))
     assert a.epochs < 400 and a.validation == b.validation  # validation loss stopped improving
 
 
@@ -148,7 +148,7 @@ def test_fine_tuning_starts_from_the_initial_model(trained, cancer):
     other = cancer.subset(np.arange(300, 400))
     frozen = M.ModelSpec(hidden=(8,), epochs=1, learning_rate=1e-12, seed=3)
     tuned = M.train(frozen, other, 2, initial=trained.model).model
-    for before, after in zip(trained.model.get_weights(), tuned.get_weights()):
+    for before, after in zip(trained.model.get_weights(), tuned.get_weights(), strict=True):
         np.testing.assert_allclose(after, before, atol=1e-6)  # its weights and its standardization
     fresh = M.train(frozen, other, 2).model
     assert not np.allclose(fresh.get_weights()[2], trained.model.get_weights()[2])
@@ -162,11 +162,11 @@ def test_fine_tuning_kept_warm_compiles_once_and_trains_as_a_fresh_loop(trained,
     other = cancer.subset(np.arange(300, 400))
     spec = M.ModelSpec(hidden=(8,), optimizer="sgd", early_stopping=False, seed=3)
     warm_models = []
-    for round_, lr in enumerate((0.3, 0.2, 0.1)):
+    for lr in (0.3, 0.2, 0.1):
         round_spec = M.ModelSpec(**{**spec.to_dict(), "learning_rate": lr})
         warm = M.train(round_spec, other, 2, initial=trained.model, epochs=3, keep_warm=True)
         cold = M.train(round_spec, other, 2, initial=trained.model, epochs=3)
-        for a, b in zip(warm.model.get_weights(), cold.model.get_weights()):
+        for a, b in zip(warm.model.get_weights(), cold.model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
         assert warm.validation == cold.validation
         warm_models.append(warm.model)
@@ -249,11 +249,11 @@ def test_full_batch_sgd_takes_exactly_lr_times_the_gradient(shard):
     with tf.GradientTape() as tape:
         loss = tf.keras.losses.SparseCategoricalCrossentropy()(shard.y, start(shard.X, training=True))
     grads = tape.gradient(loss, start.trainable_variables)
-    expected = [v.numpy() - 0.01 * g.numpy() for v, g in zip(start.trainable_variables, grads)]
+    expected = [v.numpy() - 0.01 * g.numpy() for v, g in zip(start.trainable_variables, grads, strict=True)]
     # validation_fraction=0: every row is a training row, so one epoch is one step on all of them
     stepped = M.train(spec, shard, 2, stats=stats, validation_fraction=0.0)
     assert stepped.epochs == 1
-    for got, want in zip(stepped.model.trainable_variables, expected):
+    for got, want in zip(stepped.model.trainable_variables, expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -269,7 +269,8 @@ def test_without_early_stopping_exactly_the_epochs_run(shard):
 
 
 def _distance(model, reference) -> float:
-    return float(sum(np.sum((a - b) ** 2) for a, b in zip(model.get_weights(), reference.get_weights())) ** 0.5)
+    pairs = zip(model.get_weights(), reference.get_weights(), strict=True)
+    return float(sum(np.sum((a - b) ** 2) for a, b in pairs) ** 0.5)
 
 
 def test_fedprox_mu_zero_is_plain_fine_tuning_and_mu_pulls_towards_the_global_model(trained, cancer):
@@ -277,7 +278,7 @@ def test_fedprox_mu_zero_is_plain_fine_tuning_and_mu_pulls_towards_the_global_mo
     spec = dict(hidden=(8,), epochs=5, learning_rate=1e-2, seed=3, early_stopping=False)
     plain = M.train(M.ModelSpec(**spec), other, 2, initial=trained.model).model
     zero = M.train(M.ModelSpec(**spec, proximal_mu=0.0), other, 2, initial=trained.model).model
-    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), zero.get_weights()))
+    assert all(np.array_equal(a, b) for a, b in zip(plain.get_weights(), zero.get_weights(), strict=True))
     pulled = M.train(M.ModelSpec(**spec, proximal_mu=1.0), other, 2, initial=trained.model).model
     held = M.train(M.ModelSpec(**spec, proximal_mu=100.0), other, 2, initial=trained.model).model
     d_plain, d_pulled, d_held = (_distance(m, trained.model) for m in (plain, pulled, held))
@@ -285,7 +286,7 @@ def test_fedprox_mu_zero_is_plain_fine_tuning_and_mu_pulls_towards_the_global_mo
     # without a global model (the first training) there is nothing to pull towards: mu changes nothing
     a = M.train(M.ModelSpec(**spec), other, 2).model
     b = M.train(M.ModelSpec(**spec, proximal_mu=100.0), other, 2).model
-    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights(), strict=True))
 
 
 def test_with_onnx_weights_sets_a_keras_model_from_onnx_parameters(trained, exported, shard):

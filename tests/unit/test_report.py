@@ -5,7 +5,8 @@ from skyfuse import report
 
 def summary(run_id, shift=0.0):
     return {"run_id": run_id, "plan": {"partition": "iid"}, "classes": ["benign", "malignant"],
-            "shards": [{"cloud": c, "shard_id": str(i), "rows": 10, "accuracy": 0.90 + shift} for i, c in enumerate(("aws", "gcp"))],
+            "shards": [{"cloud": c, "shard_id": str(i), "rows": 10, "accuracy": 0.90 + shift}
+                       for i, c in enumerate(("aws", "gcp"))],
             "strategies": {"wavg": 0.95 + shift, "vote": 0.93 + shift}, "validation": {"wavg": 0.97, "vote": 0.96},
             "fused": {"strategy": "wavg", "version": f"{run_id}-wavg-1"}, "centralized_accuracy": 0.96,
             "timings": {"prepare_s": 0.1, "train_s": 2.0, "fusion_s": 5.0, "serving_s": 6.0}}

@@ -45,9 +45,11 @@ def dns(monkeypatch):
 
 
 def make_fleet(tmp_path, **extra):
-    env = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in ("aws", "gcp", "azure")}
-    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__ENDPOINT": f"https://{c}.skyfuse.example" for c in ("aws", "gcp", "azure")})
-    env.update({"SKYFUSE_DNS__PROVIDER": "route53", "SKYFUSE_DNS__ZONE": "skyfuse.example.", "SKYFUSE_DNS__RECORD": NAME})
+    clouds = ("aws", "gcp", "azure")
+    env = {f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in clouds}
+    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__ENDPOINT": f"https://{c}.skyfuse.example" for c in clouds})
+    env.update({"SKYFUSE_DNS__PROVIDER": "route53", "SKYFUSE_DNS__ZONE": "skyfuse.example.",
+                "SKYFUSE_DNS__RECORD": NAME})
     env.update(extra)
     return config.load(environ=env)
 
@@ -76,7 +78,8 @@ def notes(caplog):
 def test_follows_newer_decisions_and_skips_older_ones(runtime, dns, notes):
     handler.handle(placement(5, gcp=0.7, aws=0.3), runtime)
     assert dns.weights() == {"aws": 109, "gcp": 255, "azure": 0}
-    assert {r.type for r in dns.held.values()} == {"CNAME"} and dns.held[("CNAME", "gcp")].value == "gcp.skyfuse.example"
+    assert {r.type for r in dns.held.values()} == {"CNAME"}
+    assert dns.held[("CNAME", "gcp")].value == "gcp.skyfuse.example"
     handler.handle(placement(7, azure=1.0), runtime)  # a move
     assert dns.weights() == {"aws": 0, "gcp": 0, "azure": 255}
     writes = len(dns.batches)

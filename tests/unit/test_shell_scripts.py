@@ -102,8 +102,10 @@ def test_the_library_starts_finds_and_stops_a_detached_server(tmp_path):
 
 
 def test_the_library_kills_what_ignores_sigterm(tmp_path):
-    run = lib_run("""
-        python3 -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print("ready", flush=True); time.sleep(60)' >ready &
+    ignores_sigterm = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                       'print("ready", flush=True); time.sleep(60)')
+    run = lib_run(f"""
+        python3 -c '{ignores_sigterm}' >ready &
         pid=$!
         until [[ -s ready ]]; do kill -0 "$pid"; sleep 0.05; done
         stop_pid "$pid" 1

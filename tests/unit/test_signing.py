@@ -90,7 +90,8 @@ def test_an_event_replayed_after_max_age_or_signed_in_the_future_is_refused(flee
 
 @pytest.mark.parametrize("type_name, by, data_changes, refusal", [
     ("placement.changed", "aws/scheduler", {}, None),
-    ("placement.changed", "aws/inference", {}, "aws/inference may not emit placement.changed: events/catalog.toml allows only scheduler@control"),
+    ("placement.changed", "aws/inference", {},
+     "aws/inference may not emit placement.changed: events/catalog.toml allows only scheduler@control"),
     ("placement.changed", "gcp/scheduler", {}, "only the control cloud's (aws) scheduler may"),
     ("placement.changed", "cli", {}, "cli may not emit placement.changed"),
     ("fused.ready", "aws/fuser", {"cloud": "aws"}, None),

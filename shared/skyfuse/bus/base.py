@@ -11,6 +11,7 @@ import abc
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Self
 
 Headers = list[tuple[str, bytes]]
 
@@ -49,7 +50,8 @@ def partition_for(key: bytes | None, partitions: int) -> int:
 
     if key is None:
         return random.randrange(partitions)
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 # Called with the partitions a consumer is about to lose, before it loses them.
@@ -70,10 +72,10 @@ class Consumer(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -83,8 +85,9 @@ class Bus(abc.ABC):
     backend: str = "?"
 
     @abc.abstractmethod
-    def ensure_topics(self, topics: Iterable[str], partitions: int) -> None:
-        """Create the topics that do not exist yet (idempotent)."""
+    def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
+        """Create the topics that do not exist yet (idempotent), with `partitions` each (default: the
+        backend's)."""
 
     @abc.abstractmethod
     def publish(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers | None = None) -> Record:
@@ -115,8 +118,9 @@ class Bus(abc.ABC):
         """The last `per_partition` records of each partition of `topic`, oldest first: the
         latest state without reading the log from its beginning."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        pass
+        """Release the backend's connections and files."""
 
     def end_offsets_of(self, topics: Iterable[str]) -> dict[str, dict[int, int]]:
         """`end_offsets` of several topics (a backend may fetch them in one round trip)."""
@@ -130,8 +134,8 @@ class Bus(abc.ABC):
     def count(self, topic: str) -> int:
         return sum(self.end_offsets(topic).values())
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -21,8 +21,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -63,8 +64,8 @@ class EmbeddedBus(Bus):
 
     TRIM_EVERY = 1000  # publishes between two retention passes (per process)
 
-    def __init__(self, path: str | os.PathLike, default_partitions: int = 3, retention_ms: int = 7 * 86_400_000,
-                 clock=time.time):
+    def __init__(self, path: str | os.PathLike[str], default_partitions: int = 3,
+                 retention_ms: int = 7 * 86_400_000, clock: Callable[[], float] = time.time):
         self.retention_ms, self.clock = retention_ms, clock
         self._since_trim = 0
         self.dir = Path(path)
@@ -89,7 +90,8 @@ class EmbeddedBus(Bus):
     def _partitions(self, topic: str) -> int:
         row = self._conn.execute("SELECT partitions FROM topics WHERE name = ?", (topic,)).fetchone()
         if row:
-            return row[0]
+            count: int = row[0]
+            return count
         self._conn.execute("INSERT OR IGNORE INTO topics VALUES (?, ?)", (topic, self.default_partitions))
         return self.default_partitions
 
@@ -182,7 +184,7 @@ class EmbeddedBus(Bus):
             self._conn.close()
 
 
-def _record(row) -> Record:
+def _record(row: Sequence[Any]) -> Record:
     topic, partition, offset, key, value, headers, ts = row
     return Record(topic, partition, offset, key, value, _unpack_headers(headers), ts)
 
@@ -205,7 +207,8 @@ class EmbeddedConsumer(Consumer):
             self._active = True
             self._positions = {}
             rows = self._conn.execute(
-                f"SELECT topic, partition, offset FROM offsets WHERE grp = ? AND topic IN ({','.join('?' * len(self.topics))})",
+                "SELECT topic, partition, offset FROM offsets WHERE grp = ? "
+                f"AND topic IN ({','.join('?' * len(self.topics))})",
                 (self.group, *self.topics),
             ).fetchall()
             self._positions = {TopicPartition(t, p): o for t, p, o in rows}

@@ -10,11 +10,12 @@ import importlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 from kafka.net.sasl.oauth import AbstractTokenProvider
@@ -25,6 +26,8 @@ from skyfuse import config
 from skyfuse.bus.base import Bus, Consumer, Headers, Record, RevokeListener, TopicPartition
 from skyfuse.errors import Failure
 from skyfuse.redact import MARK, redact
+
+Client = TypeVar("Client")
 
 
 class KafkaUnavailable(Failure, ConnectionError):
@@ -61,7 +64,7 @@ def token_provider(spec: str) -> AbstractTokenProvider:
     key = "bus.kafka.sasl_oauth_token_provider"
     module, _, attr = spec.partition(":")
     try:
-        target = importlib.import_module(module)
+        target: Any = importlib.import_module(module)  # then whatever the attributes hold
         for part in attr.split("."):
             target = getattr(target, part)
         provider = target if isinstance(target, AbstractTokenProvider) else target()
@@ -90,7 +93,7 @@ class KafkaBus(Bus):
         self._lock = threading.Lock()
         self._admin_lock = threading.RLock()  # KafkaAdminClient is not safe to share between threads
 
-    def connect(self, client_class, **options):
+    def connect(self, client_class: Callable[..., Client], **options: Any) -> Client:
         """A kafka-python client with this bus's brokers, timeouts, TLS and SASL settings: the one place
         every producer, consumer and admin client is made. kafka-python retries a refused login or TLS
         handshake until bootstrap_timeout_ms and then says only "Unable to bootstrap"; that becomes a
@@ -243,7 +246,7 @@ class KafkaBus(Bus):
             self._admin.close()
 
 
-def _record(r) -> Record:
+def _record(r: ConsumerRecord) -> Record:
     return Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []), r.timestamp)
 
 
@@ -261,15 +264,15 @@ def _tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     return ctx
 
 
-class _Revoke(ConsumerRebalanceListener):
+class _Revoke(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka-python ships no types: its base is Any
     def __init__(self, callback: RevokeListener | None):
         self.callback = callback
 
-    def on_partitions_revoked(self, revoked):
+    def on_partitions_revoked(self, revoked: Collection[KafkaTP]) -> None:
         if self.callback and revoked:
             self.callback([TopicPartition(tp.topic, tp.partition) for tp in revoked])
 
-    def on_partitions_assigned(self, assigned):
+    def on_partitions_assigned(self, assigned: Collection[KafkaTP]) -> None:
         pass
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,10 +25,12 @@ def _version(shown: bool) -> None:
 
 
 @app.callback()
-def main(config: Annotated[str | None, typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML (default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
-         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="JSON logs of every delivery on stderr.")] = False,
+def main(config: Annotated[str | None, typer.Option("--config", "-c", metavar="FILE", help="Fleet config TOML "
+                                                    "(default: $SKYFUSE_CONFIG or ./skyfuse.toml).")] = None,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                               help="JSON logs of every delivery on stderr.")] = False,
          version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
-                                               callback=_version)] = False):
+                                               callback=_version)] = False) -> None:
     options.config_path = config
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -8,16 +8,20 @@ with its `exit_code`; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from cloudevents.http import CloudEvent
 from rich.console import Console
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from skyfuse import config as fleet_config
 from skyfuse import contracts, events, signing
-from skyfuse.bus import Bus, open_bus
+from skyfuse.bus import Bus, Record, open_bus
 from skyfuse.errors import SkyfuseError
+
+if TYPE_CHECKING:  # typer's own copy of click: the types its command classes take
+    from typer._click import Context, Parameter
 
 USAGE, FAILURE = 2, 1  # exit codes: see the module docstring
 # Help shows what to type: options as NAME placeholders (CLOUD, DATA), flags bare, arguments with
@@ -28,26 +32,32 @@ out = Console()
 err = Console(stderr=True)
 
 
-class _PlainHelp:
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            if isinstance(param, TyperOption) and param.metavar is None:
-                param.metavar = "" if param.is_flag else param.name.strip("_").upper()
-            elif isinstance(param, TyperArgument) and not getattr(param, "_plain", False):
-                param.metavar = param.metavar or param.name.upper()
-                shown = param.display_type_rich(ctx)
-                param.display_type_rich = lambda ctx, shown=shown: PLAIN_TYPES.get(shown, shown)
-                param._plain = True
-        return params
+def _plain_help(params: list[Parameter], ctx: Context) -> list[Parameter]:
+    """`params` with the help conventions above (each parameter changed once: help asks again)."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = "" if param.is_flag else (param.name or "").strip("_").upper()
+        elif isinstance(param, TyperArgument) and "display_type_rich" not in vars(param):  # not plain yet
+            param.metavar = param.metavar or (param.name or "").upper()
+            shown = param.display_type_rich(ctx)
+
+            def plain(ctx: Context, shown: str | None = shown) -> str | None:
+                return None if shown is None else PLAIN_TYPES.get(shown, shown)
+
+            vars(param)["display_type_rich"] = plain  # this parameter's help only, not the class's
+    return params
 
 
-class Command(_PlainHelp, TyperCommand):
-    pass
+class Command(TyperCommand):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _plain_help(super().get_params(ctx), ctx)
 
 
-class Group(_PlainHelp, TyperGroup):
-    def invoke(self, ctx):
+class Group(TyperGroup):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _plain_help(super().get_params(ctx), ctx)
+
+    def invoke(self, ctx: Context) -> Any:
         """Run the command; a SkyfuseError becomes its one-line message and exit code, nothing else does."""
         try:
             return super().invoke(ctx)
@@ -103,7 +113,7 @@ def ready_bus(fleet: fleet_config.Fleet) -> Bus:
     return bus
 
 
-def publish_event(fleet: fleet_config.Fleet, bus: Bus, event) -> object:
+def publish_event(fleet: fleet_config.Fleet, bus: Bus, event: CloudEvent) -> Record:
     """Publish inside a span of its own (the root of a trace, when tracing is on)."""
     from skyfuse import tracing
 
@@ -112,7 +122,7 @@ def publish_event(fleet: fleet_config.Fleet, bus: Bus, event) -> object:
         return bus.publish(events.topic_of(event), value, key, headers)
 
 
-def event_as(fleet: fleet_config.Fleet, who: str, type_name: str, data: dict):
+def event_as(fleet: fleet_config.Fleet, who: str, type_name: str, data: dict[str, Any]) -> CloudEvent:
     """An event emitted by principal `who` (`cli`, or `cloud/function` of a local fleet), signed with
     its key when signing is on (signing.KeySetupError, a runtime failure, when the key is missing)."""
     event = events.new_event(type_name, data, source=signing.source_of(who), subject=data.get("cloud"))

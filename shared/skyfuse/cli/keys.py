@@ -16,7 +16,7 @@ app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("init", cls=Command)
-def keys_init():
+def keys_init() -> None:
     """Make a signing key for every function in every cloud and for the CLI, where none exists yet,
     and the local inference API key; `skyfuse up` and `make run` do this themselves."""
     from skyfuse.dev import local
@@ -30,7 +30,7 @@ def keys_init():
 
 
 @keys_app.command("list", cls=Command)
-def keys_list():
+def keys_list() -> None:
     """The trusted public keys: which principal each one signs for."""
     fleet = load_fleet()
     table = Table("key id", "principal", title=f"trusted keys ({Path(fleet.signing.keys_dir) / 'trust.json'})")
@@ -40,7 +40,7 @@ def keys_list():
 
 
 @keys_app.command("rotate", cls=Command)
-def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aws/scheduler), or cli.")]):
+def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aws/scheduler), or cli.")]) -> None:
     """A new key for WHO: it signs from now on; the old one stays trusted until `skyfuse keys retire`."""
     fleet = load_fleet()
     if who not in signing.fleet_principals(fleet):
@@ -51,7 +51,7 @@ def keys_rotate(who: Annotated[str, typer.Argument(help="cloud/function (e.g. aw
 
 
 @keys_app.command("retire", cls=Command)
-def keys_retire(key_id: Annotated[str, typer.Argument(help="A key id from `skyfuse keys list`.")]):
+def keys_retire(key_id: Annotated[str, typer.Argument(help="A key id from `skyfuse keys list`.")]) -> None:
     """Stop trusting a key: events signed with it are dead-lettered from now on."""
     try:
         signing.retire(load_fleet().signing.keys_dir, key_id)

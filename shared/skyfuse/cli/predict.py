@@ -11,9 +11,11 @@ from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet
 
 
 @app.command(cls=Command)
-def predict(data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')],
-            cloud: Annotated[str | None, typer.Option("--cloud", help="Call this cloud's endpoint (default: the "
-                                                                          "router, which follows placement).")] = None):
+def predict(
+    data: Annotated[str, typer.Option("--data", "-d", help='{"instances": [[...], ...]} as JSON, or @FILE.')],
+    cloud: Annotated[str | None, typer.Option("--cloud", help="Call this cloud's endpoint (default: the router, "
+                                                              "which follows placement).")] = None,
+) -> None:
     """Call the fleet's inference (`skyfuse up` must be running) and print its answer."""
     from skyfuse.dev import local
 

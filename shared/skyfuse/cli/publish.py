@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
+from cloudevents.http import CloudEvent
 from rich.table import Table
 
 from skyfuse import contracts, signing
@@ -15,17 +16,20 @@ from skyfuse.config import Fleet
 
 @app.command(cls=Command)
 def publish(
-    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="Event type, e.g. shard.ready (see `skyfuse events`).")],
-    data: Annotated[str | None, typer.Option("--data", "-d", help="The event data as JSON, or @FILE to read it from a file.")] = None,
+    event_type: Annotated[str, typer.Argument(metavar="TYPE",
+                                              help="Event type, e.g. shard.ready (see `skyfuse events`).")],
+    data: Annotated[str | None, typer.Option("--data", "-d",
+                                             help="The event data as JSON, or @FILE to read it from a file.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Publish the shipped sample data of this type.")] = False,
-    as_: Annotated[str, typer.Option("--as", metavar="PRODUCER", help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
-                                                  "its key must be in signing.keys_dir, as in a local fleet).")] = signing.CLI,
-):
+    as_: Annotated[str, typer.Option("--as", metavar="PRODUCER",
+                                     help="Sign as this producer: cli, or cloud/function (e.g. aws/scheduler; "
+                                          "its key must be in signing.keys_dir, as in a local fleet).")] = signing.CLI,
+) -> None:
     """Validate event data against its schema, then publish it as a signed CloudEvent."""
     kind = contracts.event_type(event_type)
     if sample == (data is not None):
         fail("give exactly one of --data JSON|@FILE or --sample")
-    payload = contracts.sample(kind.name) if sample else _parse_data(data)
+    payload = contracts.sample(kind.name) if data is None else _parse_data(data)
     errors = contracts.validation_errors(kind.name, payload)
     if errors:
         err.print(f"[bold red]invalid {kind.name} data[/] ({len(errors)} problem{'s' * (len(errors) > 1)}):")
@@ -44,7 +48,8 @@ def publish(
               highlight=False)
 
 
-def _parse_data(data: str) -> object:
+def _parse_data(data: str) -> Any:
+    """The JSON `data` (or @FILE) says: anything JSON, until its schema checks it."""
     raw = Path(data[1:]).read_text() if data.startswith("@") else data
     try:
         return orjson.loads(raw)
@@ -53,7 +58,7 @@ def _parse_data(data: str) -> object:
 
 
 @app.command("events", cls=Command)
-def list_events():
+def list_events() -> None:
     """The event types, their topics and the functions they trigger."""
     table = Table("type", "topic", "key", "consumers", "meaning", title="skyfuse events")
     for t in contracts.catalog().values():
@@ -61,7 +66,7 @@ def list_events():
     out.print(table)
 
 
-def sample_producer(fleet: Fleet, type_name: str, data: dict) -> str:
+def sample_producer(fleet: Fleet, type_name: str, data: dict[str, Any]) -> str:
     """The first producer the catalog allows for `type_name` that may send `data` in this fleet (it
     may set `data`'s cloud field to a configured cloud)."""
     kind = contracts.event_type(type_name)
@@ -76,7 +81,7 @@ def sample_producer(fleet: Fleet, type_name: str, data: dict) -> str:
     return signing.principal(cloud, function)
 
 
-def sample_event(fleet: Fleet, type_name: str):
+def sample_event(fleet: Fleet, type_name: str) -> CloudEvent:
     """The sample of `type_name` as its first allowed producer in this local fleet would emit it."""
     data = contracts.sample(type_name)
     return event_as(fleet, sample_producer(fleet, type_name, data), type_name, data)

@@ -8,12 +8,14 @@ import typer
 
 from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet, out
 from skyfuse.config import Fleet
+from skyfuse.payloads import PlacementChanged
 
 
 @app.command(cls=Command)
 def report(run: Annotated[list[str] | None, typer.Option(help="Run id, repeatable: several runs (seeds) show "
-                                                                  "their mean and spread (default: the last run).")] = None,
-           out_dir: Annotated[Path | None, typer.Option("--out", metavar="FOLDER", help="Folder for report.png and report.html.")] = None):
+                                                             "their mean and spread (default: the last run).")] = None,
+           out_dir: Annotated[Path | None, typer.Option("--out", metavar="FOLDER",
+                                                        help="Folder for report.png and report.html.")] = None) -> None:
     """Draw a run's accuracies (per shard, per strategy with the validation score that chose it,
     centralized), its time per stage and its placement timeline, as a PNG inside an HTML page."""
     from skyfuse import report as reporting
@@ -28,7 +30,7 @@ def report(run: Annotated[list[str] | None, typer.Option(help="Run id, repeatabl
     out.print(f"wrote {png} and {html}", highlight=False)
 
 
-def _placements(fleet: Fleet, run_ids: set[str]) -> list[dict]:
+def _placements(fleet: Fleet, run_ids: set[str]) -> list[PlacementChanged]:
     """The runs' placement timeline from the bus; the report draws what it has: without the bus, none."""
     from skyfuse import training
     from skyfuse.bus import open_bus

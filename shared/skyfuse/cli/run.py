@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -13,6 +14,10 @@ from skyfuse.cli.common import err, fail, out, ready_bus
 from skyfuse.cli.tables import print_summary
 from skyfuse.config import Fleet
 from skyfuse.ml import federated
+
+if TYPE_CHECKING:
+    from skyfuse.dev.runs import Step
+    from skyfuse.ml.data import Dataset
 
 PARTITIONS = ("iid", "stratified", "kmeans", "label-skew")
 FUSIONS = federated.FUSIONS
@@ -60,7 +65,7 @@ def parse_partition(text: str) -> tuple[str, float]:
     return method, value
 
 
-def make_plan(fleet: Fleet, dataset, options: PlanOptions) -> training.Plan:
+def make_plan(fleet: Fleet, dataset: Dataset, options: PlanOptions) -> training.Plan:
     """The training plan from the command line's options, or a usage error saying what to change."""
     method, alpha = parse_partition(options.partition)
     if options.fusion not in FUSIONS:
@@ -87,7 +92,7 @@ def make_plan(fleet: Fleet, dataset, options: PlanOptions) -> training.Plan:
 class _Bars:
     """Progress bars of a run: models trained and exported, rounds fused, placed clouds serving."""
 
-    def __init__(self, shards: int, rounds: int, serving: bool):
+    def __init__(self, shards: int, rounds: int, serving: bool) -> None:
         self.live = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn(), console=err, transient=False)
         self.trained = self.live.add_task("models trained", total=shards * rounds)
@@ -103,7 +108,8 @@ class _Bars:
             self.live.update(self.serving, total=len(p.placed), completed=p.serving)
 
 
-def launch(fleet: Fleet, dataset, plan: training.Plan, run: RunOptions, then=None) -> dict:
+def launch(fleet: Fleet, dataset: Dataset, plan: training.Plan, run: RunOptions,
+           then: Step | None = None) -> dict[str, Any]:
     """Train, fuse and (with servers) serve on the local fleet; print and save the summary.
     `then(context)` runs while the fleet is still up and returns more of the summary."""
     from skyfuse.dev import emulation, local, runs
@@ -114,7 +120,8 @@ def launch(fleet: Fleet, dataset, plan: training.Plan, run: RunOptions, then=Non
     prepared = training.prepare(fleet, dataset, plan)
     err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
               f"{len(prepared.validation)} / test {len(prepared.test)}; {len(prepared.shards)} shards "
-              f"({plan.partition}) placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)", highlight=False)
+              f"({plan.partition}) placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)",
+              highlight=False)
     bus = ready_bus(fleet)
     bars = _Bars(len(prepared.shard_events), plan.rounds, runs.serves_here(run.serve))
     try:

@@ -11,13 +11,14 @@ from rich.table import Table
 from skyfuse import contracts
 from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet, out, publish_event, ready_bus
 from skyfuse.cli.publish import sample_event
+from skyfuse.config import Fleet
 from skyfuse.runtime.host import Delivery
 
 REACHED = ("ok", "rejected")  # a rejected event reached its function, which refused it
 
 
 @app.command(cls=Command)
-def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0):
+def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for every delivery.")] = 60.0) -> None:
     """Publish the sample of every event type and show it reaching its function in every cloud."""
     from skyfuse.dev import local
     from skyfuse.dev.fleet import Fabric, build_hosts
@@ -35,7 +36,8 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
                 seen[(delivery.event_id, delivery.function, delivery.cloud)] = delivery
 
     hosts = build_hosts(fleet, bus, record)
-    expected = {(t.name, f, cloud) for t in contracts.catalog().values() for f in t.consumers for cloud in fleet.clouds_for(f)}
+    expected = {(t.name, f, cloud) for t in contracts.catalog().values()
+                for f in t.consumers for cloud in fleet.clouds_for(f)}
     out.print(f"[bold]skyfuse selftest[/]: {len(hosts)} function hosts in {len(fleet.clouds)} clouds on the "
               f"{fleet.bus.backend} bus; publishing one sample of each of {len(contracts.catalog())} event types…")
     started = time.monotonic()
@@ -65,16 +67,17 @@ def selftest(timeout: Annotated[float, typer.Option(help="Seconds to wait for ev
               f"({len(expected)} deliveries, each in its cloud's native event shape)")
 
 
-def _deliveries(fleet, by_type: dict, seconds: float) -> Table:
+def _deliveries(fleet: Fleet, by_type: dict[tuple[str, str, str], Delivery], seconds: float) -> Table:
     """Per event type and consumer, per cloud: reached (in which native shape), rejected, or missing."""
     table = Table("event", "function", *fleet.clouds, title=f"deliveries ({seconds:.1f} s)")
     for t in contracts.catalog().values():
         for function in t.consumers:
-            cells = []
+            cells: list[str] = []
             for cloud in fleet.clouds:
                 d = by_type.get((t.name, function, cloud))
+                rejected = " [yellow](rejected)[/]" if d and d.result == "rejected" else ""
                 cells.append("—" if cloud not in fleet.clouds_for(function) else
-                             f"[green]✓[/] {d.shape.split(' ')[0]}" + (" [yellow](rejected)[/]" if d.result == "rejected" else "")
+                             f"[green]✓[/] {d.shape.split(' ')[0]}{rejected}"
                              if d and d.result in REACHED else "[red]✗ missing[/]")
             table.add_row(t.name, function, *cells)
     return table

@@ -12,11 +12,12 @@ from skyfuse.cli.tables import simulation_table
 
 
 @app.command(cls=Command)
-def simulate(trace: Annotated[Path | None, typer.Argument(help="JSON lines of metrics.sampled data (default: the shipped day).")] = None,
+def simulate(trace: Annotated[Path | None, typer.Argument(help="JSON lines of metrics.sampled data "
+                                                               "(default: the shipped day).")] = None,
              decisions: Annotated[bool, typer.Option("--decisions", help="Also list the policy's decisions.")] = False,
-             as_json: Annotated[bool, typer.Option("--json")] = False):
+             as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Replay a metrics trace through the placement policy and compare it with three baselines."""
-    from skyfuse.scheduling import PolicyConfig
+    from skyfuse.scheduling import PolicyConfig, format_time
     from skyfuse.scheduling import simulate as sim
 
     try:  # the default day is generated: the same samples bench/traces/day.jsonl holds
@@ -32,4 +33,4 @@ def simulate(trace: Annotated[Path | None, typer.Argument(help="JSON lines of me
     out.print(simulation_table(rows, str(trace) if trace else "the shipped day (daily cycle, price change, outage)"))
     if decisions:
         for d in results[0].decisions:
-            out.print(f"{sim.format_time(d.at)} [bold]{d.kind}[/]: {d.reason}", highlight=False)
+            out.print(f"{format_time(d.at)} [bold]{d.kind}[/]: {d.reason}", highlight=False)

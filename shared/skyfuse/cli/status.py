@@ -14,7 +14,7 @@ from skyfuse.runtime import deadletter
 
 
 @app.command(cls=Command)
-def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = False):
+def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object, for machines.")] = False) -> None:
     """Topics, consumer lag per function and cloud, and dead-letter counts."""
     from skyfuse.dev import local
 
@@ -30,7 +30,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object
 @app.command(cls=Command)
 def dlq(function: Annotated[str, typer.Argument(help="Function whose dead letters to show.")],
         limit: Annotated[int, typer.Option(help="Show at most this many.")] = 20,
-        as_json: Annotated[bool, typer.Option("--json")] = False):
+        as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the dead letters of a function: where each record came from and why it was given up."""
     if function not in contracts.event_functions():
         fail(f"no function {function!r}; expected one of: {', '.join(contracts.event_functions())}")

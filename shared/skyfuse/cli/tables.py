@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from skyfuse.cli.common import out
 from skyfuse.contracts import event_functions
 
+if TYPE_CHECKING:
+    from skyfuse.runtime.host import Delivery
 
-def _num(value, fmt: str) -> str:
+
+def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else fmt.format(value)
 
 
-def _pct(value) -> str:
+def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def print_delivery(delivery) -> None:
+def print_delivery(delivery: Delivery) -> None:
     """One line per delivery of a function host (`skyfuse up`)."""
     colour = {"ok": "green", "retry": "yellow"}.get(delivery.result, "red")
     reason = f"  [dim]{delivery.reason}[/]" if delivery.reason else ""
@@ -26,7 +31,7 @@ def print_delivery(delivery) -> None:
               f"[dim]{delivery.shape}[/]{reason}", highlight=False)
 
 
-def status_tables(report: dict, clouds: list[str]) -> list[Table]:
+def status_tables(report: dict[str, Any], clouds: list[str]) -> list[Table]:
     """`skyfuse status`: topics, consumer lag with dead letters, and what each cloud serves."""
     topics = Table("topic", "partitions", "records", title=f"topics ({report['bus']} bus)")
     for name, t in report["topics"].items():
@@ -36,7 +41,8 @@ def status_tables(report: dict, clouds: list[str]) -> list[Table]:
         row = {f["cloud"]: str(f["lag"]) for f in report["functions"] if f["function"] == function}
         dead = report["dead_letters"][function]
         lag.add_row(function, *(row.get(c, "—") for c in clouds), f"[red]{dead}[/]" if dead else "0")
-    serving = Table("cloud", "endpoint", "model", "placement weight", "p50 ms", "p99 ms", "requests/s", title="serving")
+    serving = Table("cloud", "endpoint", "model", "placement weight", "p50 ms", "p99 ms", "requests/s",
+                    title="serving")
     for name, c in report["clouds"].items():
         serving.add_row(name, c["endpoint"] or "— (skyfuse up not running)", c["model_version"] or "—",
                         f"{c['placement_weight']:.2f}", *("—" if c[k] is None else f"{c[k]:.2f}"
@@ -44,14 +50,14 @@ def status_tables(report: dict, clouds: list[str]) -> list[Table]:
     return [topics, lag, serving]
 
 
-def dead_letter_table(function: str, rows: list[dict]) -> Table:
+def dead_letter_table(function: str, rows: Sequence[Mapping[str, Any]]) -> Table:
     table = Table("cloud", "from", "event id", "attempts", "reason", title=f"{function}.dlq ({len(rows)} shown)")
     for row in rows:
         table.add_row(row["cloud"], row["from"], row["event_id"] or "—", str(row["attempts"]), row["reason"])
     return table
 
 
-def placement_table(placements: list[dict]) -> Table:
+def placement_table(placements: list[dict[str, Any]]) -> Table:
     table = Table("at (UTC)", "trigger", "serving", "weights", "reason",
                   title="placement timeline (scheduler decisions)")
     for p in placements:
@@ -60,7 +66,7 @@ def placement_table(placements: list[dict]) -> Table:
     return table
 
 
-def load_table(phases: list[dict]) -> Table:
+def load_table(phases: list[dict[str, Any]]) -> Table:
     """Per phase of a load step, per cloud: what the inference servers and the monitor reported."""
     table = Table("phase", "cloud", "serving", "requests/s", "server p99 ms", "probe p99 ms", "CPU",
                   title="load and response time per cloud (server: its own time per request; "
@@ -79,7 +85,7 @@ TIMING_LABELS = {"prepare_s": "split + upload shards", "train_s": "shards traine
                  "centralized_train_s": "centralized baseline training"}
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict[str, Any]) -> None:
     """A training run's summary: shard models, strategies vs. centralized, time per stage, serving."""
     shards = Table("cloud", "shard", "rows", "test accuracy", title="shard models (each trained where its data lives)")
     for s in summary["shards"]:
@@ -111,7 +117,7 @@ def print_summary(summary: dict) -> None:
               f"{_pct(summary['shard_mean_accuracy'])}", highlight=False)
 
 
-def simulation_table(rows: list[dict], trace_label: str) -> Table:
+def simulation_table(rows: list[dict[str, Any]], trace_label: str) -> Table:
     """`skyfuse simulate`: each policy's cost, SLO minutes and moves; cost also against the lowest."""
     floor = min(r["cost_usd"] for r in rows) or 1.0
     table = Table("policy", "cost (USD)", "vs lowest", "SLO-violating min", "of which on a down cloud", "moves",

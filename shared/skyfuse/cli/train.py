@@ -24,10 +24,13 @@ SCENARIOS = ("worked-example",)
 
 @app.command(cls=Command)
 def train(
-    data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a numeric feature.")],
+    data: Annotated[Path, typer.Argument(help="CSV file with a header row; every column but the target is a "
+                                              "numeric feature.")],
     target: Annotated[str, typer.Option("--target", "-t", help="The label column.")],
-    clouds: Annotated[str | None, typer.Option(help="Comma-separated configured clouds, any number (default: every configured cloud).")] = None,
-    shards_per_cloud: Annotated[int, typer.Option("--shards-per-cloud", metavar="N", min=1, help="Shards (sub-models) each cloud trains.")] = 1,
+    clouds: Annotated[str | None, typer.Option(help="Comma-separated configured clouds, any number (default: "
+                                                    "every configured cloud).")] = None,
+    shards_per_cloud: Annotated[int, typer.Option("--shards-per-cloud", metavar="N", min=1,
+                                                  help="Shards (sub-models) each cloud trains.")] = 1,
     partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
     fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
     weights: Annotated[str | None, typer.Option(metavar="CLOUD=W,...", help=WEIGHTS_HELP)] = None,
@@ -40,10 +43,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the split, the partition and the initial weights.")] = 0,
     quorum_timeout: Annotated[float | None, typer.Option(help="Seconds the fuser waits for missing members.")] = None,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (last line of stdout) "
+                                                         "instead of tables.")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help=SERVE_HELP)] = True,
     emulate: Annotated[bool, typer.Option("--emulate", help=EMULATE_HELP)] = False,
-):
+) -> None:
     """Train on DATA split across clouds, fuse the shard models, and compare with centralized training."""
     from skyfuse.ml import data as mldata
 
@@ -62,7 +66,8 @@ def train(
 
 @app.command(cls=Command)
 def demo(
-    dataset: Annotated[str, typer.Option(help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
+    dataset: Annotated[str, typer.Option(
+        help="breast_cancer or digits (scikit-learn's, shipped with it).")] = "breast_cancer",
     partition: Annotated[str, typer.Option(help=PARTITION_HELP)] = "iid",
     fusion: Annotated[str, typer.Option(help=FUSION_HELP)] = "auto",
     rounds: Annotated[int | None, typer.Option(help="FedAvg rounds (default from the config).")] = None,
@@ -73,7 +78,7 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help=SERVE_HELP)] = True,
     emulate: Annotated[bool, typer.Option("--emulate", help=EMULATE_HELP)] = False,
-):
+) -> None:
     """The whole training half on a real dataset over three clouds: what `make run` runs."""
     from skyfuse.ml import data as mldata
 

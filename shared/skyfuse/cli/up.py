@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from skyfuse.cli.common import FAILURE, Command, app, fail, load_fleet, out, ready_bus
 from skyfuse.cli.tables import print_delivery
 from skyfuse.contracts import event_functions
+
+if TYPE_CHECKING:
+    from skyfuse.dev.local import LocalFleet
 
 
 @app.command(cls=Command)
@@ -18,13 +21,14 @@ def up(
     function: Annotated[list[str] | None, typer.Option("--function", help="Only these functions (repeatable).")] = None,
     seconds: Annotated[float | None, typer.Option("--for", help="Stop after this many seconds.")] = None,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also run each cloud's inference server.")] = True,
-    emulate: Annotated[bool, typer.Option("--emulate", help="Stores in the cloud emulators, the bus on Kafka.")] = False,
+    emulate: Annotated[bool, typer.Option("--emulate",
+                                          help="Stores in the cloud emulators, the bus on Kafka.")] = False,
     metrics_port: Annotated[int, typer.Option("--metrics-port", metavar="PORT", help="Serve the function hosts' "
                                               "Prometheus metrics on 127.0.0.1:PORT/metrics (0: off).")] = 0,
     router_port: Annotated[int, typer.Option("--router-port", metavar="PORT", help="Serve one front door on "
                                              "127.0.0.1:PORT that forwards to the placed clouds by their placement "
                                              "weights (0: off).")] = 8100,
-):
+) -> None:
     """Start every cloud's function hosts, timers and inference server; run until interrupted."""
     from skyfuse.dev import emulation, hosts, local
 
@@ -34,9 +38,11 @@ def up(
             fail(f"--cloud {name!r} is not configured; configured clouds: {', '.join(fleet.clouds)}")
     for name in function or ():
         if name not in event_functions():
-            fail(f"--function {name!r} is not an event-triggered function; expected one of: {', '.join(event_functions())}")
+            fail(f"--function {name!r} is not an event-triggered function; "
+                 f"expected one of: {', '.join(event_functions())}")
     if serve and local.running():
-        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve", FAILURE)
+        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve",
+             FAILURE)
     bus = ready_bus(fleet)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -61,7 +67,7 @@ def up(
     bus.close()
 
 
-def _print_fleet(running, backend: str, metrics_port: int) -> None:
+def _print_fleet(running: LocalFleet, backend: str, metrics_port: int) -> None:
     out.print(f"[bold]skyfuse up[/]: {len(running.hosts)} function hosts on the {backend} bus "
               f"({', '.join(sorted({h.cloud for h in running.hosts}))}); Ctrl-C to stop", highlight=False)
     for host in running.hosts:

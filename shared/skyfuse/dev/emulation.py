@@ -44,7 +44,8 @@ def api_gateway(endpoint: str, name: str = "skyfuse-inference", stage: str = "lo
     import boto3
 
     gateway_url = os.environ.get("AWS_ENDPOINT_URL", ENVIRONMENT["AWS_ENDPOINT_URL"])
-    client = boto3.client("apigateway", endpoint_url=gateway_url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    client = boto3.client("apigateway", endpoint_url=gateway_url, region_name=region)
     api = next((a for a in client.get_rest_apis(limit=500)["items"] if a["name"] == name), None)
     if api is not None:  # one API per name: replace it, its target port may have changed
         client.delete_rest_api(restApiId=api["id"])

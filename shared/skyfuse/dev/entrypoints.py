@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from skyfuse.config import ConfigError
 
@@ -40,7 +41,15 @@ class EntryPoint:
         """`module:attr`, as `load_handler` and uvicorn take it."""
         return f"{self.module}:{self.attr}" if self.attr else self.module
 
-    def load(self):
+    @property
+    def target(self) -> str:
+        """The attribute named after the colon; ConfigError when the entry point names a module only."""
+        if not self.attr:
+            raise ConfigError(f"entry point {self.name} = {self.ref}: names no attribute (`module:attr`)")
+        return self.attr
+
+    def load(self) -> Any:
+        """What the entry point names: the module's attribute (a handler, an app), or the module."""
         module = importlib.import_module(self.module)
         return getattr(module, self.attr) if self.attr else module
 

@@ -3,7 +3,7 @@
 | provider | server | app (entry point, `skyfuse.dev.entrypoints`) | routes |
 | --- | --- | --- | --- |
 | aws | uvicorn (uvloop, httptools) | `inference.aws`: Powertools' `HttpResolverLocal` as ASGI | `/predict`, … |
-| gcp | functions-framework's ASGI mode (gunicorn, uvicorn workers; `WORKERS`) | `inference.gcp`: its file, its target | `/predict`, … |
+| gcp | functions-framework ASGI (gunicorn; `WORKERS` uvicorn workers) | `inference.gcp`: file, target | `/predict`, … |
 | azure | uvicorn (uvloop, httptools) | `inference.azure`: the factory over the v2 `FunctionApp` | `/api/predict`, … |
 
 Production servers only (never Flask's development server), each started through
@@ -46,7 +46,8 @@ class HostError(Failure, RuntimeError):
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]  # (host, port) of an AF_INET socket
+        return port
 
 
 def command(provider: str, port: int, workers: int | None = None) -> list[str]:
@@ -70,7 +71,7 @@ def command(provider: str, port: int, workers: int | None = None) -> list[str]:
     core = entrypoints.get(FUNCTION, "core")
     return _launched(["functions_framework._http.gunicorn", "functions_framework.aio", "uvicorn_worker",
                       *([core.module] if core else [])],
-                     "functions_framework", "--asgi", "--target", entry.attr,
+                     "functions_framework", "--asgi", "--target", entry.target,
                      "--source", str(entry.source()), "--signature-type", "http",
                      "--host", "127.0.0.1", "--port", str(port))
 
@@ -94,7 +95,7 @@ class Host:
     provider: str
     port: int
     url: str  # base of the routes: url + "/predict"
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     log_path: Path
     argv: list[str] = field(default_factory=list)
 
@@ -137,7 +138,7 @@ class Host:
     def __enter__(self) -> Host:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -149,7 +150,7 @@ def _answers(port: int, path: str) -> httpclient.Answer | None:
 
 
 def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | None = None, *,
-          workers: int | None = None, timeout_s: float = 60.0, log_dir: str | os.PathLike | None = None) -> Host:
+          workers: int | None = None, timeout_s: float = 60.0, log_dir: str | os.PathLike[str] | None = None) -> Host:
     """Start `cloud_provider`'s server on 127.0.0.1:`port` (a free one when None) with `env` on top
     of this process's environment; return once GET /health answers."""
     port = port or free_port()

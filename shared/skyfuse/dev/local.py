@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -18,6 +19,12 @@ from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.host import Listener
 from skyfuse.serving import api
 from skyfuse.storage import open_store
+
+if TYPE_CHECKING:  # the servers and the router load when a fleet serves
+    from wsgiref.simple_server import WSGIServer
+
+    from skyfuse.dev.hosts import Host
+    from skyfuse.dev.router import RouterServer
 
 ENDPOINTS = Path(".skyfuse/endpoints.json")
 FIRST_PORT = 8101
@@ -70,15 +77,15 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
 class LocalFleet:
     def __init__(self, fleet: Fleet, bus: Bus, listener: Listener | None = None, *,
                  functions: list[str] | None = None, clouds: list[str] | None = None, serve: bool = True,
-                 metrics_port: int = 0, router_port: int = 0):
+                 metrics_port: int = 0, router_port: int = 0) -> None:
         self.fleet, self.bus, self.listener = fleet, bus, listener
         self.functions, self.clouds, self.serve = functions, clouds or list(fleet.clouds), serve
         self.metrics_port = metrics_port  # 0: the function hosts' /metrics is off
         self.router_port = router_port  # 0: no front door (skyfuse.dev.router)
-        self.router = None
-        self.servers: dict[str, object] = {}
+        self.router: RouterServer | None = None
+        self.servers: dict[str, Host] = {}
         self.fabric: Fabric | None = None
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
 
     def start(self) -> LocalFleet:
         """Start every part; when one fails, stop what started (no orphaned servers) and raise."""
@@ -136,10 +143,10 @@ class LocalFleet:
             ENDPOINTS.unlink()
         self.servers = {}
 
-    def __enter__(self):
+    def __enter__(self) -> LocalFleet:
         return self if self.fabric else self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -162,4 +169,5 @@ def running() -> dict[str, str] | None:
         os.kill(info["pid"], 0)
     except (OSError, ValueError, KeyError):
         return None
-    return info["clouds"]
+    clouds: dict[str, str] = info["clouds"]  # as `LocalFleet` wrote it
+    return clouds

@@ -13,8 +13,12 @@ import logging
 import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
 
 from skyfuse import contracts, events, httpclient, signing
+from skyfuse.bus import Bus
+from skyfuse.config import Fleet
+from skyfuse.payloads import PlacementChanged
 
 log = logging.getLogger("skyfuse.router")
 FORWARDED = ("content-type", "x-api-key", "authorization", "content-length")
@@ -23,9 +27,11 @@ FORWARDED = ("content-type", "x-api-key", "authorization", "content-length")
 class Placement:
     """The newest verified placement decision on the bus (highest `sequence`)."""
 
-    def __init__(self, fleet, bus):
+    def __init__(self, fleet: Fleet, bus: Bus) -> None:
         self.fleet, self.bus = fleet, bus
-        self.sequence, self.weights, self.version = -1, {}, None
+        self.sequence = -1
+        self.weights: dict[str, float] = {}
+        self.version: str | None = None
         self.topic = contracts.event_type("placement.changed").topic
 
     def refresh(self) -> None:
@@ -37,14 +43,14 @@ class Placement:
                 signing.check(self.fleet, event)  # a forged decision moves no traffic
             except (events.MalformedEvent, signing.Untrusted):
                 continue
-            data = event.get_data()
+            data = cast(PlacementChanged, event.get_data())  # decode validated it against its schema
             if data.get("sequence", 0) > self.sequence:
                 self.sequence, self.version = data.get("sequence", 0), data["model_version"]
                 self.weights = {p["cloud"]: p["weight"] for p in data["placements"] if p["weight"] > 0}
 
 
 class Router:
-    def __init__(self, endpoints: dict[str, str], placement: Placement, seed: int | None = None):
+    def __init__(self, endpoints: dict[str, str], placement: Placement, seed: int | None = None) -> None:
         self.endpoints, self.placement = endpoints, placement
         self.random = random.Random(seed)
         self.counts: dict[str, dict[str, int]] = {}
@@ -61,7 +67,8 @@ class Router:
     def forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str, str]:
         """(status, body, content type, cloud that answered). When every placed cloud answers 5xx,
         the last of those answers (its own error says what is wrong); when none answers, a 503."""
-        tried, last = [], None
+        tried: list[str] = []
+        last: tuple[int, bytes, str, str] | None = None
         for cloud in self.order():
             try:
                 status, answer, kind = _call(self.endpoints[cloud], method, path, body, headers)
@@ -87,14 +94,14 @@ class Router:
             per = self.counts.setdefault(cloud, {})
             per[outcome] = per.get(outcome, 0) + 1
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = {c: dict(v) for c, v in self.counts.items()}
         return {"placement": {"sequence": self.placement.sequence, "model_version": self.placement.version,
                               "weights": self.placement.weights}, "endpoints": self.endpoints, "counts": counts}
 
 
-def _call(base: str, method: str, path: str, body: bytes, headers: dict[str, str]):
+def _call(base: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, str]:
     answer = httpclient.request(method, base + path, body or None, headers=headers, timeout_s=30)
     return answer.status, answer.body, answer.content_type
 
@@ -102,7 +109,7 @@ def _call(base: str, method: str, path: str, body: bytes, headers: dict[str, str
 class RouterServer:
     """The router on 127.0.0.1:`port`, refreshing the placement every `poll_s`, in threads."""
 
-    def __init__(self, router: Router, port: int, poll_s: float = 0.5):
+    def __init__(self, router: Router, port: int, poll_s: float = 0.5) -> None:
         self.router, self.poll_s = router, poll_s
         try:
             self.http = ThreadingHTTPServer(("127.0.0.1", port), _handler(router))
@@ -133,7 +140,7 @@ class RouterServer:
         self.http.server_close()
 
 
-def _handler(router: Router):
+def _handler(router: Router) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -153,13 +160,13 @@ def _handler(router: Router):
             headers = {k: v for k, v in self.headers.items() if k.lower() in FORWARDED}
             self._answer(*router.forward(method, self.path, body, headers))
 
-        def do_GET(self):
+        def do_GET(self) -> None:
             self._route("GET")
 
-        def do_POST(self):
+        def do_POST(self) -> None:
             self._route("POST")
 
-        def log_message(self, *args):  # the servers behind log their requests
+        def log_message(self, format: str, *args: Any) -> None:  # the servers behind log their requests
             pass
 
     return Handler

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import TYPE_CHECKING, Any
 
 from skyfuse import training
 from skyfuse.bus import Bus
 from skyfuse.config import Fleet
 from skyfuse.dev import local
 from skyfuse.errors import Failure
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class NothingFused(Failure):
@@ -31,10 +35,10 @@ class RunContext:
     endpoints: dict[str, str]
     prepared: training.Prepared
     progress: training.Progress
-    console: object  # rich.console.Console: where the step reports
+    console: Console  # where the step reports
 
 
-Step = Callable[[RunContext], dict]
+Step = Callable[[RunContext], dict[str, Any]]
 
 
 def serves_here(serve: bool) -> bool:
@@ -43,21 +47,22 @@ def serves_here(serve: bool) -> bool:
 
 
 def run(fleet: Fleet, bus: Bus, prepared: training.Prepared, *, serve: bool, timeout_s: float,
-        show: Callable[[training.Progress], None], console, then: Step | None = None,
-        following: ContextManager = contextlib.nullcontext()) -> dict:
+        show: Callable[[training.Progress], None], console: Console, then: Step | None = None,
+        following: AbstractContextManager[object] | None = None) -> dict[str, Any]:
     """The run's summary (`training.score`, plus `serving` and what `then` returned); NothingFused
     when no model was fused in time. `show(progress)` is called as events arrive, inside
-    `following` (a live progress display)."""
-    endpoints = local.running()
+    `following` (a live progress display), if given."""
+    endpoints = local.running() or {}
     own = None if endpoints else local.LocalFleet(fleet, bus, serve=serve)
     console.print("using the fleet `skyfuse up` runs" if endpoints else
                   f"starting the fleet in this process ({'with' if serve else 'without'} inference servers)")
-    extra, serving = {}, {}
+    extra: dict[str, Any] = {}
+    serving: dict[str, dict[str, Any]] = {}
     try:
         if own:
             own.start()
             endpoints = {c: s.url for c, s in own.servers.items()}
-        with following:
+        with following or contextlib.nullcontext():
             progress = training.follow(bus, prepared, show, timeout_s, until_served=bool(endpoints))
         # a step first: the check's big batches would otherwise weigh in a scenario's quiet baseline
         if then and progress.fused and progress.deployed:

@@ -18,17 +18,23 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from skyfuse import httpclient
 from skyfuse.errors import Failure
+from skyfuse.payloads import MetricsSampled, PlacementChanged
 
 if TYPE_CHECKING:
+    from skyfuse.bus import Consumer
+    from skyfuse.config import Fleet
     from skyfuse.dev.runs import RunContext
+    from skyfuse.ml.data import Dataset
+    from skyfuse.training import Plan
 
 FULL_BATCH = 1_000_000  # at least the rows of any shard: every step sees the whole shard (gradient descent)
 WEIGHTS = (0.3, 0.3, 0.4)
@@ -62,7 +68,7 @@ def prepare_environment(clouds: list[str]) -> None:
         os.environ.setdefault(f"SKYFUSE_CLOUDS__{cloud.upper()}__PRICE_PER_MILLION_REQUESTS", PRICE_PER_MILLION)
 
 
-def worked_example(clouds: list[str], seed: int = 0):
+def worked_example(clouds: list[str], seed: int = 0) -> tuple[Dataset, Plan]:
     """(dataset, plan): 5000 rows → 3000 training rows in three shards of 1000, 500 validation, 1500 test."""
     import numpy as np
     from sklearn.datasets import make_classification
@@ -78,7 +84,7 @@ def worked_example(clouds: list[str], seed: int = 0):
     dataset = Dataset(X.astype(np.float32), y.astype(np.int64), [f"x{i}" for i in range(FEATURES)], [0, 1], "label",
                       "worked-example")
     plan = Plan(target="label", clouds=clouds, partition="iid", fusion="wavg", rounds=1, seed=seed,
-                weights=dict(zip(clouds, WEIGHTS)), holdout=(0.1, 0.3),
+                weights=dict(zip(clouds, WEIGHTS, strict=True)), holdout=(0.1, 0.3),
                 model_options={"hidden": [], "init": "normal", "optimizer": "sgd", "learning_rate": 0.01,
                                "epochs": 10, "batch_size": FULL_BATCH, "early_stopping": False})
     return dataset, plan
@@ -123,17 +129,18 @@ class Watch:
     the probes' response time)."""
 
     version: str
-    decisions: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
+    decisions: list[PlacementChanged] = field(default_factory=list)
+    samples: list[MetricsSampled] = field(default_factory=list)
 
-    def note(self, kind: str, data: dict) -> None:
+    def note(self, kind: str, data: Mapping[str, Any]) -> None:
+        """`data` of an event of type `kind`, as its schema has it."""
         if kind == "placement.changed" and data["model_version"] == self.version and \
                 data["decision_id"] not in {d["decision_id"] for d in self.decisions}:
-            self.decisions.append(data)
+            self.decisions.append(cast(PlacementChanged, data))
         elif kind == "metrics.sampled":
-            self.samples.append(data)
+            self.samples.append(cast(MetricsSampled, data))
 
-    def read(self, consumer, fleet) -> None:
+    def read(self, consumer: Consumer, fleet: Fleet) -> None:
         """Note every verified event the consumer has for us now."""
         from skyfuse import contracts, events, signing
 
@@ -143,9 +150,10 @@ class Watch:
                 signing.check(fleet, event)
             except (events.MalformedEvent, signing.Untrusted):
                 continue
-            self.note(event["type"].removeprefix(contracts.TYPE_PREFIX), event.get_data())
+            # decode validated the data against its schema: a JSON object
+            self.note(event["type"].removeprefix(contracts.TYPE_PREFIX), cast(dict[str, Any], event.get_data()))
 
-    def until(self, consumer, fleet, done, timeout_s: float) -> bool:
+    def until(self, consumer: Consumer, fleet: Fleet, done: Callable[[], bool], timeout_s: float) -> bool:
         """Read the bus until `done()` or `timeout_s`; whether `done()`."""
         deadline = time.monotonic() + timeout_s
         self.read(consumer, fleet)
@@ -157,15 +165,15 @@ class Watch:
         last = self.decisions[-1] if self.decisions else None
         return [p["cloud"] for p in last["placements"] if p["weight"] > 0] if last else []
 
-    def probed(self, cloud: str, since: str) -> list[dict]:
+    def probed(self, cloud: str, since: str) -> list[MetricsSampled]:
         """The cloud's monitor samples since `since` whose probes were answered."""
         return [s for s in self.samples if s["cloud"] == cloud and s["source"] == "monitor"
                 and s["sampled_at"] >= since and s["latency_ms"]["p99"] is not None]
 
-    def phase(self, name: str, since: str, until: str, clouds: list[str], serving: list[str]) -> dict:
+    def phase(self, name: str, since: str, until: str, clouds: list[str], serving: list[str]) -> dict[str, Any]:
         """Per cloud over [since, until]: requests/s served, and the medians of the windows' p99
         as the server timed itself and as the probes waited, of CPU utilisation and probe errors."""
-        figures = {}
+        figures: dict[str, dict[str, float | None]] = {}
         for cloud in clouds:
             inside = [s for s in self.samples if s["cloud"] == cloud and since <= s["sampled_at"] <= until]
             served = [s for s in inside if s["source"] == "inference" and s["requests"] > 0]
@@ -179,12 +187,12 @@ class Watch:
         return {"name": name, "since": since, "until": until, "serving": serving, "clouds": figures}
 
 
-def _mean(values: list) -> float | None:
+def _mean(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
 
-def _median(values: list) -> float | None:
+def _median(values: Sequence[float | None]) -> float | None:
     known = sorted(v for v in values if v is not None)
     return known[len(known) // 2] if known else None
 
@@ -193,13 +201,15 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def load_step(ctx: RunContext) -> dict:
+def load_step(ctx: RunContext) -> dict[str, Any]:
     """Take a baseline of every cloud, step the load up on the serving one until serving moves, then stop."""
     from skyfuse import contracts, training
     from skyfuse.dev import local
 
     fleet, console = ctx.fleet, ctx.console
-    version = ctx.progress.fused["version"]
+    fused = ctx.progress.fused
+    assert fused is not None, "the step runs once the run fused a model"
+    version = fused["version"]
     watch = Watch(version)
     for decision in ctx.progress.decisions:
         watch.note("placement.changed", decision)
@@ -212,14 +222,16 @@ def load_step(ctx: RunContext) -> dict:
     missing = [c for c in clouds if not training.serves(ctx.endpoints[c], version, 60)]
     consumer = ctx.bus.consumer(f"cli.{ctx.prepared.plan.run_id}.scenario", topics)
     load: list[Caller] = []
-    phases = []
-    moved, error, load_answers = None, None, {}
+    phases: list[dict[str, Any]] = []
+    moved: dict[str, Any] | None = None
+    error: str | None = None
+    load_answers: dict[str, int] = {}
     try:
         if missing:
             raise ScenarioError(f"{', '.join(missing)} never loaded {version}; is scheduler.standby on?")
         started = _now()
         console.print(f"baseline: {BASELINE_SAMPLES} response-time samples from every cloud's monitor…")
-        baseline = watch.until(consumer, fleet, lambda: watch.serving() and all(
+        baseline = watch.until(consumer, fleet, lambda: bool(watch.serving()) and all(
             len(watch.probed(c, started)) >= BASELINE_SAMPLES for c in clouds), 90)
         if not baseline:
             raise ScenarioError("no response-time samples from every cloud within 90 s: "

@@ -18,7 +18,7 @@ class Backend(Protocol):
         """Make the changes as one atomic batch."""
 
 
-_backends: dict[tuple, Backend] = {}  # one client per settings: a warm function reuses it
+_backends: dict[tuple[object, ...], Backend] = {}  # one client per settings: a warm function reuses it
 
 
 def open_backend(settings: Dns) -> Backend:

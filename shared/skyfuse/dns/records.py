@@ -36,7 +36,7 @@ class Record:
     def key(self) -> tuple[str, str]:
         return self.type, self.set_id
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

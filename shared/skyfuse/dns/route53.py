@@ -3,6 +3,8 @@ and changed with one atomic `change_resource_record_sets` batch (UPSERT, so a re
 placement changes nothing). Works against LocalStack's Route 53 with `dns.endpoint_url`."""
 from __future__ import annotations
 
+from typing import Any
+
 from skyfuse.config import Dns
 from skyfuse.dns.records import Change, Record
 from skyfuse.errors import Failure
@@ -22,7 +24,7 @@ class Route53:
         self.client = boto3.client("route53", endpoint_url=settings.endpoint_url or None, region_name="us-east-1")
         self.settings = settings
         self._zone_id = settings.hosted_zone_id.removeprefix("/hostedzone/") or None
-        self._raw: dict[tuple[str, str, str], dict] = {}  # what Route 53 returned, for exact DELETEs
+        self._raw: dict[tuple[str, str, str], dict[str, Any]] = {}  # what Route 53 returned, for exact DELETEs
 
     @property
     def zone_id(self) -> str:
@@ -38,7 +40,7 @@ class Route53:
         return self._zone_id
 
     def records(self, name: str) -> list[Record]:
-        out = []
+        out: list[Record] = []
         pages = self.client.get_paginator("list_resource_record_sets").paginate(
             HostedZoneId=self.zone_id, StartRecordName=name)
         for page in pages:
@@ -60,6 +62,6 @@ class Route53:
             "Comment": "skyfuse router: weights from placement.changed", "Changes": batch})
 
 
-def _record_set(record: Record) -> dict:
+def _record_set(record: Record) -> dict[str, Any]:
     return {"Name": record.name, "Type": record.type, "SetIdentifier": record.set_id, "Weight": record.weight,
             "TTL": record.ttl, "ResourceRecords": [{"Value": record.value}]}

@@ -12,17 +12,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from skyfuse.errors import InvalidInput
 
 PARTITION_METHODS = ("iid", "stratified", "kmeans", "label-skew")
 SAMPLE_DATASETS = ("breast_cancer", "digits")
 MISSING = frozenset({"", "na", "nan", "null", "none", "n/a", "?"})
+Label = int | str  # an original class label: integer-looking labels are ints, others strings
 
 
 class DataError(InvalidInput):
@@ -34,11 +37,11 @@ class Dataset:
     X: np.ndarray  # float32, n x d
     y: np.ndarray  # int64 class indices into `classes`
     features: list[str]
-    classes: list  # original labels, sorted (ints or strings)
+    classes: list[Label]  # original labels, sorted
     target: str = "target"
     name: str = field(default="", compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.X = np.ascontiguousarray(self.X, dtype=np.float32)
         self.y = np.ascontiguousarray(self.y, dtype=np.int64)
         if self.X.ndim != 2:
@@ -63,17 +66,17 @@ class Dataset:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def subset(self, indices) -> Dataset:
+    def subset(self, indices: ArrayLike) -> Dataset:
         idx = np.asarray(indices)
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64, copy=False)
         return Dataset(self.X[idx], self.y[idx], list(self.features), list(self.classes), self.target, self.name)
 
-    def class_counts(self) -> dict:
+    def class_counts(self) -> dict[Label, int]:
         """Rows per class label, every class of the run included (0 for absent ones)."""
-        counts = np.bincount(self.y, minlength=len(self.classes))
-        return {c: int(n) for c, n in zip(self.classes, counts)}
+        counts = np.bincount(self.y, minlength=len(self.classes))  # y < len(classes): one count per class
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
     def summary(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(mean, variance, count) of the features: what a shard shares for `pooled_stats`."""
@@ -83,7 +86,7 @@ class Dataset:
 # ----------------------------------------------------------------------------------------- CSV
 
 
-def _label_key(value) -> str:
+def _label_key(value: object) -> str:
     """Canonical text of a label so "1", "1.0" and 1 match; other text is kept as is (stripped)."""
     if isinstance(value, (bool, np.bool_)):
         return str(value)
@@ -103,7 +106,7 @@ def _label_key(value) -> str:
     return text
 
 
-def _parse_label(text: str):
+def _parse_label(text: str) -> Label:
     key = _label_key(text)
     try:
         return int(key)
@@ -115,13 +118,13 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _short(items: Sequence, limit: int = 8) -> str:
-    items = [str(i) for i in items]
-    shown = ", ".join(repr(i) for i in items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+def _short(items: Sequence[object], limit: int = 8) -> str:
+    texts = [str(i) for i in items]
+    shown = ", ".join(repr(t) for t in texts[:limit])
+    return shown + (f", ... ({len(texts) - limit} more)" if len(texts) > limit else "")
 
 
-def load_csv(source: str | Path | bytes, target: str, classes: list | None = None) -> Dataset:
+def load_csv(source: str | Path | bytes, target: str, classes: Sequence[Label] | None = None) -> Dataset:
     """Read a CSV with a header row: every column but `target` is a numeric feature.
 
     `source` is a path (str or Path) or the file's bytes. `classes` is the run's class list: give
@@ -202,27 +205,28 @@ def load_csv(source: str | Path | bytes, target: str, classes: list | None = Non
         raise DataError(f"{where}: values too large for float32")
 
     labels = [_parse_label(v) for v in cells[:, t]]
+    run_classes: list[Label]
     if classes is None:
-        distinct = sorted(set(labels), key=_sort_key(labels))
-        if len(distinct) < 2:
-            raise DataError(f"{where}: the target {target!r} has only one class ({distinct[0]!r}); "
+        run_classes = sorted(set(labels), key=_sort_key(labels))
+        if len(run_classes) < 2:
+            raise DataError(f"{where}: the target {target!r} has only one class ({run_classes[0]!r}); "
                             "a classifier needs at least 2 (pass the run's `classes` when loading a shard)")
-        classes = distinct
     else:
-        classes = list(classes)
-        if len(classes) < 2:
-            raise DataError(f"`classes` must list at least 2 labels, got {classes!r}")
-    index = {}
-    for i, c in enumerate(classes):
+        run_classes = list(classes)
+        if len(run_classes) < 2:
+            raise DataError(f"`classes` must list at least 2 labels, got {run_classes!r}")
+    index: dict[str, int] = {}
+    for i, c in enumerate(run_classes):
         key = _label_key(c)
         if key in index:
             raise DataError(f"`classes` lists the label {c!r} twice")
         index[key] = i
     unknown = sorted({str(v) for v in cells[:, t] if _label_key(v) not in index})
     if unknown:
-        raise DataError(f"{where}: {target!r} has labels not in the run's classes {classes!r}: {_short(unknown)}")
+        raise DataError(f"{where}: {target!r} has labels not in the run's classes {run_classes!r}: "
+                        f"{_short(unknown)}")
     y = np.array([index[_label_key(v)] for v in cells[:, t]], dtype=np.int64)
-    return Dataset(X.astype(np.float32), y, features, classes, target)
+    return Dataset(X.astype(np.float32), y, features, run_classes, target)
 
 
 def _is_float(v: str) -> bool:
@@ -233,7 +237,7 @@ def _is_float(v: str) -> bool:
         return False
 
 
-def _sort_key(labels):
+def _sort_key(labels: Sequence[Label]) -> Callable[[Label], Label]:
     if all(isinstance(v, int) for v in labels):
         return lambda v: v
     return lambda v: str(v)
@@ -248,8 +252,8 @@ def to_csv_bytes(ds: Dataset) -> bytes:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*ds.features, ds.target])
     labels = [str(c) for c in ds.classes]
-    for row, label in zip(ds.X, ds.y):
-        w.writerow([*("%.9g" % v for v in row.tolist()), labels[label]])
+    for row, label in zip(ds.X, ds.y, strict=True):  # one label per row (checked by Dataset)
+        w.writerow([*(f"{v:.9g}" for v in row.tolist()), labels[label]])
     return buf.getvalue().encode("utf-8")
 
 
@@ -346,7 +350,8 @@ def partition(ds: Dataset, n: int, method: str, seed: int = 0, alpha: float = 0.
 def _standardize(X: np.ndarray) -> np.ndarray:
     X = X.astype(np.float64)
     sd = X.std(axis=0)
-    return (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    standardized: np.ndarray = (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return standardized
 
 
 def _ensure_min(assign: np.ndarray, n: int, minimum: int, rng: np.random.Generator,
@@ -380,17 +385,17 @@ def summarize(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return X.mean(axis=0), X.var(axis=0), int(len(X))
 
 
-def pooled_stats(stats: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+def pooled_stats(stats: Sequence[tuple[ArrayLike, ArrayLike, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Exact pooled (mean, population variance) from per-shard (mean, variance, count) summaries:
     the statistics of all rows together, without moving a row."""
-    stats = [(np.asarray(m, np.float64), np.asarray(v, np.float64), int(c)) for m, v, c in stats]
-    stats = [s for s in stats if s[2] > 0]
-    if not stats:
+    summaries = [(np.asarray(m, np.float64), np.asarray(v, np.float64), int(c)) for m, v, c in stats]
+    summaries = [s for s in summaries if s[2] > 0]
+    if not summaries:
         raise DataError("pooled_stats needs at least one summary with count > 0")
-    total = sum(c for _, _, c in stats)
-    mean = sum(m * c for m, _, c in stats) / total
+    total = sum(c for _, _, c in summaries)
+    mean = cast(np.ndarray, sum(m * c for m, _, c in summaries) / total)  # a sum of arrays: never the start 0
     # E[x^2] per shard = var + mean^2; pooled var = sum c (var + (mean_i - mean)^2) / total
-    var = sum(c * (v + (m - mean) ** 2) for m, v, c in stats) / total
+    var = sum(c * (v + (m - mean) ** 2) for m, v, c in summaries) / total
     return mean, np.maximum(var, 0.0)
 
 

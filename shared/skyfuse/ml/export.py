@@ -8,14 +8,20 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import onnx  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
+
+if TYPE_CHECKING:
+    import keras  # ships no types: a keras.Model is Any to mypy
 
 INPUT = "features"
 OUTPUT = "prob"
@@ -29,7 +35,7 @@ def _weight_name(path: str, model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", ".", path.removeprefix(f"{model_name}/"))
 
 
-def to_onnx(model, opset: int = DEFAULT_OPSET, fresh: bool = False) -> bytes:
+def to_onnx(model: keras.Model, opset: int = DEFAULT_OPSET, fresh: bool = False) -> bytes:
     """The model as a serialized ONNX ModelProto: input `features` float32 [N, d], output `prob`.
     A model whose architecture was exported before in this process reuses that graph with its own
     weights as initializers (no tracing: a FedAvg round exports the same architecture again);
@@ -65,7 +71,7 @@ _GRAPHS_KEPT = 8
 _GRAPHS_LOCK = threading.Lock()
 
 
-def _with_weights(exported: bytes, model) -> bytes:
+def _with_weights(exported: bytes, model: keras.Model) -> bytes:
     """`exported` (a model of `model`'s architecture) with `model`'s weights as its initializers."""
     proto = onnx.load_from_string(exported)
     values = {_weight_name(v.path, model.name): np.asarray(v.numpy()) for v in model.weights}
@@ -78,10 +84,11 @@ def _with_weights(exported: bytes, model) -> bytes:
         initializers.append(numpy_helper.from_array(new, old.name))
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(initializers)
-    return proto.SerializeToString()
+    serialized: bytes = proto.SerializeToString()
+    return serialized
 
 
-def _trace(model, opset: int) -> bytes:
+def _trace(model: keras.Model, opset: int) -> bytes:
     """`to_onnx` the long way: trace the model with TensorFlow and convert with tf2onnx."""
     import tensorflow as tf
     import tf2onnx
@@ -100,19 +107,19 @@ def _trace(model, opset: int) -> bytes:
     if len(set(names)) != len(names) or INPUT in names:
         raise ValueError(f"ambiguous weight names {names}")
     specs = [tf.TensorSpec((None, n_features), tf.float32, name=INPUT)]
-    specs += [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, names)]
+    specs += [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, names, strict=True)]
     state = {id(v): tf.constant(np.asarray(v.numpy())) for v in trainable + frozen if id(v) not in weight_ids}
 
-    @tf.function(input_signature=specs)
-    def serve(features, *weights):
-        given = {id(v): w for v, w in zip(variables, weights)}
+    @tf.function(input_signature=specs)  # type: ignore[untyped-decorator]  # TensorFlow ships no types
+    def serve(features: tf.Tensor, *weights: tf.Tensor) -> dict[str, tf.Tensor]:
+        given = {id(v): w for v, w in zip(variables, weights, strict=True)}  # one input per weight (specs)
         values = [given.get(id(v), state.get(id(v))) for v in trainable + frozen]
         out, _ = model.stateless_call(values[:len(trainable)], values[len(trainable):], features, training=False)
         return {OUTPUT: out}
 
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=specs, opset=opset)
     graph = proto.graph
-    values = {n: np.asarray(v.numpy()) for n, v in zip(names, variables)}
+    values = {n: np.asarray(v.numpy()) for n, v in zip(names, variables, strict=True)}
     weight_inputs = [i for i in graph.input if i.name in values]
     for i in weight_inputs:
         graph.input.remove(i)
@@ -128,10 +135,11 @@ def _trace(model, opset: int) -> bytes:
     if names_in != [INPUT] or names_out != [OUTPUT]:
         raise RuntimeError(f"unexpected ONNX signature: inputs {names_in}, outputs {names_out}")
     onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString()
+    serialized: bytes = proto.SerializeToString()
+    return serialized
 
 
-def _constants_as_nodes(graph, weights: set[str]) -> None:
+def _constants_as_nodes(graph: onnx.GraphProto, weights: set[str]) -> None:
     """Initializers that are not weights (shapes and scales tf2onnx folded, named by a process-wide
     counter) become Constant nodes: the initializers are then exactly the model's weights, what
     FedAvg and the server strategies average and move."""
@@ -148,14 +156,14 @@ def _constants_as_nodes(graph, weights: set[str]) -> None:
     graph.node.extend(nodes)
 
 
-def _canonical_names(graph) -> None:
+def _canonical_names(graph: onnx.GraphProto) -> None:
     """Positional names for nodes and intermediate tensors (graph inputs, outputs and initializers
     keep theirs), in a structural order; drops intermediate shape annotations."""
     keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
     ordered = _structural_order(graph)
     graph.ClearField("node")
     graph.node.extend(ordered)
-    rename = {}
+    rename: dict[str, str] = {}
     for j, node in enumerate(graph.node):
         node.name = f"n{j}_{node.op_type}"
         for k, out in enumerate(node.output):
@@ -167,7 +175,7 @@ def _canonical_names(graph) -> None:
     del graph.value_info[:]
 
 
-def _structural_order(graph) -> list:
+def _structural_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The nodes in a topological order that depends on the graph's structure only (tf2onnx breaks
     ties differently from one export to the next): depth-first from each output, a node after its
     inputs in input order. Nodes no output depends on follow in their own order. Returns copies."""
@@ -194,23 +202,24 @@ def _structural_order(graph) -> list:
     return copies
 
 
-def parity(model, onnx_bytes: bytes, X) -> float:
+def parity(model: keras.Model, onnx_bytes: bytes, X: ArrayLike) -> float:
     """Max absolute difference between the Keras model's and onnxruntime's outputs on X."""
     from .fusion import predict
 
-    X = np.asarray(X, dtype=np.float32)
-    keras_out = np.asarray(model(X, training=False), dtype=np.float64)
-    return float(np.max(np.abs(keras_out - predict(onnx_bytes, X)), initial=0.0))
+    rows = np.asarray(X, dtype=np.float32)
+    keras_out = np.asarray(model(rows, training=False), dtype=np.float64)
+    return float(np.max(np.abs(keras_out - predict(onnx_bytes, rows)), initial=0.0))
 
 
 def _dtype_name(elem_type: int) -> str:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
     except Exception:  # noqa: BLE001 - e.g. strings or exotic types
-        return onnx.TensorProto.DataType.Name(elem_type).lower()
+        name: str = onnx.TensorProto.DataType.Name(elem_type)
+        return name.lower()
 
 
-def _values(values) -> list[dict]:
+def _values(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -219,7 +228,7 @@ def _values(values) -> list[dict]:
     return out
 
 
-def describe(onnx_bytes: bytes) -> dict:
+def describe(onnx_bytes: bytes) -> dict[str, Any]:
     """{opset, inputs, outputs, producer, metadata}; shapes hold ints, or a name/None per symbolic dim."""
     m = onnx.load_from_string(onnx_bytes)
     opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)

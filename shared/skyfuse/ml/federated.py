@@ -32,12 +32,15 @@ import base64
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from skyfuse.errors import InvalidInput
 
-Weights = list  # list[np.ndarray], one per model weight, in a fixed order
+Weights = list[np.ndarray]  # one array per model weight, in a fixed order
+State = dict[str, Any]  # a strategy's state: `strategy`, `round`, `global` weights, moments (see the module doc)
 
 ENSEMBLES = ("wavg", "vote", "confidence")  # fused from one round's members; no trajectory of their own
 SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")  # each makes a global model per round
@@ -55,22 +58,22 @@ class FederatedError(InvalidInput):
 # ------------------------------------------------------------------------------- weight lists
 
 
-def _as_weights(weights: Sequence, what: str) -> list[np.ndarray]:
+def _as_weights(weights: Sequence[ArrayLike], what: str) -> Weights:
     arrays = [np.asarray(w) for w in weights]
     if not arrays:
         raise FederatedError(f"{what} has no weights")
     return arrays
 
 
-def _check_like(reference: list[np.ndarray], other: list[np.ndarray], what: str) -> None:
+def _check_like(reference: Weights, other: Weights, what: str) -> None:
     if len(other) != len(reference):
         raise FederatedError(f"{what} has {len(other)} weight arrays, the global model {len(reference)}")
-    for i, (a, b) in enumerate(zip(reference, other)):
+    for i, (a, b) in enumerate(zip(reference, other, strict=True)):
         if a.shape != b.shape:
             raise FederatedError(f"{what}: weight {i} has shape {b.shape}, the global model {a.shape}")
 
 
-def weighted_mean(members: Sequence[Sequence], sample_weights: Sequence[float] | None = None) -> Weights:
+def weighted_mean(members: Sequence[Sequence[ArrayLike]], sample_weights: Sequence[float] | None = None) -> Weights:
     """sum_i w_i members_i with w normalised to sum 1 (equal when None), in float64."""
     models = [_as_weights(m, f"member {i}") for i, m in enumerate(members)]
     if not models:
@@ -81,21 +84,21 @@ def weighted_mean(members: Sequence[Sequence], sample_weights: Sequence[float] |
     if w.shape != (len(models),) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
         raise FederatedError(f"need one finite weight >= 0 per member, not all 0; got {list(sample_weights or [])}")
     w = w / w.sum()
-    return [sum(wi * m[j].astype(np.float64) for wi, m in zip(w, models)) for j in range(len(models[0]))]
+    return [sum(wi * m[j].astype(np.float64) for wi, m in zip(w, models, strict=True)) for j in range(len(models[0]))]
 
 
-def pseudo_gradient(global_weights: Sequence, members: Sequence[Sequence],
+def pseudo_gradient(global_weights: Sequence[ArrayLike], members: Sequence[Sequence[ArrayLike]],
                     sample_weights: Sequence[float] | None = None) -> Weights:
     """delta = weighted mean of the members - global: the direction the round moved the model."""
     mean = weighted_mean(members, sample_weights)
     base = _as_weights(global_weights, "the global model")
     _check_like(base, mean, "the members")
-    return [m - g.astype(np.float64) for m, g in zip(mean, base)]
+    return [m - g.astype(np.float64) for m, g in zip(mean, base, strict=True)]
 
 
-def _like(values: list[np.ndarray], reference: list[np.ndarray]) -> Weights:
+def _like(values: Weights, reference: Weights) -> Weights:
     """Values in the reference's dtypes (the global model keeps the members' float32)."""
-    return [np.asarray(v).astype(r.dtype) for v, r in zip(values, reference)]
+    return [np.asarray(v).astype(r.dtype) for v, r in zip(values, reference, strict=True)]
 
 
 # ---------------------------------------------------------------------------------- strategies
@@ -107,13 +110,14 @@ class FedAvg:
 
     name = "fedavg"
 
-    def start(self, members: Sequence[Sequence], sample_weights: Sequence[float] | None = None) -> dict:
+    def start(self, members: Sequence[Sequence[ArrayLike]], sample_weights: Sequence[float] | None = None) -> State:
         """The state after round 0: the warm start, the members' weighted mean."""
         reference = _as_weights(members[0], "member 0") if members else []
         mean = _like(weighted_mean(members, sample_weights), reference)
         return {"strategy": self.name, "round": 0, "global": mean, **self._moments(mean)}
 
-    def step(self, state: dict, members: Sequence[Sequence], sample_weights: Sequence[float] | None = None) -> dict:
+    def step(self, state: State, members: Sequence[Sequence[ArrayLike]],
+             sample_weights: Sequence[float] | None = None) -> State:
         """The state after one more round: its `global` is the next global model."""
         self._check_state(state)
         base = _as_weights(state["global"], "the state's global model")
@@ -121,20 +125,20 @@ class FedAvg:
         new_global, moments = self._update(base, delta, state)
         return {"strategy": self.name, "round": int(state["round"]) + 1, "global": _like(new_global, base), **moments}
 
-    def _moments(self, weights: list[np.ndarray]) -> dict:
+    def _moments(self, weights: Weights) -> State:
         return {}
 
-    def _update(self, base: list[np.ndarray], delta: list[np.ndarray], state: dict) -> tuple[list, dict]:
-        return [g.astype(np.float64) + d for g, d in zip(base, delta)], {}
+    def _update(self, base: Weights, delta: Weights, state: State) -> tuple[Weights, State]:
+        return [g.astype(np.float64) + d for g, d in zip(base, delta, strict=True)], {}
 
-    def _check_state(self, state: dict) -> None:
+    def _check_state(self, state: State) -> None:
         if state.get("strategy") != self.name:
             raise FederatedError(f"a {state.get('strategy')!r} state cannot be stepped by {self.name}")
         for key in ("round", "global"):
             if key not in state:
                 raise FederatedError(f"the {self.name} state lacks {key!r}")
 
-    def params(self) -> dict:
+    def params(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -145,7 +149,7 @@ class FedProx(FedAvg):
     name = "fedprox"
     proximal_mu: float = 0.01
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (np.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise FederatedError(f"proximal_mu must be a finite number >= 0, got {self.proximal_mu}")
 
@@ -160,7 +164,7 @@ class FedAdam(FedAvg):
     beta_2: float = 0.99
     tau: float = 1e-3  # adaptivity: how small sqrt(v) may get before the step stops growing
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems = [f"eta must be > 0, got {self.eta}"] if not self.eta > 0 else []
         problems += [f"{k} must be in [0, 1), got {v}" for k, v in (("beta_1", self.beta_1), ("beta_2", self.beta_2))
                      if not 0 <= v < 1]
@@ -168,21 +172,25 @@ class FedAdam(FedAvg):
         if problems:
             raise FederatedError(f"{self.name}: " + "; ".join(problems))
 
-    def _moments(self, weights: list[np.ndarray]) -> dict:
+    def _moments(self, weights: Weights) -> State:
         return {"m": [np.zeros(w.shape) for w in weights], "v": [np.full(w.shape, self.tau ** 2) for w in weights]}
 
-    def _update(self, base, delta, state):
+    def _update(self, base: Weights, delta: Weights, state: State) -> tuple[Weights, State]:
         for key in ("m", "v"):
             if key not in state:
                 raise FederatedError(f"the {self.name} state lacks {key!r}")
             _check_like(base, [np.asarray(x) for x in state[key]], f"the state's {key!r}")
-        m = [self.beta_1 * np.asarray(mi, np.float64) + (1 - self.beta_1) * d for mi, d in zip(state["m"], delta)]
-        v = [self._second_moment(np.asarray(vi, np.float64), d) for vi, d in zip(state["v"], delta)]
-        new = [g.astype(np.float64) + self.eta * mi / (np.sqrt(vi) + self.tau) for g, mi, vi in zip(base, m, v)]
+        # every list is as long as `base`: the moments were checked above, delta is of base
+        m = [self.beta_1 * np.asarray(mi, np.float64) + (1 - self.beta_1) * d
+             for mi, d in zip(state["m"], delta, strict=True)]
+        v = [self._second_moment(np.asarray(vi, np.float64), d) for vi, d in zip(state["v"], delta, strict=True)]
+        new = [g.astype(np.float64) + self.eta * mi / (np.sqrt(vi) + self.tau)
+               for g, mi, vi in zip(base, m, v, strict=True)]
         return new, {"m": m, "v": v}
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return self.beta_2 * v + (1 - self.beta_2) * delta * delta
+        moment: np.ndarray = self.beta_2 * v + (1 - self.beta_2) * delta * delta
+        return moment
 
 
 @dataclass(frozen=True)
@@ -193,11 +201,13 @@ class FedYogi(FedAdam):
 
     def _second_moment(self, v: np.ndarray, delta: np.ndarray) -> np.ndarray:
         d2 = delta * delta
-        return v - (1 - self.beta_2) * d2 * np.sign(v - d2)
+        moment: np.ndarray = v - (1 - self.beta_2) * d2 * np.sign(v - d2)
+        return moment
 
 
-def round_states(strategies: Sequence[FedAvg], previous: dict[str, dict] | None, members: Sequence[Sequence],
-                 sample_weights: Sequence[float] | None = None) -> dict[str, dict]:
+def round_states(strategies: Sequence[FedAvg], previous: dict[str, State] | None,
+                 members: Sequence[Sequence[ArrayLike]], sample_weights: Sequence[float] | None = None
+                 ) -> dict[str, State]:
     """Each strategy's state after this round: its warm start (round 0, `previous` None) or its
     step from its state after the previous round."""
     if previous is None:
@@ -208,7 +218,7 @@ def round_states(strategies: Sequence[FedAvg], previous: dict[str, dict] | None,
     return {s.name: s.step(previous[s.name], members, sample_weights) for s in strategies}
 
 
-def follow(states: dict[str, dict], chosen: str) -> dict[str, dict]:
+def follow(states: dict[str, State], chosen: str) -> dict[str, State]:
     """The states continuing from the chosen strategy's global model: the clients fine-tune that
     one next round, so every strategy's next pseudo-gradient is taken against it (its moments
     are kept). With one strategy this changes nothing."""
@@ -225,7 +235,7 @@ def plateaued(best_by_round: Sequence[float], patience: int) -> bool:
     return max(best_by_round[-patience:]) <= max(best_by_round[:-patience])
 
 
-def strategy(name: str, **params) -> FedAvg:
+def strategy(name: str, **params: Any) -> FedAvg:
     """The server strategy called `name`, with its hyper-parameters (others are ignored)."""
     kinds = {k.name: k for k in (FedAvg, FedProx, FedAdam, FedYogi)}
     if name not in kinds:
@@ -238,7 +248,7 @@ def strategy(name: str, **params) -> FedAvg:
 # ------------------------------------------------------------------------------ serialisation
 
 
-def _encode(value):
+def _encode(value: Any) -> Any:  # a state's value: arrays, lists, dicts, scalars
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value)
         return {"dtype": data.dtype.str, "shape": list(data.shape), "b64": base64.b64encode(data.tobytes()).decode()}
@@ -251,7 +261,7 @@ def _encode(value):
     return value
 
 
-def _decode(value):
+def _decode(value: Any) -> Any:  # JSON `_encode` made
     if isinstance(value, dict) and set(value) == {"dtype", "shape", "b64"}:
         data = np.frombuffer(base64.b64decode(value["b64"]), dtype=np.dtype(value["dtype"]))
         return data.reshape(value["shape"]).copy()
@@ -262,15 +272,16 @@ def _decode(value):
     return value
 
 
-def dumps(state: dict) -> bytes:
+def dumps(state: State) -> bytes:
     """The state as JSON bytes (arrays exactly, as base64 of their bytes): the same state always
     gives the same bytes."""
     return json.dumps(_encode(state), sort_keys=True, separators=(",", ":")).encode()
 
 
-def loads(raw: bytes) -> dict:
+def loads(raw: bytes) -> State:
     """The state `dumps` wrote, arrays with their dtypes and shapes."""
     try:
-        return _decode(json.loads(raw))
+        state: State = _decode(json.loads(raw))
+        return state
     except (ValueError, TypeError, KeyError) as exc:
         raise FederatedError(f"not a server strategy state: {exc}") from None

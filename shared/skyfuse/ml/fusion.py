@@ -27,11 +27,13 @@ import hashlib
 import json
 import threading
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnx.compose
 import onnx.version_converter
+from numpy.typing import ArrayLike, DTypeLike
 from onnx import TensorProto, helper, numpy_helper
 
 from skyfuse.errors import InvalidInput
@@ -74,7 +76,8 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
         raise FusionError(f"weights must be finite and >= 0, got {w.tolist()}")
     if w.sum() <= 0:
         raise FusionError(f"weights must not all be 0, got {w.tolist()}")
-    return w / w.sum()
+    normalized: np.ndarray = w / w.sum()
+    return normalized
 
 
 def combine(strategy: str, probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
@@ -87,19 +90,20 @@ def combine(strategy: str, probs: Sequence[np.ndarray], weights: Sequence[float]
     if P.ndim != 3:
         raise FusionError(f"each member output must be 2-D (rows x classes), got {P.shape[1:]}")
     w = normalize_weights(weights, len(P))
-    avg = np.einsum("m,mnk->nk", w, P)
+    avg: np.ndarray = np.einsum("m,mnk->nk", w, P)
     if strategy == "wavg":
         return avg
     if strategy == "vote":
         k = P.shape[2]
         votes = np.einsum("m,mnk->nk", w, np.eye(k)[P.argmax(axis=2)])
         score = votes + TIE_EPS * avg
-        share = score / score.sum(axis=1, keepdims=True)
+        share: np.ndarray = score / score.sum(axis=1, keepdims=True)
         share[np.arange(len(share)), share.argmax(axis=1)] += TIE_BUMP
         return share
     c = w[:, None] * P.max(axis=2)  # m x n
     c = c / c.sum(axis=0, keepdims=True)
-    return np.einsum("mn,mnk->nk", c, P)
+    confident: np.ndarray = np.einsum("mn,mnk->nk", c, P)
+    return confident
 
 
 # ------------------------------------------------------------------------------------- members
@@ -148,8 +152,9 @@ def _name_batch(m: onnx.ModelProto) -> None:
             d.dim_param = BATCH
 
 
-def _prepare(members: Sequence[bytes]) -> tuple[list[onnx.ModelProto], int, int, int]:
-    """Load and check members; bring them to one default-domain opset. -> (models, d, k, opset)."""
+def _prepare(members: Sequence[bytes]) -> tuple[list[onnx.ModelProto], int | None, int, int]:
+    """Load and check members; bring them to one default-domain opset. -> (models, d, k, opset);
+    d is None when no member fixes the number of features."""
     models = [_load(b, i) for i, b in enumerate(members)]
     if not models:
         raise FusionError("fusion needs at least one member")
@@ -175,7 +180,7 @@ def _prepare(members: Sequence[bytes]) -> tuple[list[onnx.ModelProto], int, int,
     return models, d, k, opset
 
 
-def _opset_imports(models: Sequence[onnx.ModelProto], opset: int) -> list:
+def _opset_imports(models: Sequence[onnx.ModelProto], opset: int) -> list[onnx.OperatorSetIdProto]:
     versions: dict[str, int] = {"": opset}
     for i, m in enumerate(models):
         for o in m.opset_import:
@@ -205,12 +210,13 @@ class _Builder:
         self.n += 1
         return f"fuse_{stem}_{self.n}"
 
-    def const(self, stem: str, value, dtype=np.float32) -> str:
+    def const(self, stem: str, value: ArrayLike, dtype: DTypeLike = np.float32) -> str:
         name = self.name(stem)
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], out: str | None = None, stem: str | None = None, **attrs) -> str:
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, stem: str | None = None,
+           **attrs: Any) -> str:
         out = out or self.name(stem or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{out}_node", **attrs))
         return out
@@ -225,7 +231,8 @@ class _Builder:
 
 def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _Builder) -> None:
     weights = [b.const("w", w_i) for w_i in w]
-    weighted = [b.op("Mul", [p, w_i], stem="wp") for p, w_i in zip(probs, weights)] if strategy != "vote" else []
+    weighted = ([b.op("Mul", [p, w_i], stem="wp") for p, w_i in zip(probs, weights, strict=True)]
+                if strategy != "vote" else [])
     if strategy == "wavg":
         b.op("Sum", weighted, out=OUTPUT)
     elif strategy == "vote":
@@ -234,7 +241,7 @@ def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _B
         classes = b.const("classes", np.arange(k).reshape(1, k), np.int64)
         w64 = [b.const("w64", w_i, np.float64) for w_i in w]
         votes, weighted64 = [], []
-        for p, w_i in zip(probs, w64):
+        for p, w_i in zip(probs, w64, strict=True):
             top = b.op("ArgMax", [p], stem="argmax", axis=1, keepdims=1, select_last_index=0)
             onehot = b.op("Cast", [b.op("Equal", [top, classes], stem="is_top")], stem="onehot",
                           to=TensorProto.DOUBLE)
@@ -250,10 +257,11 @@ def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _B
                                  to=TensorProto.FLOAT), b.const("bump", TIE_BUMP)], stem="bump")
         b.op("Add", [b.op("Cast", [share], stem="share32", to=TensorProto.FLOAT), bump], out=OUTPUT)
     elif strategy == "confidence":
-        conf = [b.op("Mul", [b.reduce("ReduceMax", p, "maxprob"), w_i], stem="conf") for p, w_i in zip(probs, weights)]
+        conf = [b.op("Mul", [b.reduce("ReduceMax", p, "maxprob"), w_i], stem="conf")
+                for p, w_i in zip(probs, weights, strict=True)]
         total = b.op("Sum", conf, stem="conf_total")
         parts = [b.op("Mul", [b.op("Div", [c, total], stem="conf_norm"), p], stem="conf_p")
-                 for c, p in zip(conf, probs)]
+                 for c, p in zip(conf, probs, strict=True)]
         b.op("Sum", parts, out=OUTPUT)
     else:  # pragma: no cover - checked by the caller
         raise FusionError(f"unknown strategy {strategy!r}")
@@ -264,7 +272,8 @@ def _io(d: int | None, k: int) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto
             helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [BATCH, k]))
 
 
-def _ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d, k: int, opset: int) -> onnx.ModelProto:
+def _ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d: int | None, k: int,
+              opset: int) -> onnx.ModelProto:
     nodes, inits, sparse, value_info, functions, probs = [], [], [], [], [], []
     for i, m in enumerate(models):
         p = onnx.compose.add_prefix(m, f"m{i}_", rename_inputs=False)
@@ -303,7 +312,7 @@ def _structure_difference(a: onnx.ModelProto, b: onnx.ModelProto) -> str | None:
                     f"{list(u.dims)} {TensorProto.DataType.Name(u.data_type)} in this member")
     if len(a.graph.node) != len(b.graph.node):
         return f"{len(a.graph.node)} nodes in member 0, {len(b.graph.node)} in this member"
-    for j, (x, y) in enumerate(zip(a.graph.node, b.graph.node)):
+    for j, (x, y) in enumerate(zip(a.graph.node, b.graph.node, strict=True)):  # counts compared above
         if (x.op_type, x.domain) != (y.op_type, y.domain):
             return f"node {j}: op {x.op_type!r} in member 0, {y.op_type!r} in this member"
         if list(x.input) != list(y.input) or list(x.output) != list(y.output):
@@ -363,7 +372,7 @@ def _fedavg(models: list[onnx.ModelProto], w: np.ndarray) -> onnx.ModelProto:
 
 
 def fuse(strategy: str, members: Sequence[bytes], weights: Sequence[float] | None = None,
-         lineage: dict | None = None) -> bytes:
+         lineage: dict[str, Any] | None = None) -> bytes:
     """ONE ONNX model (serialized) fusing the members; input `features`, output `prob`.
 
     `weights`: one per member (e.g. training rows), normalised to sum 1; equal when None.
@@ -388,7 +397,7 @@ def parameters(model_bytes: bytes) -> dict[str, np.ndarray]:
 
 
 def with_parameters(model_bytes: bytes, values: dict[str, np.ndarray], strategy: str,
-                    lineage: dict | None = None) -> bytes:
+                    lineage: dict[str, Any] | None = None) -> bytes:
     """A copy of a parameter-averaged model (`fuse("fedavg", ...)`) whose named initializers are
     replaced by `values` (same shapes; cast to each initializer's type), labelled `strategy`: the
     global model a server optimiser made from the same members (their weights stay in the metadata)."""
@@ -416,7 +425,8 @@ def with_parameters(model_bytes: bytes, values: dict[str, np.ndarray], strategy:
     return _finish(model, strategy, w, len(w), lineage)
 
 
-def _finish(model: onnx.ModelProto, strategy: str, w: np.ndarray, members: int, lineage: dict | None) -> bytes:
+def _finish(model: onnx.ModelProto, strategy: str, w: np.ndarray, members: int,
+            lineage: dict[str, Any] | None) -> bytes:
     """Producer, doc string and lineage metadata set, checked, serialized."""
     model.producer_name = PRODUCER
     from skyfuse import __version__
@@ -431,7 +441,8 @@ def _finish(model: onnx.ModelProto, strategy: str, w: np.ndarray, members: int, 
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # noqa: BLE001
         raise FusionError(f"the fused {strategy} model fails the ONNX checker: {e}") from None
-    return model.SerializeToString()
+    serialized: bytes = model.SerializeToString()
+    return serialized
 
 
 # -------------------------------------------------------------------------------------- serving
@@ -446,11 +457,12 @@ class Session:
         outputs = [o.name for o in self._session.get_outputs()]
         self.output_name = OUTPUT if OUTPUT in outputs else outputs[0]
 
-    def run(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float32)
-        if X.ndim == 1:
-            X = X.reshape(1, -1)
-        return self._session.run([self.output_name], {self.input_name: np.ascontiguousarray(X)})[0]
+    def run(self, X: ArrayLike) -> np.ndarray:
+        rows = np.asarray(X, dtype=np.float32)
+        if rows.ndim == 1:
+            rows = rows.reshape(1, -1)
+        probs: np.ndarray = self._session.run([self.output_name], {self.input_name: np.ascontiguousarray(rows)})[0]
+        return probs
 
     __call__ = run
 
@@ -476,12 +488,22 @@ def _session(model_bytes: bytes) -> Session:
     return s
 
 
-def predict(model_bytes: bytes, X) -> np.ndarray:
+def predict(model_bytes: bytes, X: ArrayLike) -> np.ndarray:
     """Class probabilities (n x k, float32) from a model's `prob` output (sessions are cached)."""
     return _session(bytes(model_bytes)).run(X)
 
 
-def accuracy(model_bytes: bytes, ds) -> float:
+class Labelled(Protocol):
+    """Rows and their class indices, as `skyfuse.ml.data.Dataset` holds them."""
+
+    @property
+    def X(self) -> ArrayLike: ...
+
+    @property
+    def y(self) -> ArrayLike: ...
+
+
+def accuracy(model_bytes: bytes, ds: Labelled) -> float:
     """Share of rows of `ds` (anything with X and y) whose argmax class is the label."""
     y = np.asarray(ds.y)
     if not len(y):
@@ -493,7 +515,8 @@ def metadata(model_bytes: bytes) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load_from_string(bytes(model_bytes)).metadata_props}
 
 
-def lineage(model_bytes: bytes) -> dict:
+def lineage(model_bytes: bytes) -> dict[str, Any]:
     """The lineage `fuse` stored in the model ({} when there is none)."""
     raw = metadata(model_bytes).get(META_LINEAGE)
-    return json.loads(raw) if raw else {}
+    stored: dict[str, Any] = json.loads(raw) if raw else {}  # `_finish` stores a JSON object
+    return stored

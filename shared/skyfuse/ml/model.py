@@ -23,10 +23,14 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from skyfuse.errors import InvalidInput
 
@@ -36,6 +40,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import keras  # noqa: E402  (after the environment settings above)
 
 from .data import Dataset, pooled_stats  # noqa: E402,F401  (pooled_stats is part of this module's API)
+
+Tensor = Any  # a Keras/TensorFlow tensor (TensorFlow and Keras ship no types)
+WarmKey = tuple[str, int, str, str]  # architecture JSON, classes, training settings, rows digest
 
 MODEL_NAME = "skyfuse_mlp"
 STANDARDIZE = "standardize"
@@ -85,7 +92,7 @@ class ModelSpec:
     early_stopping: bool = True
     proximal_mu: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer sizes must be positive, got {self.hidden}")
@@ -109,7 +116,7 @@ class ModelSpec:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_dict(cls, d: dict | None, defaults: dict | None = None) -> ModelSpec:
+    def from_dict(cls, d: Mapping[str, Any] | None, defaults: Mapping[str, Any] | None = None) -> ModelSpec:
         """The spec of `d`; keys it leaves out come from `defaults` (keys `d` may not have are
         ignored there, e.g. a fleet's other training settings), then from the class."""
         d = dict(d or {})
@@ -119,7 +126,7 @@ class ModelSpec:
             raise ValueError(f"unknown model spec keys {unknown}; known: {sorted(known)}")
         return cls(**{**{k: v for k, v in (defaults or {}).items() if k in known}, **d})
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"hidden": list(self.hidden), "epochs": self.epochs, "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate, "seed": self.seed, "optimizer": self.optimizer,
                 "init": self.init, "early_stopping": self.early_stopping, "proximal_mu": self.proximal_mu}
@@ -129,25 +136,27 @@ class ModelSpec:
 class TrainResult:
     model: keras.Model
     samples: int  # rows of the shard (training + validation): the member's FedAvg / wavg weight
-    validation: dict = field(default_factory=dict)  # rows, accuracy, loss (None when no rows)
+    validation: dict[str, float | None] = field(default_factory=dict)  # rows, accuracy, loss (None when no rows)
     seconds: float = 0.0
     epochs: int = 0  # epochs run (early stopping may end before spec.epochs)
     validation_rows: Dataset | None = None  # the shard rows held out for validation (may be empty)
 
 
 @keras.saving.register_keras_serializable(package="skyfuse")
-class Standardize(keras.layers.Layer):
+class Standardize(keras.layers.Layer):  # type: ignore[misc]  # Keras ships no types: Layer is Any
     """(x - mean) / sqrt(variance) with fixed (non-trainable) mean and variance weights.
 
     Weights rather than constants, so they are frozen into ONNX initializers, travel with
     get_weights/set_weights (fine-tuning keeps them) and are saved in the .keras file."""
 
-    def __init__(self, mean=None, variance=None, **kwargs):
+    def __init__(self, mean: ArrayLike | None = None, variance: ArrayLike | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._init_mean = None if mean is None else np.asarray(mean, dtype=np.float32)
         self._init_variance = None if variance is None else np.asarray(variance, dtype=np.float32)
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        if input_shape[-1] is None:  # one mean and variance per feature: the count must be known
+            raise TypeError(f"Standardize needs a fixed number of features, got input shape {input_shape}")
         d = int(input_shape[-1])
         mean = self._init_mean if self._init_mean is not None else np.zeros(d, np.float32)
         variance = self._init_variance if self._init_variance is not None else np.ones(d, np.float32)
@@ -156,22 +165,23 @@ class Standardize(keras.layers.Layer):
         self.variance = self.add_weight(name="variance", shape=(d,), trainable=False,
                                         initializer=keras.initializers.Constant(variance))
 
-    def call(self, inputs):
+    def call(self, inputs: Tensor) -> Tensor:
         return (inputs - self.mean) / keras.ops.sqrt(self.variance)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return input_shape
 
-    def get_config(self):
-        return super().get_config()  # mean and variance are weights: saved and loaded with them
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()  # mean and variance are weights: saved and loaded with them
+        return config
 
 
-def _safe_variance(variance) -> np.ndarray:
+def _safe_variance(variance: ArrayLike) -> np.ndarray:
     v = np.asarray(variance, dtype=np.float64)
     return np.where(np.isfinite(v) & (v > 1e-12), v, 1.0)
 
 
-def build(spec: ModelSpec, n_features: int, n_classes: int, mean, variance) -> keras.Model:
+def build(spec: ModelSpec, n_features: int, n_classes: int, mean: ArrayLike, variance: ArrayLike) -> keras.Model:
     """The model for `spec`, with a fixed standardization (x - mean) / sqrt(variance); zero (or
     non-finite) variance is taken as 1 so constant features pass through centred."""
     if n_classes < 2:
@@ -190,7 +200,7 @@ def build(spec: ModelSpec, n_features: int, n_classes: int, mean, variance) -> k
     return keras.Model(inputs, out, name=MODEL_NAME)
 
 
-def _initializers(spec: ModelSpec, seed: int) -> dict:
+def _initializers(spec: ModelSpec, seed: int) -> dict[str, Any]:
     """A dense layer's seeded initializers: Glorot-uniform kernel and zero bias, or every
     parameter from N(0, 1) (the bias with a seed of its own, so it is not the kernel's first values)."""
     if spec.init == "normal":
@@ -238,8 +248,9 @@ def check_shard(shard: Dataset, n_classes: int) -> None:
 
 
 def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fraction: float = 0.2,
-          initial: keras.Model | None = None, stats: tuple | None = None, epochs: int | None = None,
-          verbose: int = 0, template: keras.Model | None = None, keep_warm: bool = False) -> TrainResult:
+          initial: keras.Model | None = None, stats: tuple[ArrayLike, ArrayLike] | None = None,
+          epochs: int | None = None, verbose: int = 0, template: keras.Model | None = None,
+          keep_warm: bool = False) -> TrainResult:
     """Train a model on one shard.
 
     Keeps `validation_fraction` of the shard out (stratified when possible) for early stopping on
@@ -288,7 +299,7 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
                                 f"({[w.shape for w in mine]})")
         model.set_weights(theirs)
     ran = loop.run(int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
-    validation = {"rows": int(len(va)), "accuracy": None, "loss": None}
+    validation: dict[str, float | None] = {"rows": int(len(va)), "accuracy": None, "loss": None}
     if len(va):
         p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
         picked = np.clip(p[np.arange(len(va)), shard.y[va]], 1e-7, 1.0)
@@ -307,7 +318,7 @@ class _Loop:
     of the run||^2 is added to the training loss (FedProx). Shuffling is seeded by spec.seed."""
 
     def __init__(self, model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
-                 y_val: np.ndarray, verbose: int = 0, proximal: bool = False):
+                 y_val: np.ndarray, verbose: int = 0, proximal: bool = False) -> None:
         import tensorflow as tf
 
         self.model, self.spec, self.verbose, self.rows = model, spec, verbose, len(X)
@@ -327,21 +338,22 @@ class _Loop:
         self.anchor = [tf.Variable(p.numpy(), trainable=False) for p in params] if mu > 0 else []
         anchor = self.anchor
 
-        def objective(yb, xb):
+        def objective(yb: Tensor, xb: Tensor) -> Tensor:
             loss = loss_fn(yb, model(xb, training=True))
-            if anchor:
-                loss += (mu / 2) * tf.add_n([tf.reduce_sum(tf.square(p - a)) for p, a in zip(params, anchor)])
+            if anchor:  # one anchor per trainable parameter
+                loss += (mu / 2) * tf.add_n([tf.reduce_sum(tf.square(p - a))
+                                             for p, a in zip(params, anchor, strict=True)])
             return loss
 
-        @tf.function
-        def one_epoch(order):
+        @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no types
+        def one_epoch(order: Tensor) -> Tensor:
             total = tf.constant(0.0)
             for i in tf.range(n_batches):
                 idx = order[i * batch:(i + 1) * batch]
                 xb, yb = tf.gather(X_t, idx), tf.gather(y_t, idx)
                 with tf.GradientTape() as tape:
                     loss = objective(yb, xb)
-                self.optimizer.apply_gradients(zip(tape.gradient(loss, params), params))
+                self.optimizer.apply_gradients(zip(tape.gradient(loss, params), params, strict=True))
                 total += loss
             return total / tf.cast(n_batches, tf.float32)
 
@@ -359,7 +371,7 @@ class _Loop:
         for variable, initial in self.state:  # Dropout draws the masks a fresh model would
             variable.assign(initial)
         self.optimizer.learning_rate = learning_rate
-        for anchor, param in zip(self.anchor, self.model.trainable_variables):
+        for anchor, param in zip(self.anchor, self.model.trainable_variables, strict=False):  # none without FedProx
             anchor.assign(param)
         rng = np.random.default_rng(self.spec.seed)
         best, best_weights, wait, ran = np.inf, None, 0, 0
@@ -389,12 +401,13 @@ class _WarmLoops:
     for these models; the oldest goes first)."""
 
     def __init__(self, size: int = 32):
-        self.size, self.loops = size, {}
+        self.size = size
+        self.loops: dict[WarmKey, _Loop] = {}
 
-    def get(self, key):
+    def get(self, key: WarmKey) -> _Loop | None:
         return self.loops.get(key)
 
-    def put(self, key, loop: _Loop) -> None:
+    def put(self, key: WarmKey, loop: _Loop) -> None:
         self.loops[key] = loop
         while len(self.loops) > self.size:
             del self.loops[next(iter(self.loops))]
@@ -406,10 +419,11 @@ _thread_state = threading.local()
 def _warm_loops() -> _WarmLoops:
     if not hasattr(_thread_state, "loops"):
         _thread_state.loops = _WarmLoops()
-    return _thread_state.loops
+    loops: _WarmLoops = _thread_state.loops
+    return loops
 
 
-def _warm_key(model: keras.Model, spec: ModelSpec, shard: Dataset, rows: np.ndarray, n_classes: int) -> tuple:
+def _warm_key(model: keras.Model, spec: ModelSpec, shard: Dataset, rows: np.ndarray, n_classes: int) -> WarmKey:
     """What a compiled loop depends on: the architecture, the spec's training settings but the
     learning rate (set per run), and the training rows."""
     digest = hashlib.sha256(np.ascontiguousarray(shard.X[rows]).tobytes())
@@ -432,7 +446,8 @@ def average(models: list[keras.Model], weights: list[float] | None = None) -> ke
         if other != shapes[0]:
             raise ValueError(f"average needs models of one architecture; model {i}'s weights {other} differ "
                              f"from model 0's {shapes[0]}")
-    averaged = [sum(wi * np.asarray(ws[j], np.float64) for wi, ws in zip(w, (m.get_weights() for m in models)))
+    averaged = [sum(wi * np.asarray(ws[j], np.float64)
+                    for wi, ws in zip(w, (m.get_weights() for m in models), strict=True))
                 for j in range(len(shapes[0]))]
     out = keras.models.clone_model(models[0])
     out.set_weights([a.astype(np.float32) for a in averaged])
@@ -456,7 +471,7 @@ def from_onnx(onnx_bytes: bytes, spec: ModelSpec | None = None) -> keras.Model:
     while f"dense_{i}.kernel" in inits:
         hidden.append(int(inits[f"dense_{i}.kernel"].shape[1]))
         i += 1
-    mean, variance = inits["standardize.mean"], inits["standardize.variance"]
+    mean = inits["standardize.mean"]  # the variance comes with the other weights below
     k = int(inits["out.kernel"].shape[1])
     base = spec or ModelSpec()
     model = build(ModelSpec(tuple(hidden), base.epochs, base.batch_size, base.learning_rate, base.seed),
@@ -508,7 +523,7 @@ def load_user_model(spec: str, seed: int | None = None) -> keras.Model:
     return model
 
 
-def _user_module(where: str):
+def _user_module(where: str) -> ModuleType:
     """The module of a `MODULE:FUNCTION` spec: a .py file, or a dotted name importable from here."""
     import importlib
     import importlib.util
@@ -521,6 +536,8 @@ def _user_module(where: str):
     try:
         if is_file:
             found = importlib.util.spec_from_file_location(name, where)
+            if found is None or found.loader is None:  # not a suffix Python knows how to load
+                raise ImportError(f"{where} is not a Python source file")
             module = sys.modules[name] = importlib.util.module_from_spec(found)
             found.loader.exec_module(module)
             return module
@@ -619,14 +636,14 @@ def from_bytes(raw: bytes) -> keras.Model:
 
 
 @contextlib.contextmanager
-def _quiet_keras():
+def _quiet_keras() -> Iterator[None]:
     """Hide Keras' own NumPy 2 deprecation noise (`__array__` without `copy`) when saving/loading."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
         yield
 
 
-def with_onnx_weights(model: keras.Model, values: dict) -> keras.Model:
+def with_onnx_weights(model: keras.Model, values: Mapping[str, ArrayLike]) -> keras.Model:
     """`model` with every weight set from `values`, keyed by the ONNX initializer name the
     exporter gives that weight (`dense_0.kernel` for `dense_0/kernel`): how a global model a
     server strategy made over ONNX parameters returns to Keras for the next round's trainers."""
@@ -636,9 +653,9 @@ def with_onnx_weights(model: keras.Model, values: dict) -> keras.Model:
     missing = [n for n in names if n not in values]
     if missing:
         raise ValueError(f"no values for the model's weights {missing[:5]}")
-    shapes = [(n, tuple(v.shape), np.shape(values[n])) for n, v in zip(names, model.weights)
+    shapes = [(n, tuple(v.shape), np.shape(values[n])) for n, v in zip(names, model.weights, strict=True)
               if tuple(v.shape) != np.shape(values[n])]
     if shapes:
         raise ValueError(f"weight {shapes[0][0]!r} has shape {shapes[0][1]}, the values {shapes[0][2]}")
-    model.set_weights([np.asarray(values[n], dtype=v.dtype) for n, v in zip(names, model.weights)])
+    model.set_weights([np.asarray(values[n], dtype=v.dtype) for n, v in zip(names, model.weights, strict=True)])
     return model

@@ -27,7 +27,7 @@ def describe(headers: Headers) -> dict[str, str]:
     return out
 
 
-def summary(headers: Headers) -> dict:
+def summary(headers: Headers) -> dict[str, str | int | None]:
     """One dead letter as `skyfuse dlq` lists it: cloud, where it came from, event id, attempts, reason."""
     d = describe(headers)
     where = (f"{d.get('topic')}[{d.get('partition')}]@{d.get('offset')}" if d.get("topic")

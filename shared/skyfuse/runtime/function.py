@@ -13,10 +13,10 @@ import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
     from skyfuse import signing
     from skyfuse.bus import Bus
+    from skyfuse.runtime.idempotency import Claim, Idempotency
+
+T = TypeVar("T")
 
 
 class JsonFormatter(logging.Formatter):
@@ -99,7 +102,7 @@ class Runtime:
 
         return signing.signer_for(self.fleet, self.principal)
 
-    def emit(self, type_name: str, data: dict, caused_by: CloudEvent | None = None,
+    def emit(self, type_name: str, data: Mapping[str, Any], caused_by: CloudEvent | None = None,
              dedupe_key: str | None = None, traceparent: str | None = None) -> CloudEvent:
         """Validate, then publish an event; returns it. With `dedupe_key` (what the output is, e.g.
         its idempotency key) its id is derived from it, so doing the same work again publishes the
@@ -122,14 +125,14 @@ class Runtime:
         _append_bounded(self.emitted, event, self.keep)
         return event
 
-    def idempotency(self):
+    def idempotency(self) -> Idempotency:
         """The idempotency layer (`skyfuse.runtime.idempotency`), kept in this cloud's store."""
         from skyfuse.runtime.idempotency import Idempotency
 
         owner = f"{self.cloud}.{self.function}@{os.uname().nodename}:{os.getpid()}"
         return Idempotency(self.store(), self.function, owner, self.fleet.delivery.claim_timeout_s)
 
-    def once(self, key: str):
+    def once(self, key: str) -> contextlib.AbstractContextManager[Claim]:
         """`with runtime.once(key) as claim:` the work of `key`, done once (see `idempotency`)."""
         return self.idempotency().once(key)
 
@@ -186,7 +189,7 @@ class Runtime:
                                    "cloud": self.cloud, "function": self.function})
 
 
-def _append_bounded(items: list, item, keep: int) -> None:
+def _append_bounded(items: list[T], item: T, keep: int) -> None:
     items.append(item)
     if len(items) > keep:
         del items[: len(items) - keep]

@@ -15,16 +15,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from skyfuse import contracts, events
-from skyfuse.bus.base import Bus, Record, TopicPartition
+from skyfuse.bus.base import Bus, Consumer, Record, TopicPartition
 from skyfuse.config import Fleet
 from skyfuse.config import Function as FunctionSettings
 from skyfuse.runtime import deadletter
 from skyfuse.runtime.clouds.base import Invoker, Outcome
 from skyfuse.runtime.function import Runtime, hosted
-from skyfuse.runtime.tracker import Backoff, Pending, Tracker
+from skyfuse.runtime.tracker import Backoff, Lane, Pending, Tracker
+
+if TYPE_CHECKING:
+    from cloudevents.http import CloudEvent
+
+    from skyfuse.runtime.metrics import HostMetrics
 
 log = logging.getLogger("skyfuse.host")
 
@@ -54,7 +59,7 @@ Listener = Callable[[Delivery], None]
 class FunctionHost:
     def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, invoker: Invoker,
                  listener: Listener | None = None, topics: list[str] | None = None,
-                 settings: FunctionSettings | None = None, metrics=None):
+                 settings: FunctionSettings | None = None, metrics: HostMetrics | None = None):
         self.bus, self.fleet, self.cloud, self.function, self.invoker = bus, fleet, cloud, function, invoker
         self.group = f"{cloud}.{function}"
         self.topics = topics or contracts.topics_for(function)
@@ -66,12 +71,13 @@ class FunctionHost:
         self.backoff = Backoff(self.delivery.backoff_initial_s, self.delivery.backoff_max_s)
         self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus, settings=settings)
         self.listener = listener or (lambda delivery: None)
-        self.metrics = metrics  # a skyfuse.runtime.metrics.HostMetrics, or None
+        self.metrics = metrics
         # the trigger's batching window, as this function's settings set it
         self.limits = replace(invoker.limits, max_wait_s=settings.batch_window(function, invoker.limits.max_wait_s))
         self.max_buffer = max(100, 4 * self.limits.max_records * self.concurrency)
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1 else None
-        self.consumer = None
+        self._pool = (ThreadPoolExecutor(self.concurrency, thread_name_prefix=self.group) if self.concurrency > 1
+                      else None)
+        self.consumer: Consumer | None = None  # set once `run` has joined the group
         self._delivered = False  # the last step ran batches
 
     # -- the loop ---------------------------------------------------------------------------
@@ -101,16 +107,18 @@ class FunctionHost:
         # may fill the next batch now, and a poll that waits for more would hold them back.
         timeout = 0.0 if self._delivered else self._idle_timeout()
         if room > 0:
+            assert self.consumer is not None, "a host steps only after `run` has joined the group"
             for record in self.consumer.poll(timeout, room):
                 self._accept(record)
         elif timeout:
             time.sleep(timeout)
         for pending in self.tracker.invalid():
+            assert pending.invalid is not None  # what `invalid()` gives: records that have a reason
             self._dead_letter(pending, pending.invalid)
         batches = self._batches(time.monotonic())
         if batches:
             runs = self._pool.map(self._invoke, batches) if self._pool else map(self._invoke, batches)
-            for batch, outcome in zip(batches, list(runs)):
+            for batch, outcome in zip(batches, list(runs), strict=True):  # one outcome per batch
                 self._settle(batch, outcome)
         self._delivered = bool(batches)
         self._commit()
@@ -170,7 +178,7 @@ class FunctionHost:
             started = time.monotonic()
             self._forget_refusals(batch)
             try:
-                outcome = self.invoker.invoke([(p.record, p.event) for p in batch])
+                outcome = self.invoker.invoke(_native(batch))
             except Exception as exc:  # the adapter itself broke: treat as a failed invocation
                 outcome = Outcome.all_failed(len(batch), f"{type(exc).__name__}: {exc}")
             if self.metrics:
@@ -181,7 +189,7 @@ class FunctionHost:
 
     def _isolate(self, batch: list[Pending]) -> Outcome:
         """After a whole-batch failure, try lane by lane, one record at a time, to find the culprit."""
-        outcome, stopped = Outcome(), set()
+        outcome, stopped = Outcome(), set[Lane]()
         for i, pending in enumerate(batch):
             lane = self.tracker.lane(pending)
             if lane in stopped:
@@ -189,7 +197,7 @@ class FunctionHost:
                 continue
             self._forget_refusals([pending])  # what the failed whole-batch run noted is void
             try:
-                single = self.invoker.invoke([(pending.record, pending.event)])
+                single = self.invoker.invoke(_native([pending]))
             except Exception as exc:  # the adapter broke on this record: it failed, the rest go on
                 single = Outcome.all_failed(1, f"{type(exc).__name__}: {exc}")
             if single.failed:
@@ -200,7 +208,7 @@ class FunctionHost:
     def _settle(self, batch: list[Pending], outcome: Outcome) -> None:
         """Apply an outcome lane by lane: finish up to the first failure, retry or dead-letter it,
         and leave the rest of its lane to go again after it."""
-        now, blocked = time.monotonic(), set()
+        now, blocked = time.monotonic(), set[Lane]()
         for pending in batch:  # first, so that nothing below can leave a record in flight for good
             pending.in_flight = False
         for i, pending in enumerate(batch):
@@ -226,12 +234,15 @@ class FunctionHost:
 
     def _refusal(self, pending: Pending) -> str | None:
         """Why the function dead-lettered this record itself, if it did."""
-        reasons = self.runtime.rejected.get(pending.event["id"]) if pending.event is not None else None
+        if pending.event is None:
+            return None
+        event_id: str = pending.event["id"]
+        reasons = self.runtime.rejected.get(event_id)
         if not reasons:
             return None
         reason = reasons.pop(0)
         if not reasons:
-            del self.runtime.rejected[pending.event["id"]]
+            del self.runtime.rejected[event_id]
         return reason
 
     def _fail(self, pending: Pending, reason: str, now: float) -> None:
@@ -298,3 +309,13 @@ class FunctionHost:
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         self._commit()
         self.tracker.drop(partitions)
+
+
+def _native(batch: list[Pending]) -> list[tuple[Record, CloudEvent]]:
+    """A batch as an invoker takes it: record and event. Only decoded records are ever batched (a
+    record that could not be decoded is `invalid`, and `_batches` stops before it)."""
+    out = []
+    for pending in batch:
+        assert pending.event is not None, "an undecoded record was batched"
+        out.append((pending.record, pending.event))
+    return out

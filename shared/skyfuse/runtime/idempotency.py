@@ -69,7 +69,8 @@ class Idempotency:
     def status(self, key: str) -> dict[str, Any] | None:
         """The record of `key` as stored, or None."""
         try:
-            return orjson.loads(self.store.read(self.record_key(key)))
+            record: dict[str, Any] = orjson.loads(self.store.read(self.record_key(key)))  # an object, as written
+            return record
         except NotFound:
             return None
         except orjson.JSONDecodeError:
@@ -86,8 +87,9 @@ class Idempotency:
         except BaseException:
             self._release(key)
             raise
-        self.store.put(self.record_key(key), orjson.dumps(
-            {"status": "completed", "key": key, "by": self.owner, "completed_at": self.clock(), "result": claim.result}))
+        self.store.put(self.record_key(key), orjson.dumps({
+            "status": "completed", "key": key, "by": self.owner, "completed_at": self.clock(),
+            "result": claim.result}))
 
     def _enter(self, key: str) -> Claim:
         name = self.record_key(key)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from skyfuse.bus.base import Record, TopicPartition
 
+if TYPE_CHECKING:
+    from cloudevents.http import CloudEvent
+
 Ordering = Literal["partition", "key", "unordered"]
+# a partition; a key within a partition; one record alone (its offset)
+Lane = tuple[str, int] | tuple[str, int, bytes | None] | tuple[str, int, int]
 
 
-def lane(ordering: Ordering, topic: str, partition: int, key: bytes | None, offset: int) -> tuple:
+def lane(ordering: Ordering, topic: str, partition: int, key: bytes | None, offset: int) -> Lane:
     """The lane of a record: its partition, its key within the partition, or itself alone. Every
     place that keeps records in order (the local host's tracker, the Lambda Kafka batch) asks here."""
     if ordering == "partition":
@@ -31,7 +36,7 @@ def lane(ordering: Ordering, topic: str, partition: int, key: bytes | None, offs
 @dataclass
 class Pending:
     record: Record
-    event: object = None  # the decoded CloudEvent
+    event: CloudEvent | None = None  # the decoded CloudEvent (None when it could not be decoded)
     invalid: str | None = None  # set when the record cannot be delivered at all (malformed)
     arrived: float = 0.0  # monotonic time the host received it
     cost: int = 0  # bytes it adds to the cloud's native event (the invoker's `cost`)
@@ -68,13 +73,13 @@ class Tracker:
         record = pending.record
         self.partitions.setdefault(record.tp, {})[record.offset] = pending
 
-    def lane(self, pending: Pending) -> tuple:
+    def lane(self, pending: Pending) -> Lane:
         r = pending.record
         return lane(self.ordering, r.topic, r.partition, r.key, r.offset)
 
-    def lanes(self) -> dict[object, list[Pending]]:
+    def lanes(self) -> dict[Lane, list[Pending]]:
         """Unfinished records per lane, in offset order."""
-        out: dict[object, list[Pending]] = {}
+        out: dict[Lane, list[Pending]] = {}
         for records in self.partitions.values():
             for pending in records.values():
                 if not pending.done:

@@ -60,7 +60,7 @@ class EventClock:
     clouds: set[str] = field(default_factory=set)  # clouds that have reported
     ahead: dict[str, float] = field(default_factory=dict)  # cloud → latest time beyond now + max_lead_s
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.max_lead_s > 0 or not self.max_lag_s > 0:
             raise ValueError("max_lead_s and max_lag_s must be > 0")
 
@@ -82,7 +82,8 @@ class EventClock:
             agreeing = sorted(self.ahead)
             self._move(min(self.ahead.values()))
             if t <= self.now + self.max_lead_s:
-                return Stamp(t, t, "event", f"the clock jumped ahead: {', '.join(agreeing)} reported times that far ahead")
+                return Stamp(t, t, "event",
+                             f"the clock jumped ahead: {', '.join(agreeing)} reported times that far ahead")
         return Stamp(self.now, t, "clock",
                      f"sampled {t - self.now:.0f} s after the scheduler's clock, more than {self.max_lead_s:.0f} s: "
                      f"counted at the clock until {quorum} clouds report times that far ahead")

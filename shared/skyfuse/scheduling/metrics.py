@@ -40,7 +40,7 @@ policy treats a stale cloud as down.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +49,7 @@ from skyfuse.errors import InvalidInput
 
 SOURCES = ("inference", "monitor")
 RESOURCES = ("cpu_utilisation", "memory_utilisation", "network_bytes_per_s")  # optional, null when not measured
+_Kind = type | tuple[type, ...] | None  # what `isinstance` checks a field against (None: anything)
 
 
 class SampleError(InvalidInput):
@@ -113,7 +114,8 @@ class Sample:
         if not isinstance(data, Mapping):
             raise SampleError("(root)", f"expected a JSON object, got {type(data).__name__}")
 
-        def need(name: str, kind=(int, float), parent: Mapping | None = None, path: str | None = None):
+        def need(name: str, kind: _Kind = (int, float), parent: Mapping[str, Any] | None = None,
+                 path: str | None = None) -> Any:
             src = data if parent is None else parent
             path = path or name
             if name not in src:
@@ -123,16 +125,18 @@ class Sample:
                 raise SampleError(path, f"expected {_kind_name(kind)}, got {value!r}")
             return value
 
-        def number(name: str, parent: Mapping | None = None, path: str | None = None, *, lo=0.0, hi=None,
-                   nullable=False) -> float | None:
-            src = data if parent is None else parent
-            if nullable and src.get(name, 0) is None:
-                return None
+        def number(name: str, parent: Mapping[str, Any] | None = None, path: str | None = None, *,
+                   lo: float = 0.0, hi: float | None = None) -> float:
             value = float(need(name, parent=parent, path=path))
             if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
                 bounds = f">= {lo}" + (f" and <= {hi}" if hi is not None else "")
                 raise SampleError(path or name, f"must be a finite number {bounds}, got {value!r}")
             return value
+
+        def number_or_null(name: str, parent: Mapping[str, Any] | None = None, path: str | None = None, *,
+                           hi: float | None = None) -> float | None:
+            src = data if parent is None else parent
+            return None if src.get(name, 0) is None else number(name, parent, path, hi=hi)
 
         cloud = need("cloud", str)
         source = need("source", str)
@@ -149,8 +153,8 @@ class Sample:
         if requests < 0:
             raise SampleError("requests", f"must be >= 0, got {requests!r}")
         latency = need("latency_ms", Mapping)
-        p50 = number("p50", latency, "latency_ms.p50", nullable=True)
-        p99 = number("p99", latency, "latency_ms.p99", nullable=True)
+        p50 = number_or_null("p50", latency, "latency_ms.p50")
+        p99 = number_or_null("p99", latency, "latency_ms.p99")
         price = need("price", Mapping)
         capacity = data.get("capacity_rps")
         replicas = data.get("replicas")
@@ -158,9 +162,9 @@ class Sample:
             capacity = number("capacity_rps")
         if replicas is not None:
             replicas = need("replicas", int)
-        cpu = number("cpu_utilisation", hi=1.0, nullable=True) if "cpu_utilisation" in data else None
-        memory = number("memory_utilisation", hi=1.0, nullable=True) if "memory_utilisation" in data else None
-        network = number("network_bytes_per_s", nullable=True) if "network_bytes_per_s" in data else None
+        cpu = number_or_null("cpu_utilisation", hi=1.0) if "cpu_utilisation" in data else None
+        memory = number_or_null("memory_utilisation", hi=1.0) if "memory_utilisation" in data else None
+        network = number_or_null("network_bytes_per_s") if "network_bytes_per_s" in data else None
         return cls(
             cloud=cloud, source=source, t=t, window_s=window_s, requests=requests,
             requests_per_s=number("requests_per_s"), p50=p50, p99=p99,
@@ -194,10 +198,10 @@ class Sample:
         return data
 
 
-def _kind_name(kind) -> str:
+def _kind_name(kind: _Kind) -> str:
     if kind == (int, float):
         return "a number"
-    names = {int: "an integer", str: "a string", Mapping: "an object"}
+    names: dict[_Kind, str] = {int: "an integer", str: "a string", Mapping: "an object"}
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
@@ -241,7 +245,8 @@ class Ewma:
         return [self.t, self._sum, self._weight]
 
     @classmethod
-    def from_data(cls, half_life_s: float, data: list[float | None]) -> Ewma:
+    def from_data(cls, half_life_s: float, data: Sequence[Any]) -> Ewma:
+        """From `to_data`'s [t, sum, weight], as read back from JSON."""
         ewma = cls(half_life_s)
         ewma.t, ewma._sum, ewma._weight = data[0], float(data[1]), float(data[2])
         return ewma
@@ -264,7 +269,7 @@ class CloudMetrics:
     latest: Sample | None = None  # newest by sampled_at
     samples: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("error_rate", "load"):
             if getattr(self, name) is None:
                 setattr(self, name, Ewma(self.half_life_s))
@@ -293,14 +298,16 @@ class CloudMetrics:
     def to_data(self) -> dict[str, Any]:
         return {"rps": {k: v.to_data() for k, v in self.rps.items()},
                 "p50": {k: v.to_data() for k, v in self.p50.items()},
-                "p99": {k: v.to_data() for k, v in self.p99.items()}, "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
+                "p99": {k: v.to_data() for k, v in self.p99.items()},
+                "error_rate": self.error_rate.to_data(), "load": self.load.to_data(),
                 "resources": {k: v.to_data() for k, v in self.resources.items()},
                 "last_seen": self.last_seen, "last_source_seen": dict(self.last_source_seen),
                 "latest": self.latest.to_data() if self.latest else None, "samples": self.samples}
 
     @classmethod
     def from_data(cls, cloud: str, half_life_s: float, data: Mapping[str, Any]) -> CloudMetrics:
-        ewma = lambda name: Ewma.from_data(half_life_s, data[name])  # noqa: E731
+        def ewma(name: str) -> Ewma:
+            return Ewma.from_data(half_life_s, data[name])
 
         def per_source(name: str) -> dict[str, Ewma]:
             saved = data[name]
@@ -340,12 +347,12 @@ class CloudMetrics:
 def _worst(per_source: Mapping[str, Ewma], last_seen: Mapping[str, float]) -> float | None:
     """The worse of the sources whose newest window had a latency; when none had (no traffic, no
     probe answered), the one heard from last."""
-    known = {source: e for source, e in per_source.items() if e.t is not None}
-    current = [e.value for source, e in known.items() if e.t >= last_seen.get(source, -math.inf)]
+    known = {source: (e.t, e.value) for source, e in per_source.items() if e.t is not None and e.value is not None}
+    current = [value for source, (t, value) in known.items() if t >= last_seen.get(source, -math.inf)]
     if current:
         return max(current)
-    newest = max(known.values(), key=lambda e: e.t, default=None)
-    return newest.value if newest else None
+    newest = max(known.values(), key=lambda reading: reading[0], default=None)  # (t, value) heard last
+    return newest[1] if newest else None
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,10 @@ cheapest and e.g. 1.3 for a cloud 30 % dearer; P is unitless with 1.0 meaning "p
 the SLO". With λ = 1, 10 % more cost is worth the same as a p99 10 % of the SLO lower. Prices
 are the latest reported in the samples (list prices from the config until a cloud reports);
 p99 and errors are smoothed (see `metrics`). Capacity is the config's (`capacity_rps` per
-replica, `max_replicas`); the `capacity_rps`/`replicas` a sample reports are not used. Saturation uses the *projected* utilisation of the
-replicas the cloud would run for the whole load, not the `load` reported, because the reported
-load depends on the current placement (the serving cloud would look busy and the idle ones
-free, which would push traffic back and forth).
+replica, `max_replicas`); the `capacity_rps`/`replicas` a sample reports are not used.
+Saturation uses the *projected* utilisation of the replicas the cloud would run for the whole
+load, not the `load` reported, because the reported load depends on the current placement (the
+serving cloud would look busy and the idle ones free, which would push traffic back and forth).
 
 Eligibility: a cloud is eligible when it is allowed, has reported within `stale_after_s`, its
 smoothed error rate is under `failover_error_rate`, it has a latency figure, and it can hold the
@@ -70,9 +70,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from skyfuse.scheduling.metrics import RESOURCES, CloudView, MetricsState, Sample, format_time
+
+if TYPE_CHECKING:
+    from skyfuse.config import Fleet
 
 WEIGHT_DIGITS = 4
 
@@ -86,7 +89,7 @@ class CloudSpec:
     capacity_rps: float = 500.0  # requests/s one replica sustains within the SLO
     max_replicas: int | None = None  # None: no limit
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.price_per_hour < 0 or self.price_per_million_requests < 0:
             raise ValueError("prices must be >= 0")
         if not self.capacity_rps > 0:
@@ -98,7 +101,7 @@ class CloudSpec:
         return math.inf if self.max_replicas is None else self.max_replicas * self.capacity_rps
 
 
-def fleet_clouds(fleet=None) -> dict[str, CloudSpec]:
+def fleet_clouds(fleet: Fleet | None = None) -> dict[str, CloudSpec]:
     """Cloud specs of a `skyfuse.config.Fleet` (the built-in default fleet when None)."""
     from skyfuse import config  # pydantic; only needed here
 
@@ -153,7 +156,7 @@ class PolicyConfig:
     network_capacity_bytes_per_s: float = 125e6
     """Throughput that counts as a full network (network utilisation 1.0); 125e6 bytes/s is 1 Gbit/s."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.clouds:
             raise ValueError("at least one cloud is needed")
         object.__setattr__(self, "clouds", dict(self.clouds))
@@ -181,7 +184,7 @@ class PolicyConfig:
                 raise ValueError(message)
 
     @classmethod
-    def from_fleet(cls, fleet=None, **overrides) -> PolicyConfig:
+    def from_fleet(cls, fleet: Fleet | None = None, **overrides: Any) -> PolicyConfig:
         """From a `skyfuse.config.Fleet`: its clouds, `lambda` and every knob of its `[scheduler]`
         section; `overrides` win over them."""
         from skyfuse import config
@@ -354,7 +357,7 @@ class Policy:
 
     def views(self, state: State, now: float) -> dict[str, CloudView]:
         """Every reporting cloud's metrics as of `now`, by name (sorted)."""
-        return {cloud: state.metrics.view(cloud, now, self.config.stale_after_s)
+        return {cloud: state.metrics.clouds[cloud].view(now, self.config.stale_after_s)
                 for cloud in sorted(state.metrics.clouds)}
 
     def demand(self, state: State, now: float, views: Mapping[str, CloudView] | None = None) -> float:
@@ -602,12 +605,12 @@ def _mb(value: float | None) -> float | None:
 def _reported_text(reported: Mapping[str, float | None]) -> str:
     """The serving processes' own figures, for a score's note (those reported)."""
     parts = []
-    if reported.get("cpu_utilisation") is not None:
-        parts.append(f"CPU {reported['cpu_utilisation']:.0%}")
-    if reported.get("memory_utilisation") is not None:
-        parts.append(f"memory {reported['memory_utilisation']:.0%}")
-    if reported.get("network_bytes_per_s") is not None:
-        parts.append(f"network {reported['network_bytes_per_s'] / 1e6:.2f} MB/s")
+    if (cpu := reported.get("cpu_utilisation")) is not None:
+        parts.append(f"CPU {cpu:.0%}")
+    if (memory := reported.get("memory_utilisation")) is not None:
+        parts.append(f"memory {memory:.0%}")
+    if (network := reported.get("network_bytes_per_s")) is not None:
+        parts.append(f"network {network / 1e6:.2f} MB/s")
     return ", " + ", ".join(parts) if parts else ""
 
 
@@ -684,5 +687,6 @@ class StaticPolicy(Policy):
         pick = min(eligible, key=key)
         best = (Placement(pick.cloud, 1.0, self.config.replicas_for(pick.cloud, load)),)
         what = f"${pick.usd_per_hour:.4f}/h" if self.by == "cost" else f"p99 {pick.p99_ms:.0f} ms"
-        reason = f"{self.name}: {pick.cloud} has the lowest {'cost' if self.by == 'cost' else 'p99'} ({what}), kept for good"
+        lowest = "cost" if self.by == "cost" else "p99"
+        reason = f"{self.name}: {pick.cloud} has the lowest {lowest} ({what}), kept for good"
         return self._adopt(state, now, "initial", best, scores, load, reason)

@@ -14,7 +14,8 @@ from skyfuse.scheduling.metrics import Sample, as_sample, format_time
 from skyfuse.scheduling.policy import Decision, Policy, PolicyConfig
 
 
-def replay(trace: Iterable[Sample | Mapping[str, Any]], policy: Policy | PolicyConfig | None = None) -> list[Decision]:
+def replay(trace: Iterable[Sample | Mapping[str, Any]],
+           policy: Policy | PolicyConfig | None = None) -> list[Decision]:
     """Every decision a fresh `policy` (or `Policy(config)`) takes over `trace`."""
     policy = policy if isinstance(policy, Policy) else Policy(policy)
     state = policy.new_state()
@@ -28,7 +29,8 @@ def replay(trace: Iterable[Sample | Mapping[str, Any]], policy: Policy | PolicyC
     return decisions
 
 
-def _key(item: Decision | Mapping[str, Any]) -> tuple:
+def _key(item: Decision | Mapping[str, Any]) -> tuple[str, tuple[tuple[str, float, int], ...]]:
+    """(decided_at, sorted (cloud, weight, replicas)): what two decisions must share to agree."""
     if isinstance(item, Decision):
         at, placements = format_time(item.at), [p.to_data() for p in item.placements]
     else:  # placement.changed data
@@ -36,12 +38,13 @@ def _key(item: Decision | Mapping[str, Any]) -> tuple:
     return at, tuple(sorted((p["cloud"], round(float(p["weight"]), 4), int(p["replicas"])) for p in placements))
 
 
-def differences(recorded: Iterable[Decision | Mapping[str, Any]], replayed: Iterable[Decision | Mapping[str, Any]]) -> list[str]:
+def differences(recorded: Iterable[Decision | Mapping[str, Any]],
+                replayed: Iterable[Decision | Mapping[str, Any]]) -> list[str]:
     """How two decision lists (Decisions or placement.changed data) differ in time and placement;
     empty when they agree."""
     left, right = [_key(d) for d in recorded], [_key(d) for d in replayed]
     out = []
-    for i, (a, b) in enumerate(zip(left, right)):
+    for i, (a, b) in enumerate(zip(left, right, strict=False)):  # a length mismatch is reported below
         if a != b:
             out.append(f"decision {i}: recorded {a[0]} {list(a[1])}, replayed {b[0]} {list(b[1])}")
     if len(left) != len(right):

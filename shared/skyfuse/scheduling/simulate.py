@@ -36,12 +36,16 @@ import random
 import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from skyfuse.errors import InvalidInput
 from skyfuse.scheduling.metrics import Sample, SampleError, as_sample, format_time, parse_time
 from skyfuse.scheduling.policy import CloudSpec, Decision, Policy, PolicyConfig, StaticPolicy, fleet_clouds, greedy
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
 
 START = "2025-01-14T00:00:00Z"
 PROBES_PER_S = 0.2  # the monitor's probe rate on an idle cloud
@@ -120,7 +124,7 @@ class TraceError(InvalidInput):
     """A bad trace line; the message names the file, line and field."""
 
 
-def _field_of(error) -> str:
+def _field_of(error: ValidationError) -> str:
     path = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "required" and isinstance(error.instance, Mapping):
         missing = [name for name in error.validator_value if name not in error.instance]
@@ -222,15 +226,17 @@ def build_world(trace: Iterable[Sample | Mapping[str, Any]], step_s: float | Non
             traffic = [s for s in items if s.source == "inference"] if any_inference else items
             demand += sum(s.requests_per_s for s in traffic)
             with_latency = [s for s in items if s.p99 is not None]
-            p99 = max((s.p99 for s in with_latency), default=None)
+            p99 = max((s.p99 for s in with_latency if s.p99 is not None), default=None)
             p50 = max((s.p50 for s in with_latency if s.p50 is not None), default=None)
             if p99 is None:
                 p50, p99 = last_p.get(cloud, (None, None))
             last_p[cloud] = (p50, p99)
             served = [s for s in items if s.requests > 0]
-            errors = (sum(s.error_rate * s.requests for s in served) / sum(s.requests for s in served)) if served else 0.0
+            errors = (sum(s.error_rate * s.requests for s in served) / sum(s.requests for s in served)
+                      if served else 0.0)
             latest = items[-1]
-            clouds[cloud] = Conditions(items, p50, p99, errors, latest.price_per_hour, latest.price_per_million_requests)
+            clouds[cloud] = Conditions(items, p50, p99, errors, latest.price_per_hour,
+                                       latest.price_per_million_requests)
         steps.append(Step(t0 + k * step_s, demand, clouds))
     return World(step_s, steps)
 
@@ -257,18 +263,18 @@ def _emit(step: Step, serving: Mapping[str, float], cfg: PolicyConfig, step_s: f
         spec = cfg.clouds.get(cloud)
         capacity = spec.capacity_rps if spec else 500.0
         replicas = cfg.replicas_for(cloud, rps) if spec else max(1, math.ceil(rps / capacity))
-        common = dict(cloud=cloud, t=step.t, window_s=step_s, price_per_hour=cond.price_per_hour,
-                      price_per_million_requests=cond.price_per_million_requests)
+        sample = partial(Sample, cloud=cloud, t=step.t, window_s=step_s, price_per_hour=cond.price_per_hour,
+                         price_per_million_requests=cond.price_per_million_requests)
         if requests > 0:
-            out.append(Sample(source="inference", requests=requests, requests_per_s=requests / step_s,
+            out.append(sample(source="inference", requests=requests, requests_per_s=requests / step_s,
                               p50=cond.p50, p99=cond.p99, error_rate=cond.error_rate,
-                              load=min(1.0, rps / (max(replicas, 1) * capacity)), replicas=replicas, **common))
+                              load=min(1.0, rps / (max(replicas, 1) * capacity)), replicas=replicas))
         else:
             probes = max(1, int(round(PROBES_PER_S * step_s)))
-            out.append(Sample(source="inference", requests=0, requests_per_s=0.0, p50=None, p99=None,
-                              error_rate=0.0, load=0.0, replicas=0, **common))
-            out.append(Sample(source="monitor", requests=probes, requests_per_s=probes / step_s, p50=cond.p50,
-                              p99=cond.p99, error_rate=cond.error_rate, load=0.0, **common))
+            out.append(sample(source="inference", requests=0, requests_per_s=0.0, p50=None, p99=None,
+                              error_rate=0.0, load=0.0, replicas=0))
+            out.append(sample(source="monitor", requests=probes, requests_per_s=probes / step_s, p50=cond.p50,
+                              p99=cond.p99, error_rate=cond.error_rate, load=0.0))
     return out
 
 
@@ -331,7 +337,7 @@ def hindsight_cheapest(trace: Iterable[Sample | Mapping[str, Any]] | World, conf
     previous = None
     for step in world.steps[1:]:
         options = []
-        for cloud, cond in step.clouds.items():
+        for cloud in step.clouds:
             if cfg.is_allowed(cloud):
                 cost, violated, _ = _account(step, {cloud: 1.0}, cfg, world.step_s, {})
                 options.append((cost, cloud, violated))

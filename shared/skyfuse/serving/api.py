@@ -30,13 +30,15 @@ import hmac
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any, Self
 
 import numpy as np
 import orjson
 
 from skyfuse.serving import routes
-from skyfuse.serving.model import ModelSlot
+from skyfuse.serving.model import LoadedModel, ModelSlot
 
 MAX_ROWS = 1000
 MAX_BODY_BYTES = 1 << 20
@@ -44,11 +46,13 @@ FORMATS = ("records", "compact")
 KEYS = ("instances", "format")
 MODEL_NAME = "skyfuse"  # the name the Open Inference Protocol routes serve the model under, unless configured
 CONTENT_TYPE = "application/json"
-_NUMERIC = frozenset((int, float))
+_NUMERIC: frozenset[type] = frozenset((int, float))
+_KINDS: dict[type, str] = {str: "string", list: "array", dict: "object"}
 _F32_MAX = float(np.finfo(np.float32).max)
 _DUMP = orjson.OPT_SERIALIZE_NUMPY
 
 Result = tuple[int, bytes]
+Header = Callable[[str], str | None]  # a request header by name (any case), None when absent
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def _kind(value) -> str:
+def _kind(value: object) -> str:
     """The JSON name of a parsed value's type."""
     if value is None:
         return "null"
@@ -68,10 +72,10 @@ def _kind(value) -> str:
         return "boolean"
     if isinstance(value, (int, float)):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    return _KINDS.get(type(value), type(value).__name__)
 
 
-def error(status: int, message: str, code: str, **detail) -> Result:
+def error(status: int, message: str, code: str, **detail: object) -> Result:
     return status, orjson.dumps({"error": message, "detail": {"code": code, **detail}})
 
 
@@ -101,7 +105,7 @@ def parse_key_hashes(text: str) -> tuple[str, ...]:
     return hashes
 
 
-def authorize(key_hashes: tuple[str, ...], header) -> Result | None:
+def authorize(key_hashes: tuple[str, ...], header: Header) -> Result | None:
     """None when no keys are configured or the request carries one of them (compared in constant
     time, by digest); otherwise 401."""
     if not key_hashes:
@@ -143,14 +147,14 @@ def no_model(slot: ModelSlot) -> Result:
     return error(503, message, "no_model", pointer=slot.source, last_error=last)
 
 
-def _describe_width(model) -> str:
+def _describe_width(model: LoadedModel) -> str:
     if model.features:
         shown = ", ".join(model.features[:12]) + (", …" if len(model.features) > 12 else "")
         return f" (features: {shown})"
     return ""
 
 
-def _locate(instances: list, model) -> Result:
+def _locate(instances: list[Any], model: LoadedModel) -> Result:
     """The first bad row or value, named (slow path: only runs on a request already known bad)."""
     width = model.width
     for r, row in enumerate(instances):
@@ -177,7 +181,7 @@ class _NonFinite(float):
 
     literal: str
 
-    def __new__(cls, literal: str):
+    def __new__(cls, literal: str) -> Self:
         self = super().__new__(cls, literal.replace("Infinity", "inf"))
         self.literal = literal
         return self
@@ -203,7 +207,8 @@ def _not_json(body: bytes | str, exc: orjson.JSONDecodeError) -> Result:
     return error(400, f"body is not valid JSON: {exc}", "invalid_json", position=exc.pos)
 
 
-def parse(body: bytes | str, model, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray | None, str, Result | None]:
+def parse(body: bytes | str, model: LoadedModel,
+          limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray | None, str, Result | None]:
     """(X float32 [n, width], format, None) or (None, "", the 400 to answer)."""
     try:
         doc = orjson.loads(body)
@@ -238,7 +243,7 @@ def parse(body: bytes | str, model, limits: Limits = DEFAULT_LIMITS) -> tuple[np
         return None, "", error(400, f"too many rows: {n} > max_rows {limits.max_rows}; split the request",
                                "too_many_rows", got=n, max_rows=limits.max_rows)
     width = model.width
-    seen: set = set()
+    seen: set[type] = set()
     for row in instances:
         if type(row) is not list or len(row) != width:
             return None, "", _locate(instances, model)
@@ -252,14 +257,15 @@ def parse(body: bytes | str, model, limits: Limits = DEFAULT_LIMITS) -> tuple[np
     return X, fmt, None
 
 
-def encode(model, probs: np.ndarray, fmt: str = "records") -> bytes:
+def encode(model: LoadedModel, probs: np.ndarray, fmt: str = "records") -> bytes:
     labels = model.labels
     best = probs.argmax(axis=1).tolist()
     if fmt == "compact":
         return orjson.dumps({"model_version": model.version, "classes": labels,
                              "predictions": [labels[i] for i in best], "probabilities": probs}, option=_DUMP)
     return orjson.dumps({"model_version": model.version, "predictions": [
-        {"class": labels[i], "probabilities": dict(zip(labels, row))} for i, row in zip(best, probs)]}, option=_DUMP)
+        {"class": labels[i], "probabilities": dict(zip(labels, row, strict=True))}
+        for i, row in zip(best, probs, strict=True)]}, option=_DUMP)
 
 
 def predict(body: bytes | str, slot: ModelSlot, limits: Limits = DEFAULT_LIMITS) -> Result:
@@ -274,6 +280,7 @@ def predict(body: bytes | str, slot: ModelSlot, limits: Limits = DEFAULT_LIMITS)
     X, fmt, bad = parse(body, model, limits)
     if bad is not None:
         return bad
+    assert X is not None  # parse gives X whenever it gives no error
     return 200, encode(model, model.run(X), fmt)
 
 
@@ -295,14 +302,14 @@ def openapi(server_url: str | None = None, limits: Limits = DEFAULT_LIMITS, mode
     return 200, _openapi(server_url, limits, model_name)
 
 
-def _error_response(text: str) -> dict:
+def _error_response(text: str) -> dict[str, Any]:
     return {"description": text, "content": {CONTENT_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _paths(limits: Limits) -> dict:
+def _paths(limits: Limits) -> dict[str, dict[str, Any]]:
     """The paths of `routes.ROUTES`: method, operationId and summary from the table, the request and
     responses of each route from here (a route without them, or them without a route, fails)."""
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "predict": {
             "requestBody": {"required": True, "content": {CONTENT_TYPE: {
                 "schema": {"$ref": "#/components/schemas/PredictRequest"},
@@ -335,7 +342,7 @@ def _paths(limits: Limits) -> dict:
     names = [route.name for route in routes.ROUTES]
     if sorted(bodies) != sorted(names):
         raise RuntimeError(f"the OpenAPI bodies {sorted(bodies)} and the routes {sorted(names)} differ")
-    paths: dict = {}
+    paths: dict[str, dict[str, Any]] = {}
     for route in routes.ROUTES:
         operation = {"operationId": route.name, "summary": route.summary, **bodies[route.name]}
         if route.auth:
@@ -351,7 +358,7 @@ def _openapi(server_url: str | None, limits: Limits, model_name: str = MODEL_NAM
 
     number = {"type": "number"}
     labels = {"type": "array", "items": {"type": "string"}}
-    doc = {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "skyfuse inference", "version": "1",
                  "description": "Class probabilities from the fused ONNX model this cloud serves."},

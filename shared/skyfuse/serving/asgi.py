@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from skyfuse.serving.prometheus import Tracker
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
+Scope = dict[str, Any]  # an ASGI connection scope
+Message = dict[str, Any]  # an ASGI event, received or sent
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
-def content_length(scope: dict) -> int | None:
+def content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
@@ -40,7 +46,7 @@ def replay(body: bytes) -> Receive:
     """A `receive` that hands an inner app the body already read."""
     sent = False
 
-    async def receive() -> dict:
+    async def receive() -> Message:
         nonlocal sent
         if not sent:
             sent = True
@@ -50,10 +56,10 @@ def replay(body: bytes) -> Receive:
     return receive
 
 
-def noting_status(send: Send, tracked) -> Send:
+def noting_status(send: Send, tracked: Tracker) -> Send:
     """`send`, noting the response's status on `tracked` (a `prometheus.Tracker`) as it starts, and
     the body bytes it sends; the request is finished (counted) as its last chunk goes."""
-    async def noted(message: dict) -> None:
+    async def noted(message: Message) -> None:
         if message["type"] == "http.response.start":
             tracked.status = message["status"]
         elif message["type"] == "http.response.body":
@@ -65,9 +71,9 @@ def noting_status(send: Send, tracked) -> Send:
     return noted
 
 
-def counting(receive: Receive, tracked) -> Receive:
+def counting(receive: Receive, tracked: Tracker) -> Receive:
     """`receive`, adding the request body bytes it hands over to `tracked.received`."""
-    async def counted() -> dict:
+    async def counted() -> Message:
         message = await receive()
         tracked.received += len(message.get("body", b""))
         return message

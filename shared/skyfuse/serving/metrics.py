@@ -15,6 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
+
+from skyfuse.payloads import MetricsSampled
 
 MIN_MS = 0.001
 MAX_MS = 100_000.0
@@ -43,7 +46,8 @@ class Window:
         for i, count in enumerate(self.counts):
             seen += count
             if seen >= rank:
-                return MIN_MS * GROWTH ** (i + 0.5)
+                ms: float = MIN_MS * GROWTH ** (i + 0.5)
+                return ms
         return MAX_MS
 
 
@@ -91,7 +95,7 @@ class LatencyRecorder:
 
     def snapshot(self, cloud: str, *, price_per_hour: float, price_per_million_requests: float,
                  currency: str = "USD", model_version: str | None = None, window_s: float | None = None,
-                 capacity_rps: float | None = None, replicas: int | None = None, workers: int = 1) -> dict:
+                 capacity_rps: float | None = None, replicas: int | None = None, workers: int = 1) -> MetricsSampled:
         """Close the window; the data of a `metrics.sampled` event (source "inference").
 
         `window_s`: the window's length to report (default: the time since the last snapshot).
@@ -101,7 +105,7 @@ class LatencyRecorder:
         w = self.take()
         length = float(window_s) if window_s else w.seconds
         p50, p99 = w.percentile_ms(0.5), w.percentile_ms(0.99)
-        data = {
+        data: MetricsSampled = {
             "cloud": cloud,
             "source": "inference",
             "window_s": round(length, 3) or 0.001,
@@ -131,8 +135,8 @@ class MetricsEmitter(threading.Thread):
     `describe()` returns the snapshot's keyword arguments at that moment (cloud, prices, the
     model version served)."""
 
-    def __init__(self, recorder: LatencyRecorder, publish: Callable[[dict], object],
-                 describe: Callable[[], dict], interval_s: float = 30.0):
+    def __init__(self, recorder: LatencyRecorder, publish: Callable[[MetricsSampled], object],
+                 describe: Callable[[], dict[str, Any]], interval_s: float = 30.0):
         super().__init__(name="skyfuse-metrics-emitter", daemon=True)
         self.recorder, self.publish, self.describe, self.interval_s = recorder, publish, describe, interval_s
         self._stop_event = threading.Event()
@@ -140,7 +144,7 @@ class MetricsEmitter(threading.Thread):
         self.failures = 0
         self.last_error: str | None = None
 
-    def emit_once(self) -> dict | None:
+    def emit_once(self) -> MetricsSampled | None:
         try:
             data = self.recorder.snapshot(**self.describe())
             self.publish(data)

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ class LoadedModel:
         self.load_ms = round((time.perf_counter() - started) * 1000, 3)
 
     def _warm_up(self) -> int:
-        k = None
+        k = 0  # the classes of the last batch's output (WARMUP_BATCHES is never empty)
         for n in WARMUP_BATCHES:
             try:
                 out = self.run(np.zeros((n, self.width), dtype=np.float32))
@@ -165,14 +166,15 @@ class LoadedModel:
                                  f"for {n} rows; [N, classes] is needed")
             if not np.isfinite(out).all():
                 raise ModelError(f"model {self.version}: output is not finite on zero rows (NaN or Infinity)")
-            k = out.shape[1]
-        return int(k)
+            k = int(out.shape[1])
+        return k
 
     def run(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, float32 [N, k], for float32 C-contiguous X [N, width]."""
-        return self.session.run(self.output_names, {self.input_name: X})[0]
+        probs: np.ndarray = self.session.run(self.output_names, {self.input_name: X})[0]
+        return probs
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "model_version": self.version, "sha256": self.sha256, "uri": self.uri, "size_bytes": self.size,
             "loaded_at": _iso(self.loaded_at), "load_ms": self.load_ms,
@@ -197,7 +199,7 @@ class ModelSlot:
         self.model: LoadedModel | None = None
         self.source = source  # where the pointer lives, for messages
         self.swaps = 0
-        self.last_error: dict | None = None
+        self.last_error: dict[str, str | None] | None = None
         self.pointer_seen: bool | None = None  # None: not checked yet; False: no pointer in the store
         self._write = threading.Lock()
 
@@ -212,7 +214,7 @@ class ModelSlot:
         with self._write:
             self.last_error = {"at": _iso(time.time()), "version": version, "uri": uri, "error": redact(error)}
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         model = self.model
         return {
             "status": "ok" if model else "no_model",

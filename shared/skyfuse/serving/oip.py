@@ -31,16 +31,18 @@ from __future__ import annotations
 import functools
 import re
 import uuid
+from typing import Any
 
 import numpy as np
 import orjson
 
 from skyfuse.serving import api
-from skyfuse.serving.model import ModelSlot
+from skyfuse.serving.model import LoadedModel, ModelSlot
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("binary_tensor_data",)
-DATATYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8")}
+DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "INT32": np.dtype("<i4"),
+                                       "INT64": np.dtype("<i8")}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
 INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
@@ -109,24 +111,24 @@ def server() -> Result:
     return 200, orjson.dumps({"name": "skyfuse", "version": _server_version(), "extensions": list(EXTENSIONS)})
 
 
-def _served(slot: ModelSlot, served_name: str, name: str, version: str | None):
-    """(the model, None) when `name` (and `version`, if given) is what this server serves, else (None, error)."""
+def _served(slot: ModelSlot, served_name: str, name: str, version: str | None) -> LoadedModel | Result:
+    """The model when `name` (and `version`, if given) is what this server serves, else the error to answer."""
     if name != served_name:
-        return None, error(404, f"unknown model {name!r}: this server serves one model, {served_name!r} "
-                                f"(GET /v2/models/{served_name} describes it)")
+        return error(404, f"unknown model {name!r}: this server serves one model, {served_name!r} "
+                          f"(GET /v2/models/{served_name} describes it)")
     model = slot.model  # one reference for the whole request, as in api.predict
     if model is None:
-        return None, from_api(api.no_model(slot))
+        return from_api(api.no_model(slot))
     if version is not None and version != model.version:
-        return None, error(404, f"model {name!r} version {version!r} is not served here; the served version is "
-                                f"{model.version!r} (leave /versions/... out of the path to use whichever is served)")
-    return model, None
+        return error(404, f"model {name!r} version {version!r} is not served here; the served version is "
+                          f"{model.version!r} (leave /versions/... out of the path to use whichever is served)")
+    return model
 
 
 def model_metadata(slot: ModelSlot, served_name: str, name: str, version: str | None = None) -> Result:
-    model, bad = _served(slot, served_name, name, version)
-    if bad:
-        return bad
+    model = _served(slot, served_name, name, version)
+    if isinstance(model, tuple):
+        return model
     k = len(model.labels)
     return 200, orjson.dumps({
         "name": served_name, "versions": [model.version], "platform": PLATFORM,
@@ -135,15 +137,16 @@ def model_metadata(slot: ModelSlot, served_name: str, name: str, version: str | 
 
 
 def model_ready(slot: ModelSlot, served_name: str, name: str, version: str | None = None) -> Result:
-    _, bad = _served(slot, served_name, name, version)
-    return bad or (200, orjson.dumps({"name": served_name, "ready": True}))
+    served = _served(slot, served_name, name, version)
+    return served if isinstance(served, tuple) else (200, orjson.dumps({"name": served_name, "ready": True}))
 
 
 def _bad(message: str) -> Result:
     return error(400, message)
 
 
-def _shape(spec: dict, model, limits: api.Limits) -> tuple[tuple[int, int] | None, Result | None]:
+def _shape(spec: dict[str, Any], model: LoadedModel,
+           limits: api.Limits) -> tuple[tuple[int, int] | None, Result | None]:
     shape = spec.get("shape")
     want = f"[rows, {model.width}]"
     if type(shape) is not list or len(shape) != 2 or any(type(d) is not int for d in shape):
@@ -160,7 +163,8 @@ def _shape(spec: dict, model, limits: api.Limits) -> tuple[tuple[int, int] | Non
     return (rows, width), None
 
 
-def _from_json(data, rows: int, width: int, datatype: str, name: str) -> tuple[np.ndarray | None, Result | None]:
+def _from_json(data: object, rows: int, width: int, datatype: str,
+               name: str) -> tuple[np.ndarray | None, Result | None]:
     """The values of a JSON `data` array, flat or nested [rows][width], as float64 [rows, width]."""
     if type(data) is not list:
         return None, _bad(f"input {name!r}: \"data\" must be an array of numbers (or use the binary extension), "
@@ -198,7 +202,7 @@ def _to_float32(values: np.ndarray, name: str) -> tuple[np.ndarray | None, Resul
     return np.ascontiguousarray(values, dtype=np.float32), None
 
 
-def _requested(doc: dict, model) -> tuple[bool | None, Result | None]:
+def _requested(doc: dict[str, Any], model: LoadedModel) -> tuple[bool | None, Result | None]:
     """Whether the output goes as binary data, or the 400 for a bad "outputs"/"parameters"."""
     params = doc.get("parameters")
     if params is None:
@@ -235,14 +239,14 @@ def infer(body: bytes | str, slot: ModelSlot, served_name: str, name: str, versi
     if len(body) > limits.max_body_bytes:
         return *from_api(api.too_large(len(body), limits.max_body_bytes)), {}
     binary_body = header_length is not None
-    if not (api.is_json(content_type) or (binary_body and content_type.split(";")[0].strip().lower()
+    if not (api.is_json(content_type) or (binary_body and (content_type or "").split(";")[0].strip().lower()
                                           == "application/octet-stream")):
-        return *from_api(api.unsupported_media_type(content_type)), {}
-    model, bad = _served(slot, served_name, name, version)
-    if bad:
-        return *bad, {}
+        return *from_api(api.unsupported_media_type(content_type or "")), {}  # not None here: is_json(None) holds
+    model = _served(slot, served_name, name, version)
+    if isinstance(model, tuple):
+        return *model, {}
     json_part, tail = body, b""
-    if binary_body:
+    if header_length is not None:  # a body with binary tensor data
         try:
             n = int(header_length)
         except ValueError:
@@ -270,8 +274,9 @@ def infer(body: bytes | str, slot: ModelSlot, served_name: str, name: str, versi
     X, bad = _input(doc.get("inputs"), tail, model, limits)
     if bad:
         return *bad, {}
+    assert X is not None  # _input gives X whenever it gives no error
     probs = model.run(X)
-    output = {"name": model.output_names[0], "datatype": "FP32", "shape": list(probs.shape)}
+    output: dict[str, Any] = {"name": model.output_names[0], "datatype": "FP32", "shape": list(probs.shape)}
     answer = {"model_name": served_name, "model_version": model.version, "id": request_id or uuid.uuid4().hex,
               "outputs": [output]}
     if not binary_out:
@@ -283,7 +288,8 @@ def infer(body: bytes | str, slot: ModelSlot, served_name: str, name: str, versi
     return 200, head + raw, {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
 
 
-def _input(inputs, tail: bytes, model, limits: api.Limits) -> tuple[np.ndarray | None, Result | None]:
+def _input(inputs: Any, tail: bytes, model: LoadedModel,
+           limits: api.Limits) -> tuple[np.ndarray | None, Result | None]:
     """X float32 [rows, width] from the request's inputs (and the binary part of the body)."""
     want = f"{model.input_name!r} (FP32 [rows, {model.width}])"
     if type(inputs) is not list or len(inputs) != 1 or type(inputs[0]) is not dict:
@@ -301,7 +307,7 @@ def _input(inputs, tail: bytes, model, limits: api.Limits) -> tuple[np.ndarray |
         return None, _bad(f"input {name!r}: datatype {orjson.dumps(datatype).decode()[:30]} is not taken; use one "
                           f"of {', '.join(DATATYPES)}")
     shape, bad = _shape(spec, model, limits)
-    if bad:
+    if shape is None:  # and so bad is not
         return None, bad
     rows, width = shape
     params = spec.get("parameters") or {}
@@ -313,7 +319,7 @@ def _input(inputs, tail: bytes, model, limits: api.Limits) -> tuple[np.ndarray |
             return None, _bad(f"the body has {len(tail)} bytes after its JSON but input {name!r} has no "
                               "binary_data_size parameter")
         values, bad = _from_json(spec.get("data"), rows, width, datatype, name)
-        if bad:
+        if values is None:  # and so bad is not
             return None, bad
         return _to_float32(values, name)
     expected = rows * width * DATATYPES[datatype].itemsize
@@ -329,11 +335,11 @@ def _input(inputs, tail: bytes, model, limits: api.Limits) -> tuple[np.ndarray |
     return _to_float32(values.astype(np.float64, copy=False), name)
 
 
-def openapi_paths(model_name: str, limits: api.Limits) -> tuple[dict, dict]:
+def openapi_paths(model_name: str, limits: api.Limits) -> tuple[dict[str, Any], dict[str, Any]]:
     """(paths, schemas) of the v2 routes for the hosts' OpenAPI document."""
     json = api.CONTENT_TYPE
 
-    def body(ref: str, text: str = "OK") -> dict:
+    def body(ref: str, text: str = "OK") -> dict[str, Any]:
         return {"description": text, "content": {json: {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
 
     err = {k: body("V2Error", text) for k, text in (
@@ -344,10 +350,10 @@ def openapi_paths(model_name: str, limits: api.Limits) -> tuple[dict, dict]:
             "description": "The model's name (INFERENCE_MODEL_NAME)"}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"},
                "description": "The served model version (GET /health says which)"}
-    tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    tensor: dict[str, Any] = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": {"type": "string"}, "datatype": {"type": "string"},
         "shape": {"type": "array", "items": {"type": "integer"}}}}
-    paths = {
+    paths: dict[str, Any] = {
         "/v2": {"get": {"operationId": "v2_server_metadata", "summary": "Server metadata (Open Inference Protocol)",
                         "responses": {"200": body("V2Server")}}},
         "/v2/health/live": {"get": {"operationId": "v2_live", "summary": "Liveness (open)",
@@ -370,7 +376,7 @@ def openapi_paths(model_name: str, limits: api.Limits) -> tuple[dict, dict]:
                 "example": {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
                                         "data": [5.1, 3.5, 1.4, 0.2]}]}}}},
             "responses": {"200": body("V2InferResponse"), **err}}}
-    schemas = {
+    schemas: dict[str, Any] = {
         "V2Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "V2Server": {"type": "object", "required": ["name", "version", "extensions"], "properties": {
             "name": {"type": "string"}, "version": {"type": "string"},

@@ -11,6 +11,8 @@ the `onnx` package). Field numbers are onnx.proto's.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from skyfuse.errors import InvalidInput
 
 MODEL, GRAPH, NODE, ATTRIBUTE, TENSOR, SPARSE, TRAINING, FUNCTION = range(8)
@@ -47,10 +49,11 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview):
-    """(field number, wire type, value) of each field; the value of a length-delimited field is
-    its bytes, of the others the number."""
+def _fields(buf: memoryview) -> Iterator[tuple[int, memoryview | int | None]]:
+    """(field number, value) of each field; the value of a length-delimited field (wire type 2) is
+    its bytes, of a varint the number, of a fixed-size field None."""
     pos = 0
+    value: memoryview | int | None
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
@@ -67,27 +70,27 @@ def _fields(buf: memoryview):
             raise Malformed(f"unsupported wire type {wire}")
         if pos > len(buf):
             raise Malformed("field runs past the end of its message")
-        yield number, wire, value
+        yield number, value
 
 
 def external_tensors(model: bytes) -> list[str]:
     """Names of the tensors stored as external data (empty for a self-contained model).
     Raises `Malformed` for bytes that are not a protobuf message."""
     found: list[str] = []
-    stack = [(memoryview(model), MODEL, 0)]
+    stack: list[tuple[memoryview, int, int]] = [(memoryview(model), MODEL, 0)]
     while stack:
         buf, kind, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise Malformed(f"messages nested deeper than {MAX_DEPTH}")
         name, external = "", False
-        for number, wire, value in _fields(buf):
+        for number, value in _fields(buf):
             if kind == TENSOR:
-                if number == TENSOR_NAME and wire == 2:
+                if number == TENSOR_NAME and isinstance(value, memoryview):
                     name = bytes(value).decode("utf-8", "replace")
                 elif number == TENSOR_EXTERNAL_DATA or (number == TENSOR_DATA_LOCATION and value == EXTERNAL):
                     external = True
             child = CHILDREN[kind].get(number)
-            if child is not None and wire == 2:
+            if child is not None and isinstance(value, memoryview):  # a submessage
                 stack.append((value, child, depth + 1))
         if external:
             found.append(name or "(unnamed tensor)")

@@ -28,6 +28,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import MutableMapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # prometheus_client is imported when a Metrics is made (see above)
+    from prometheus_client import Counter, Histogram
+
+    from skyfuse.serving.model import LoadedModel
 
 log = logging.getLogger("skyfuse.serving.prometheus")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -36,7 +44,7 @@ BUCKETS = (5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 _LIVE_FILE = re.compile(r"^gauge_live\w*?_(\d+)\.db$")
 
 
-def prepare_workers(workers: int, environ=os.environ) -> str | None:
+def prepare_workers(workers: int, environ: MutableMapping[str, str] = os.environ) -> str | None:
     """In a server's parent process, before it forks `workers` workers: point them at one metrics
     directory, emptied of an earlier run's files (PROMETHEUS_MULTIPROC_DIR if set, else a fresh one
     removed when this process exits). Returns the directory, or None when one process needs none."""
@@ -81,7 +89,8 @@ class Tracker:
     __slots__ = ("metrics", "route", "status", "started", "received", "sent", "finished")
 
     def __init__(self, metrics: Metrics, route: str):
-        self.metrics, self.route, self.status = metrics, route, None
+        self.metrics, self.route = metrics, route
+        self.status: int | None = None
         self.received = self.sent = 0  # body bytes, noted by the host (the monitor's network figure)
         self.finished = False
 
@@ -101,14 +110,15 @@ class Tracker:
             self.metrics.transferred(self.received, self.sent)
         self.metrics.in_flight.dec()
 
-    def __exit__(self, kind, exc, tb) -> None:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.finish(failed=kind is not None)
 
 
 class Metrics:
     """The inference metrics of this process (one per `Service`, each with its own registry)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         import prometheus_client as prom  # here: its mode (one process or many) is fixed on import
 
         self._prom = prom
@@ -128,7 +138,8 @@ class Metrics:
         self.bytes = prom.Counter("skyfuse_inference_bytes", "HTTP body bytes, by direction (received, sent); "
                                   "GET /metrics itself is not counted.", ["direction"], registry=r)
         self._received, self._sent = self.bytes.labels("received"), self.bytes.labels("sent")
-        self._children: dict = {}  # (route, status) → the two series: no label lookup per request
+        # (route, status) → the two series: no label lookup per request
+        self._children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._lock = threading.Lock()
 
     def track(self, route: str) -> Tracker:
@@ -150,7 +161,7 @@ class Metrics:
         if sent:
             self._sent.inc(sent)
 
-    def swapped(self, new, old) -> None:
+    def swapped(self, new: LoadedModel, old: LoadedModel | None) -> None:
         """PointerWatcher's on_swap: the version served."""
         if old is not None and old.version != new.version:
             self.model.labels(old.version).set(0)
@@ -172,7 +183,8 @@ class Metrics:
         for name in os.listdir(path):
             found = _LIVE_FILE.match(name)
             if found and not _alive(int(found.group(1))):
-                multiprocess.mark_process_dead(int(found.group(1)), path)
+                multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]  # unannotated upstream
+                    int(found.group(1)), path)
         registry = prom.CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path)
+        multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]  # unannotated upstream
         return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST

@@ -4,8 +4,10 @@ graph optimisations, quiet. onnxruntime only: the serving path imports this with
 """
 from __future__ import annotations
 
+from typing import Any
 
-def ort():
+
+def ort() -> Any:  # the onnxruntime module, which ships no types
     """onnxruntime, imported on first use: a process that imports it and then forks (gunicorn's
     master before its workers) gets children that abort at exit (std::system_error from its
     static thread state), so the entry points must not import it at module level."""
@@ -14,7 +16,7 @@ def ort():
     return onnxruntime
 
 
-def options(threads: int = 1):
+def options(threads: int = 1) -> Any:  # an onnxruntime.SessionOptions
     """The session options: `threads` intra-op threads, no spinning, quiet."""
     rt = ort()
     opts = rt.SessionOptions()
@@ -28,7 +30,7 @@ def options(threads: int = 1):
     return opts
 
 
-def open_session(model_bytes: bytes, threads: int = 1):
+def open_session(model_bytes: bytes, threads: int = 1) -> Any:  # an onnxruntime.InferenceSession
     """An onnxruntime CPU session over an ONNX model's bytes, with `options(threads)`."""
     return ort().InferenceSession(bytes(model_bytes), sess_options=options(threads),
                                   providers=["CPUExecutionProvider"])

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 IRIS_CLASSES = ("setosa", "versicolor", "virginica")
 
 
-def classifier(width: int = 4, classes: Sequence = IRIS_CLASSES, *, seed: int = 0, hidden: Sequence[int] = (),
-               features: Sequence[str] | None = None, lineage: dict | None = None, opset: int = 17,
+def classifier(width: int = 4, classes: Sequence[str] = IRIS_CLASSES, *, seed: int = 0, hidden: Sequence[int] = (),
+               features: Sequence[str] | None = None, lineage: dict[str, Any] | None = None, opset: int = 17,
                input_name: str = "features") -> bytes:
     """A serialized MLP classifier: `features` float32 [N, width] → (MatMul+Add+Relu)* → MatMul+Add →
     Softmax → `prob` float32 [N, len(classes)], with `skyfuse.lineage` JSON (features, classes,
@@ -50,12 +52,14 @@ def classifier(width: int = 4, classes: Sequence = IRIS_CLASSES, *, seed: int = 
     doc.update(lineage or {})
     helper.set_model_props(model, {"skyfuse.lineage": json.dumps(doc), "skyfuse.strategy": "wavg"})
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
-def reference(model_bytes: bytes, X) -> np.ndarray:
+def reference(model_bytes: bytes, X: npt.ArrayLike) -> np.ndarray:
     """The model's `prob` for X from a plain onnxruntime session (what predictions must equal)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    return session.run(["prob"], {session.get_inputs()[0].name: np.asarray(X, dtype=np.float32)})[0]
+    probs: np.ndarray = session.run(["prob"], {session.get_inputs()[0].name: np.asarray(X, dtype=np.float32)})[0]
+    return probs

@@ -3,12 +3,15 @@
 `open_store(uri)` picks the backend by scheme; `fetch(uri, sha256)` reads any object by its full
 URI (how a model crosses from one cloud's store to another's) and checks its digest.
 
-| store URI | backend | where the endpoint and credentials come from |
-| --- | --- | --- |
-| `file://PATH` | a local folder (`FileStore`) | — |
-| `s3://BUCKET[/PREFIX]` | Amazon S3 / LocalStack (`S3Store`, boto3) | `$AWS_ENDPOINT_URL_S3` or `$AWS_ENDPOINT_URL`, boto3's credential chain, `$AWS_REGION` / `$AWS_DEFAULT_REGION` |
-| `gs://BUCKET[/PREFIX]` | Google Cloud Storage / its emulator (`GCSStore`, google-cloud-storage) | `$STORAGE_EMULATOR_HOST` (anonymous), else Application Default Credentials |
-| `az://CONTAINER[/PREFIX]` | Azure Blob Storage / Azurite (`AzureStore`, azure-storage-blob) | `$AZURE_STORAGE_CONNECTION_STRING` (or `$AZURE_STORAGE_ACCOUNT_URL` with a credential) |
+Store URIs, their backends, and where the endpoint and credentials come from:
+
+- `file://PATH`: a local folder (`FileStore`).
+- `s3://BUCKET[/PREFIX]`: Amazon S3 / LocalStack (`S3Store`, boto3); `$AWS_ENDPOINT_URL_S3` or
+  `$AWS_ENDPOINT_URL`, boto3's credential chain, `$AWS_REGION` / `$AWS_DEFAULT_REGION`.
+- `gs://BUCKET[/PREFIX]`: Google Cloud Storage / its emulator (`GCSStore`, google-cloud-storage);
+  `$STORAGE_EMULATOR_HOST` (anonymous), else Application Default Credentials.
+- `az://CONTAINER[/PREFIX]`: Azure Blob Storage / Azurite (`AzureStore`, azure-storage-blob);
+  `$AZURE_STORAGE_CONNECTION_STRING` (or `$AZURE_STORAGE_ACCOUNT_URL` with a credential).
 
 An object's URI is the store's URI plus its key (`s3://skyfuse-aws/runs/r1/shards/0.csv`); keys are
 `/`-separated paths, and `keys` builds every key of a run (`runs/<run>/…`, with the layout). The
@@ -22,6 +25,8 @@ other failure, each naming the store and the endpoint.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 from skyfuse.storage.base import IntegrityError, NotFound, ObjectInfo, Store, StoreError, sha256_of
 from skyfuse.storage.cloud import Unreachable
 from skyfuse.storage.file import FileStore
@@ -32,7 +37,15 @@ __all__ = ["IntegrityError", "NotFound", "ObjectInfo", "Store", "StoreError", "U
 SUPPORTED = "file://PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX], az://CONTAINER[/PREFIX]"
 
 
-def _backend(uri: str) -> type[Store]:
+class _Backend(Protocol):
+    """A store class: made from a store URI, and splits an object URI into (store URI, key)."""
+
+    def __call__(self, uri: str) -> Store: ...
+
+    def split(self, uri: str) -> tuple[str, str]: ...
+
+
+def _backend(uri: str) -> _Backend:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme == "file":
         return FileStore

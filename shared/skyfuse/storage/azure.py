@@ -16,9 +16,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from skyfuse.storage.base import NotFound, ObjectInfo, StoreError, sha256_of
 from skyfuse.storage.cloud import CHUNK, CloudStore, is_loopback, no_bucket, split_object_uri, unreachable
+
+if TYPE_CHECKING:
+    from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential, TokenCredential
+    from azure.core.exceptions import AzureError
+    from azure.storage.blob import BlobServiceClient
+
+    class HashableTokenCredential(TokenCredential, Hashable, Protocol):
+        """An azure-identity credential, as a key of the client cache."""
+
+    # a key, a SAS token or an azure-identity credential
+    Credential = str | AzureNamedKeyCredential | AzureSasCredential | HashableTokenCredential
 
 BLOCK = 4 * 1024 * 1024
 READ_ATTEMPTS = 3
@@ -37,21 +50,32 @@ def _endpoint_of(connection_string: str) -> str | None:
     return None
 
 
+def _error_code(exc: AzureError) -> str | None:
+    """The storage error code (`ContainerNotFound`, ...) azure-storage-blob sets on the errors it raises;
+    azure-core's exception types do not declare it."""
+    code: str | None = exc.error_code  # type: ignore[attr-defined]  # set by azure-storage-blob, undeclared
+    return code
+
+
 @functools.lru_cache(maxsize=16)
-def _service(connection_string: str | None, account_url: str | None, credential):
+def _service(connection_string: str | None, account_url: str | None,
+             credential: Credential | None) -> BlobServiceClient:
     from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
     endpoint = _endpoint_of(connection_string) if connection_string else account_url
-    options = dict(max_single_put_size=CHUNK, max_block_size=BLOCK, max_single_get_size=CHUNK,
-                   max_chunk_get_size=CHUNK)
+    options: dict[str, Any] = dict(max_single_put_size=CHUNK, max_block_size=BLOCK, max_single_get_size=CHUNK,
+                                   max_chunk_get_size=CHUNK)
     if is_loopback(endpoint):
         # Azure's storage default waits 15 s before its first retry: far too long for an emulator
         # that refuses connections because it is not running.
-        options.update(retry_policy=ExponentialRetry(initial_backoff=0.2, increment_base=2, retry_total=1,
-                                                     random_jitter_range=0.1),
-                       connection_timeout=5)
+        quick = ExponentialRetry(initial_backoff=0.2,  # type: ignore[arg-type]  # annotated int; seconds, any number
+                                 increment_base=2, retry_total=1,
+                                 random_jitter_range=0.1)  # type: ignore[arg-type]  # annotated int, as above
+        options.update(retry_policy=quick, connection_timeout=5)
     if connection_string:
         return BlobServiceClient.from_connection_string(connection_string, **options)
+    if account_url is None:
+        raise ValueError("neither a connection string nor an account URL")
     return BlobServiceClient(account_url, credential=credential, **options)
 
 
@@ -59,7 +83,7 @@ class AzureStore(CloudStore):
     scheme = "az"
 
     def __init__(self, uri: str, *, connection_string: str | None = None, account_url: str | None = None,
-                 credential=None):
+                 credential: Credential | None = None):
         super().__init__(uri)
         env = os.environ
         connection_string = connection_string or (None if account_url else env.get("AZURE_STORAGE_CONNECTION_STRING"))
@@ -81,7 +105,7 @@ class AzureStore(CloudStore):
     # ------------------------------------------------------------------ errors ---
 
     @contextlib.contextmanager
-    def _errors(self, action: str, key: str | None = None):
+    def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         from azure.core.exceptions import (
             AzureError,
             ClientAuthenticationError,
@@ -95,19 +119,19 @@ class AzureStore(CloudStore):
         try:
             yield
         except ResourceNotFoundError as exc:
-            if exc.error_code == "ContainerNotFound":
+            if _error_code(exc) == "ContainerNotFound":
                 raise no_bucket("container", self.bucket, self.endpoint, self.uri) from None
             if key is not None:
                 raise NotFound(f"no object {where}") from None
-            raise StoreError(f"Azure could not {action} {where}: {exc.error_code or exc.reason}") from exc
+            raise StoreError(f"Azure could not {action} {where}: {_error_code(exc) or exc.reason}") from exc
         except ClientAuthenticationError as exc:
-            raise StoreError(f"Azure refused to {action} {where}: {exc.error_code or exc.reason}; "
+            raise StoreError(f"Azure refused to {action} {where}: {_error_code(exc) or exc.reason}; "
                              "check the storage account key or token") from None
         except (ServiceRequestError, ServiceResponseError) as exc:
             raise unreachable("Azure Blob Storage", self.endpoint, self.uri, exc) from None
         except HttpResponseError as exc:
             raise StoreError(f"Azure could not {action} {where}: "
-                             f"{exc.status_code} {exc.error_code or exc.reason}") from exc
+                             f"{exc.status_code} {_error_code(exc) or exc.reason}") from exc
         except AzureError as exc:
             raise StoreError(f"Azure could not {action} {where}: {exc}") from exc
 
@@ -140,7 +164,7 @@ class AzureStore(CloudStore):
             try:
                 self._container.delete_blob(name)
             except ResourceNotFoundError as exc:
-                if exc.error_code == "ContainerNotFound":
+                if _error_code(exc) == "ContainerNotFound":
                     raise
 
     # ------------------------------------------------------------------- reads ---

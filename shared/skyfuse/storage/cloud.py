@@ -8,6 +8,7 @@ read back with `skyfuse.storage.fetch` by whichever cloud holds the credentials 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from skyfuse.storage.base import Store, StoreError
@@ -91,7 +92,7 @@ class CloudStore(Store):
             raise StoreError(f"bad prefix {prefix!r} for {self.uri}: keys are `a/b/c` paths")
         return f"{self.prefix}/{prefix}" if self.prefix else prefix
 
-    def _keys(self, prefix: str, names) -> list[str]:
+    def _keys(self, prefix: str, names: Iterable[str]) -> list[str]:
         """Sorted keys, from the names the cloud listed, as `FileStore.list` gives them: `prefix` is a
         folder (`runs/r1` holds `runs/r1/a`, not `runs/r10/a`) or, when an object has that very key,
         that object; `""` is every key."""

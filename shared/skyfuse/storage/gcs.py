@@ -14,31 +14,39 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from skyfuse.storage.base import NotFound, ObjectInfo, StoreError, sha256_of
 from skyfuse.storage.cloud import CHUNK, CloudStore, is_loopback, no_bucket, split_object_uri, unreachable
+
+if TYPE_CHECKING:
+    from google.api_core.retry import Retry
+    from google.cloud.storage import Blob, Bucket, Client  # untyped package: Any to the type checker
 
 TIMEOUT_S = (10, 120)  # (connect, read) per request
 
 
 @functools.lru_cache(maxsize=16)
-def _client(endpoint: str | None, project: str | None):
+def _client(endpoint: str | None, project: str | None) -> Client:
     from google.cloud import storage
 
     if endpoint:
         from google.auth.credentials import AnonymousCredentials
 
-        return storage.Client(project=project or "skyfuse", credentials=AnonymousCredentials(),
+        anonymous = AnonymousCredentials()  # type: ignore[no-untyped-call]  # google-auth leaves __init__ unannotated
+        return storage.Client(project=project or "skyfuse", credentials=anonymous,
                               client_options={"api_endpoint": endpoint})
     return storage.Client(project=project)
 
 
-def _retry(local: bool):
+def _retry(local: bool) -> Retry:
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     # The library retries transient errors (connection errors included) for up to 120 s by default;
     # an emulator on this machine that refuses connections is not coming back within seconds.
-    return DEFAULT_RETRY.with_timeout(3.0 if local else 120.0)
+    retry: Retry = DEFAULT_RETRY.with_timeout(3.0 if local else 120.0)
+    return retry
 
 
 class GCSStore(CloudStore):
@@ -52,20 +60,20 @@ class GCSStore(CloudStore):
         self.endpoint = endpoint.rstrip("/") if endpoint else None
         self.project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or None
         self._retry = _retry(is_loopback(self.endpoint))
-        self._bucket_handle = None
+        self._bucket_handle: Bucket | None = None
 
     @staticmethod
     def split(uri: str) -> tuple[str, str]:
         return split_object_uri(uri, "gs")
 
     @property
-    def _bucket(self):
+    def _bucket(self) -> Bucket:
         if self._bucket_handle is None:
             with self._errors("connect to"):
                 self._bucket_handle = _client(self.endpoint, self.project).bucket(self.bucket)
         return self._bucket_handle
 
-    def _blob(self, name: str, *, upload: bool = False):
+    def _blob(self, name: str, *, upload: bool = False) -> Blob:
         # Uploads over 8 MiB go resumable in CHUNK pieces. Reads are one request whose body streams
         # in: ranged chunk requests would not pin the object's generation, so a reader racing a
         # writer could get half of each, and they skip the library's crc32c check.
@@ -80,7 +88,7 @@ class GCSStore(CloudStore):
             return False
 
     @contextlib.contextmanager
-    def _errors(self, action: str, key: str | None = None):
+    def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         import requests
         from google.api_core import exceptions as gexc
         from google.auth import exceptions as auth_exc
@@ -144,12 +152,14 @@ class GCSStore(CloudStore):
     def read(self, key: str) -> bytes:
         blob = self._blob(self._name(key))
         with self._errors("read", key):
-            return blob.download_as_bytes(retry=self._retry, timeout=TIMEOUT_S)
+            data: bytes = blob.download_as_bytes(retry=self._retry, timeout=TIMEOUT_S)
+            return data
 
     def exists(self, key: str) -> bool:
         blob = self._blob(self._name(key))
         with self._errors("look up", key):
-            return blob.exists(retry=self._retry, timeout=TIMEOUT_S)
+            found: bool = blob.exists(retry=self._retry, timeout=TIMEOUT_S)
+            return found
 
     def list(self, prefix: str) -> list[str]:
         with self._errors("list"):

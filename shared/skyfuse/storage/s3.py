@@ -16,15 +16,21 @@ import contextlib
 import functools
 import os
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from skyfuse.storage.base import NotFound, ObjectInfo, StoreError, sha256_of
 from skyfuse.storage.cloud import CHUNK, CloudStore, is_loopback, no_bucket, split_object_uri, unreachable
+
+if TYPE_CHECKING:
+    from botocore.exceptions import ClientError
 
 CONFLICT_RETRIES = 5  # S3 answers 409 ConditionalRequestConflict while a racing conditional write lands
 
 
 @functools.lru_cache(maxsize=16)
-def _client(endpoint: str | None, region: str, access_key: str | None, secret_key: str | None):
+def _client(endpoint: str | None, region: str, access_key: str | None, secret_key: str | None) -> Any:
+    """A boto3 S3 client (boto3 ships no types)."""
     import boto3
     from botocore.config import Config
 
@@ -61,7 +67,7 @@ class S3Store(CloudStore):
     # ------------------------------------------------------------------ errors ---
 
     @contextlib.contextmanager
-    def _errors(self, action: str, key: str | None = None):
+    def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -95,7 +101,7 @@ class S3Store(CloudStore):
             raise StoreError(f"S3 could not {action} {self.uri_for(key) if key else self.uri}: {exc}") from exc
 
     @staticmethod
-    def _code(exc) -> str:
+    def _code(exc: ClientError) -> str:
         return str(exc.response.get("Error", {}).get("Code", ""))
 
     # ------------------------------------------------------------------ writes ---
@@ -177,7 +183,7 @@ class S3Store(CloudStore):
                 raise
 
     def list(self, prefix: str) -> list[str]:
-        names = []
+        names: list[str] = []
         with self._errors("list"):
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                             Prefix=self._list_prefix(prefix))

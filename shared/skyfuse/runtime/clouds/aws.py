@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
@@ -25,13 +26,17 @@ from skyfuse import events, tracing
 from skyfuse.bus.base import Record
 from skyfuse.runtime.clouds.base import Invoker, Limits, Outcome
 from skyfuse.runtime.function import Handler, current, run_handler
-from skyfuse.runtime.tracker import lane
+from skyfuse.runtime.tracker import Lane, lane
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+    from aws_lambda_powertools.utilities.typing import LambdaContext as PowertoolsContext
 
 LAMBDA_KAFKA = Limits(max_records=100, max_wait_s=0.5, max_bytes=6 * 1024 * 1024)
 
 
-def kafka_record(record: Record) -> dict:
-    native = {
+def kafka_record(record: Record) -> dict[str, Any]:
+    native: dict[str, Any] = {
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
@@ -45,9 +50,9 @@ def kafka_record(record: Record) -> dict:
     return native
 
 
-def kafka_event(records: list[Record], bootstrap_servers: str) -> dict:
+def kafka_event(records: list[Record], bootstrap_servers: str) -> dict[str, Any]:
     """The self-managed Kafka event Lambda passes to a handler."""
-    grouped: dict[str, list[dict]] = {}
+    grouped: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         grouped.setdefault(f"{record.topic}-{record.partition}", []).append(kafka_record(record))
     return {"eventSource": "SelfManagedKafka", "bootstrapServers": bootstrap_servers, "records": grouped}
@@ -81,8 +86,8 @@ class LambdaContext:
         return max(0, int((self.timeout_s - (time.monotonic() - self._started)) * 1000))
 
 
-def load_handler(path: str):
-    """`package.module:attribute` → the callable."""
+def load_handler(path: str) -> Any:
+    """`package.module:attribute` → the callable (for Azure: the FunctionApp) it names."""
     module, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module), attribute or "lambda_handler")
 
@@ -122,7 +127,8 @@ class SkippedBehindFailure(Exception):
     """Not tried: an earlier record of the same partition (or key) failed in this batch."""
 
 
-def process_kafka_batch(function: str, handle: Handler, event: dict, context) -> dict:
+def process_kafka_batch(function: str, handle: Handler, event: dict[str, Any],
+                        context: PowertoolsContext | None) -> PartialItemFailureResponse:
     """Run `handle` on each record of a Lambda Kafka event; report failures as `batchItemFailures`.
 
     Records behind a failed one in the same ordering lane are reported failed without being tried,
@@ -130,9 +136,9 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
     """
     runtime = current(function)
     ordering = runtime.function_settings.ordering
-    failed_lanes: set = set()
+    failed_lanes: set[Lane] = set()
 
-    def lane_of(record: KafkaEventRecord) -> tuple:
+    def lane_of(record: KafkaEventRecord) -> Lane:
         return lane(ordering, record.topic, record.partition, record.decoded_key, record.offset)
 
     def handle_record(record: KafkaEventRecord) -> None:
@@ -143,8 +149,9 @@ def process_kafka_batch(function: str, handle: Handler, event: dict, context) ->
             run_handler(handle, events.decode(record.decoded_key, record.decoded_value, headers), runtime)
         except Exception:
             failed_lanes.add(lane_of(record))
-            runtime.log.exception("record failed", extra={"record": f"{record.topic}-{record.partition}@{record.offset}",
-                                                         "cloud": runtime.cloud, "function": function})
+            runtime.log.exception("record failed", extra={
+                "record": f"{record.topic}-{record.partition}@{record.offset}", "cloud": runtime.cloud,
+                "function": function})
             raise
 
     processor = BatchProcessor(event_type=EventType.Kafka, raise_on_entire_batch_failure=False)

@@ -15,10 +15,13 @@ import base64
 import functools
 import json
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
+from typing import Any
 
 import azure.functions as func
+from azure.functions.decorators.kafka import KafkaTrigger
 from azure.functions.kafka import KafkaTriggerConverter
 from azure.functions.meta import Datum
 from cloudevents.http import CloudEvent
@@ -32,9 +35,9 @@ from skyfuse.runtime.function import Handler, current, run_handler
 KAFKA_TRIGGER = Limits(max_records=64, max_wait_s=0.2, max_bytes=100 * 1024 * 1024)
 
 
-def trigger_payload(records: list[Record]) -> dict:
+def trigger_payload(records: list[Record]) -> dict[str, Any]:
     """The invocation as JSON: `data` and `trigger_metadata`, each value with its worker type."""
-    def as_json(values) -> dict:
+    def as_json(values: list[Any]) -> dict[str, str]:
         return {"type": "json", "value": json.dumps(values)}
 
     return {
@@ -52,17 +55,18 @@ def trigger_payload(records: list[Record]) -> dict:
     }
 
 
-def _datum(typed: dict) -> Datum:
+def _datum(typed: dict[str, Any]) -> Datum:
     kind, value = typed["type"], typed["value"]
     if kind.startswith("collection_"):  # the worker's protobuf collections expose a typed list
         value = SimpleNamespace(**{kind.removeprefix("collection_"): value})
     return Datum(value, kind)
 
 
-def decode_payload(payload: dict) -> list[func.KafkaEvent]:
+def decode_payload(payload: dict[str, Any]) -> list[func.KafkaEvent]:
     """What the Python worker passes a `List[func.KafkaEvent]` parameter, via the real converter."""
     metadata = {name: _datum(typed) for name, typed in payload["trigger_metadata"].items()}
-    return KafkaTriggerConverter.decode(_datum(payload["data"]), trigger_metadata=metadata)
+    decoded = KafkaTriggerConverter.decode(_datum(payload["data"]), trigger_metadata=metadata)
+    return decoded if isinstance(decoded, list) else [decoded]  # a collection decodes to a list
 
 
 class _DropAuthLevelWarning(logging.Filter):
@@ -71,7 +75,7 @@ class _DropAuthLevelWarning(logging.Filter):
 
 
 @functools.cache  # get_functions() may run once per app: a second call fails its name check
-def kafka_trigger_functions(app: func.FunctionApp) -> dict[str, object]:
+def kafka_trigger_functions(app: func.FunctionApp) -> dict[str, Callable[..., Any]]:
     """topic → the user function of the app's Kafka trigger on it."""
     out = {}
     quiet = _DropAuthLevelWarning()  # it warns that non-HTTP apps have no auth level: true, and moot
@@ -82,7 +86,7 @@ def kafka_trigger_functions(app: func.FunctionApp) -> dict[str, object]:
         logging.getLogger().removeFilter(quiet)
     for fn in functions:
         trigger = fn.get_trigger()
-        if trigger is not None and trigger.get_binding_name() == "kafkaTrigger":
+        if isinstance(trigger, KafkaTrigger):  # the trigger whose binding is "kafkaTrigger"
             out[trigger.topic] = fn.get_user_function()
     return out
 

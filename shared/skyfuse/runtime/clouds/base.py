@@ -25,8 +25,9 @@ class Limits:
 class Outcome:
     """Which records of a batch failed (by index), and why.
 
-    `untried` marks records the invoker stopped short of. `whole` marks an invocation that failed as a whole (the entry point raised): the failure
-    cannot be pinned on one record, so the host retries the records one at a time to find it.
+    `untried` marks records the invoker stopped short of. `whole` marks an invocation that failed as
+    a whole (the entry point raised): the failure cannot be pinned on one record, so the host
+    retries the records one at a time to find it.
     """
 
     failed: dict[int, str] = field(default_factory=dict)

@@ -37,7 +37,8 @@ class CloudEventInvoker(Invoker):
         # sys.path back.
         saved = list(sys.path)
         try:
-            self.app = functions_framework.create_app(target=target, source=source, signature_type="cloudevent")
+            self.app = functions_framework.create_app(  # type: ignore[no-untyped-call]  # unannotated upstream
+                target=target, source=source, signature_type="cloudevent")
         finally:
             sys.path[:] = saved
         self.client = self.app.test_client()
