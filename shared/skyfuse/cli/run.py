@@ -101,9 +101,13 @@ class _Bars:
         self.serving = self.live.add_task("placed clouds serving", total=None) if serving else None
 
     def show(self, p: training.Progress) -> None:
-        self.live.update(self.trained, completed=sum(p.trained.values()))
-        self.live.update(self.exported, completed=sum(p.exported.values()))
-        self.live.update(self.fused, completed=p.rounds_fused)
+        counts = ((self.trained, sum(p.trained.values())), (self.exported, sum(p.exported.values())),
+                  (self.fused, p.rounds_fused))
+        for task, done in counts:
+            if p.fused is not None:  # the rounds may have stopped early (rounds_patience): end the bars there
+                self.live.update(task, total=done, completed=done)
+            else:
+                self.live.update(task, completed=done)
         if self.serving is not None and p.placement:
             self.live.update(self.serving, total=len(p.placed), completed=p.serving)
 
@@ -120,7 +124,8 @@ def launch(fleet: Fleet, dataset: Dataset, plan: training.Plan, run: RunOptions,
     prepared = training.prepare(fleet, dataset, plan)
     err.print(f"[bold]{plan.run_id}[/]: {len(dataset)} rows → train {len(prepared.train)} / validation "
               f"{len(prepared.validation)} / test {len(prepared.test)}; {len(prepared.shards)} shards "
-              f"({plan.partition}) placed in {', '.join(plan.clouds)}; fusion {plan.fusion}, {plan.rounds} round(s)",
+              f"({plan.partition}) placed in {', '.join(plan.clouds)}; "
+              f"fusion {plan.fusion}, up to {plan.rounds} round(s)",
               highlight=False)
     bus = ready_bus(fleet)
     bars = _Bars(len(prepared.shard_events), plan.rounds, runs.serves_here(run.serve))

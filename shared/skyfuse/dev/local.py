@@ -8,6 +8,7 @@ quorum check, the monitor). `.skyfuse/endpoints.json` tells other commands (`sta
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,13 +113,22 @@ class LocalFleet:
         """Each cloud's inference server, then the router in front of them; endpoints.json says where."""
         from skyfuse.dev import hosts
 
-        for cloud in self.clouds:
+        def start(cloud: str) -> Host:
             settings = self.fleet.clouds[cloud]
             port = settings.inference_port or FIRST_PORT + list(self.fleet.clouds).index(cloud)
-            server = hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
-                                 log_dir=Path(".skyfuse/logs").resolve())
-            self.servers[cloud] = server
-            settings.endpoint = server.url  # the deployer reports it in deployment.status
+            return hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
+                               log_dir=Path(".skyfuse/logs").resolve())
+
+        # all at once: each start is mostly a wait for the process to answer
+        with ThreadPoolExecutor(len(self.clouds)) as pool:
+            starting = {cloud: pool.submit(start, cloud) for cloud in self.clouds}
+        failures = [error for future in starting.values() if (error := future.exception()) is not None]
+        for cloud, future in starting.items():
+            if future.exception() is None:
+                self.servers[cloud] = future.result()  # stopped by stop(), whatever else failed
+                self.fleet.clouds[cloud].endpoint = self.servers[cloud].url  # deployment.status reports it
+        if failures:
+            raise failures[0]
         if self.router_port:
             from skyfuse.dev.router import Placement, Router, RouterServer
 
@@ -137,8 +147,8 @@ class LocalFleet:
         if self.router:
             self.router.stop()
             self.router = None
-        for server in self.servers.values():
-            server.stop()
+        with ThreadPoolExecutor(max(1, len(self.servers))) as pool:  # each stop may wait for its process
+            list(pool.map(lambda server: server.stop(), self.servers.values()))
         if self.servers and ENDPOINTS.exists():
             ENDPOINTS.unlink()
         self.servers = {}
