@@ -322,8 +322,9 @@ class _Loop:
         import tensorflow as tf
 
         self.model, self.spec, self.verbose, self.rows = model, spec, verbose, len(X)
-        weights = {id(v) for v in model.weights}  # other state: random layers' seed counters
-        self.state = [(v, np.array(v.numpy())) for v in model.variables if id(v) not in weights]
+        # random layers (Dropout, noise) draw from seed generators; a loaded or built model takes
+        # their state from the process's random numbers, so `run` sets it from the spec's seed
+        self.seed_states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
         if spec.optimizer == "sgd":
             self.optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
         else:
@@ -368,8 +369,8 @@ class _Loop:
 
         for variable in self.optimizer.variables:  # a fresh optimizer: no moments, step 0
             variable.assign(tf.zeros_like(variable))
-        for variable, initial in self.state:  # Dropout draws the masks a fresh model would
-            variable.assign(initial)
+        for i, state in enumerate(self.seed_states):  # the same masks every run of this seed
+            state.assign(np.asarray([self.spec.seed * 1009 + i + 1, 0], dtype=state.dtype))
         self.optimizer.learning_rate = learning_rate
         for anchor, param in zip(self.anchor, self.model.trainable_variables, strict=False):  # none without FedProx
             anchor.assign(param)
