@@ -77,3 +77,16 @@ def test_the_installed_command_prints_a_traceback_for_a_bug(tmp_path):
     run = subprocess.run([sys.executable, "-c", bug], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" in run.stderr and "IndexError" in run.stderr, run.stderr
     assert "error:" not in run.stderr
+
+
+def test_a_sample_decision_never_outranks_the_schedulers_own():
+    """`skyfuse selftest` and `publish --sample` send the sample placement.changed through the real
+    deployers, which skip decisions older than the newest applied: the sample carries no
+    scheduler sequence, so a run after a self-test still deploys (its 42 once held them back)."""
+    from skyfuse import config
+    from skyfuse.cli.publish import sample_event
+
+    fleet = config.load(environ={"SKYFUSE_SIGNING__ENABLED": "false"})
+    data = sample_event(fleet, "placement.changed").get_data()
+    assert "sequence" not in data and data["decision_id"]
+    assert sample_event(fleet, "fused.ready").get_data()["version"]  # other samples as they are

@@ -82,6 +82,10 @@ def sample_producer(fleet: Fleet, type_name: str, data: dict[str, Any]) -> str:
 
 
 def sample_event(fleet: Fleet, type_name: str) -> CloudEvent:
-    """The sample of `type_name` as its first allowed producer in this local fleet would emit it."""
+    """The sample of `type_name` as its first allowed producer in this local fleet would emit it.
+    A sample decision carries no scheduler `sequence`: the deployers skip any decision older than
+    the newest they applied, so the sample's 42 would hold back the real scheduler's next decisions."""
     data = contracts.sample(type_name)
+    if type_name == "placement.changed":
+        data.pop("sequence", None)
     return event_as(fleet, sample_producer(fleet, type_name, data), type_name, data)
