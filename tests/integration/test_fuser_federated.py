@@ -2,6 +2,8 @@
 round.started with the FedAdam global model, then fused.ready with the fedadam candidate scored; a
 retried round writes exactly the state the first try wrote; auto scores fedadam and fedyogi beside
 fedavg from the second round on."""
+import contextlib
+
 import numpy as np
 import orjson
 import pytest
@@ -21,16 +23,24 @@ CLOUDS = ("aws", "gcp", "azure")
 SPEC = M.ModelSpec(hidden=(8,), epochs=20, learning_rate=1e-2, seed=0)
 
 
-@pytest.fixture
-def runtime(tmp_path):
-    env = fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__KEYS_DIR=tmp_path / "keys",
-                    SKYFUSE_TRAINING__SERVER_LR=0.02)
+@contextlib.contextmanager
+def fuser_runtime(tmp_path, **settings):
+    """The control cloud's fuser runtime on an embedded bus, each cloud's store under tmp_path."""
+    env = fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__KEYS_DIR=tmp_path / "keys", **settings)
     env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in CLOUDS})
     fleet = config.load(environ=env)
     signing.ensure_local_keys(fleet)
     bus = open_bus(fleet)
-    yield Runtime("aws", "fuser", fleet, bus_factory=lambda: bus)
-    bus.close()
+    try:
+        yield Runtime("aws", "fuser", fleet, bus_factory=lambda: bus)
+    finally:
+        bus.close()
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    with fuser_runtime(tmp_path, SKYFUSE_TRAINING__SERVER_LR=0.02) as fuser:
+        yield fuser
 
 
 @pytest.fixture(scope="module")
@@ -148,29 +158,22 @@ def test_auto_scores_each_server_step_and_continues_from_the_best(runtime, task)
 def test_rounds_stop_early_once_validation_stops_improving(tmp_path, task, round0_accuracy, next_event):
     """rounds_patience = 1: after round 1, the run goes on only if round 1 scored better than round
     0 (whose scores are set here to the best and the worst there can be)."""
-    env = fleet_env("embedded", tmp_path, SKYFUSE_SIGNING__KEYS_DIR=tmp_path / "keys",
-                    SKYFUSE_TRAINING__ROUNDS_PATIENCE=1)
-    env.update({f"SKYFUSE_CLOUDS__{c.upper()}__STORE": f"file://{tmp_path}/stores/{c}" for c in CLOUDS})
-    fleet = config.load(environ=env)
-    signing.ensure_local_keys(fleet)
-    bus = open_bus(fleet)
-    runtime = Runtime("aws", "fuser", fleet, bus_factory=lambda: bus)
-    ds, validation, shards, stats = task
-    manifest = {"expected_members": 3, "clouds": list(CLOUDS), "quorum": 2, "timeout_s": 60, "fusion": "fedavg",
-                "rounds": 5}
-    _start_run(runtime, "early", ds, validation)
-    _round(runtime, "early", 0, shards, manifest, stats)
-    [started] = [e.get_data() for e in runtime.emitted if e["type"].endswith("round.started")]
-    store = runtime.store()
-    scores0 = orjson.loads(store.get(keys.round_scores("early", 0)))
-    store.put(keys.round_scores("early", 0),
-              orjson.dumps({s: {**v, "accuracy": round0_accuracy} for s, v in scores0.items()}))
-    runtime.emitted.clear()
-    _round(runtime, "early", 1, shards, manifest, stats, initial=_global(runtime, started))
-    [emitted] = [e for e in runtime.emitted if not e["type"].endswith("metrics.sampled")]
-    assert emitted["type"] == f"skyfuse.{next_event}"
-    if next_event == "fused.ready":  # round 0's perfect score is the pick, four rounds before the last
-        assert emitted.get_data()["round"] == 0 and emitted.get_data()["metrics"]["validation_accuracy"] == 1.0
-    else:
-        assert emitted.get_data()["round"] == 2
-    bus.close()
+    with fuser_runtime(tmp_path, SKYFUSE_TRAINING__ROUNDS_PATIENCE=1) as runtime:
+        ds, validation, shards, stats = task
+        manifest = {"expected_members": 3, "clouds": list(CLOUDS), "quorum": 2, "timeout_s": 60, "fusion": "fedavg",
+                    "rounds": 5}
+        _start_run(runtime, "early", ds, validation)
+        _round(runtime, "early", 0, shards, manifest, stats)
+        [started] = [e.get_data() for e in runtime.emitted if e["type"].endswith("round.started")]
+        store = runtime.store()
+        scores0 = orjson.loads(store.get(keys.round_scores("early", 0)))
+        store.put(keys.round_scores("early", 0),
+                  orjson.dumps({s: {**v, "accuracy": round0_accuracy} for s, v in scores0.items()}))
+        runtime.emitted.clear()
+        _round(runtime, "early", 1, shards, manifest, stats, initial=_global(runtime, started))
+        [emitted] = [e for e in runtime.emitted if not e["type"].endswith("metrics.sampled")]
+        assert emitted["type"] == f"skyfuse.{next_event}"
+        if next_event == "fused.ready":  # round 0's perfect score is the pick, four rounds before the last
+            assert emitted.get_data()["round"] == 0 and emitted.get_data()["metrics"]["validation_accuracy"] == 1.0
+        else:
+            assert emitted.get_data()["round"] == 2
