@@ -15,12 +15,9 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from services.inference import handler
-from skyfuse import config
 from skyfuse.runtime.clouds.aws import LambdaContext
-from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.serving import testing
-from skyfuse.serving.model import publish
-from skyfuse.storage import open_store
+from tests.unit.conftest import inference_core
 
 REPO = Path(__file__).resolve().parents[2]
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -42,15 +39,8 @@ def model_bytes():
 def served(tmp_path, monkeypatch, model_bytes):
     """The inference core of this process, serving `model_bytes` as v1 from a temporary store."""
     monkeypatch.setenv("INFERENCE_METRICS_S", "0")
-    store_uri = f"file://{tmp_path}/store"
-    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
-                                 "SKYFUSE_CLOUDS__AWS__STORE": store_uri})
-    publish(open_store(store_uri), "v1", model_bytes)
-    handler.reset()
-    with hosted(Runtime("aws", "inference", fleet)):
-        handler.service()
-    yield handler.service()
-    handler.reset()
+    with inference_core(tmp_path, model_bytes) as service:
+        yield service
 
 
 def function_url_event(method, path, body=None, base64_body=False):

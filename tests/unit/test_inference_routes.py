@@ -11,11 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from services.inference import handler
-from skyfuse import config
-from skyfuse.runtime.function import Runtime, hosted
 from skyfuse.serving import api, oip, routes, testing
-from skyfuse.serving.model import publish
-from skyfuse.storage import open_store
+from tests.unit.conftest import inference_core
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "route-table-key"
@@ -32,15 +29,8 @@ def served(tmp_path, monkeypatch, model_bytes):
     """This process's inference core with API keys on, serving v1."""
     monkeypatch.setenv("INFERENCE_METRICS_S", "0")
     monkeypatch.setenv("INFERENCE_API_KEY_HASHES", api.key_hash(KEY))
-    store_uri = f"file://{tmp_path}/store"
-    fleet = config.load(environ={"SKYFUSE_BUS__EMBEDDED__PATH": str(tmp_path / "bus"),
-                                 "SKYFUSE_CLOUDS__AWS__STORE": store_uri})
-    publish(open_store(store_uri), "v1", model_bytes)
-    handler.reset()
-    with hosted(Runtime("aws", "inference", fleet)):
-        handler.service()
-    yield handler.service()
-    handler.reset()
+    with inference_core(tmp_path, model_bytes) as service:
+        yield service
 
 
 def client(provider: str) -> tuple[TestClient, str]:
