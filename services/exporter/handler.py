@@ -39,7 +39,7 @@ def _export(runtime: Runtime, event: CloudEvent, data: ModelReady, key: str) -> 
 
     store = runtime.store()
     try:
-        model = mlmodel.from_bytes(runtime.fetch(data["model_uri"], data["sha256"]))
+        model = mlmodel.from_bytes(runtime.fetch(data["model_uri"], data["sha256"]), keep=True)  # as a warm instance
         raw = runtime.fetch(data["validation_uri"], data.get("validation_sha256"))
     except StoreError as exc:
         raise Rejected(f"model {data['model_uri']} cannot be read: {exc}") from exc

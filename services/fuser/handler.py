@@ -287,5 +287,6 @@ def _global_keras(runtime: Runtime, members: list[MemberRecord], params: dict[st
     architecture) with its weights set from the parameters a server strategy made."""
     from skyfuse.ml import model as mlmodel
 
-    template = mlmodel.from_bytes(runtime.fetch(members[0]["model_uri"], members[0]["source_sha256"]))
+    template = mlmodel.from_bytes(runtime.fetch(members[0]["model_uri"], members[0]["source_sha256"]),
+                                  keep=True)  # a warm instance keeps the architecture's model
     return mlmodel.to_bytes(mlmodel.with_onnx_weights(template, params))

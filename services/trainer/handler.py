@@ -10,6 +10,7 @@ nothing twice.
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, cast
 
 import orjson
@@ -19,6 +20,8 @@ from skyfuse.config import Training
 from skyfuse.payloads import ModelSettings, RoundStarted, ShardReady
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.storage import StoreError, keys
+
+KEPT_MODELS = 4
 
 if TYPE_CHECKING:  # both import TensorFlow: the handler imports them when it trains
     import keras
@@ -73,11 +76,11 @@ def _train(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, 
     spec = model_spec(given, settings, shard["manifest"]["fusion"], round_)
     standardization = given.get("standardization")
     stats = (standardization["mean"], standardization["variance"]) if standardization else None
-    initial = mlmodel.from_bytes(runtime.fetch(init_uri, init_sha256)) if init_uri else None
+    initial = starting_model(runtime, init_uri, init_sha256) if init_uri else None
     template = user_model(runtime, given)
-    try:
+    try:  # every shard and round of one architecture reuses one compiled loop, as a warm instance would
         result = mlmodel.train(spec, rows, len(shard["classes"]), initial=initial, stats=stats, epochs=epochs,
-                               template=template, keep_warm=round_ > 0)  # each round reuses one compiled loop
+                               template=template, keep_warm=True)
     except mlmodel.TrainingError as exc:
         raise Rejected(f"shard {shard['shard_id']} in {runtime.cloud} cannot train: {exc}") from exc
     member = (shard["run_id"], round_, runtime.cloud, shard["shard_id"])
@@ -92,6 +95,26 @@ def _train(runtime: Runtime, event: CloudEvent, shard: ShardReady, round_: int, 
         "validation_uri": validation.uri, "validation_sha256": validation.sha256,
     }, caused_by=event, dedupe_key=key)
     runtime.received(event, f"trained round {round_} on {len(rows)} rows")
+
+
+_kept = threading.local()  # per host thread, as per function instance
+
+
+def starting_model(runtime: Runtime, uri: str, sha256: str | None) -> keras.Model:
+    """The model to start from (a round's global model, a warm start): a warm instance keeps the
+    last few it loaded, by digest, since every shard of a round starts from the same one. Only its
+    weights are read, never changed."""
+    from skyfuse.ml import model as mlmodel
+
+    kept: dict[str, keras.Model] = _kept.__dict__.setdefault("models", {})
+    if sha256 and sha256 in kept:
+        return kept[sha256]
+    model = mlmodel.from_bytes(runtime.fetch(uri, sha256))
+    if sha256:  # fetched and checked against its digest
+        kept[sha256] = model
+        while len(kept) > KEPT_MODELS:
+            del kept[next(iter(kept))]
+    return model
 
 
 def user_model(runtime: Runtime, given: ModelSettings) -> keras.Model | None:

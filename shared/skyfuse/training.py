@@ -346,7 +346,7 @@ def centralized(fleet: Fleet, prepared: Prepared) -> tuple[float, float]:
     template = (mlmodel.from_bytes(fetch(given["template_uri"], given["template_sha256"]))
                 if "template_uri" in given else None)
     result = mlmodel.train(spec, prepared.train, len(prepared.train.classes), template=template)
-    probs = result.model.predict(prepared.test.X, verbose=0)
+    probs = mlmodel.predict_proba(result.model, prepared.test.X)
     return float((probs.argmax(1) == prepared.test.y).mean()), result.seconds
 
 

@@ -90,3 +90,24 @@ def test_a_sample_decision_never_outranks_the_schedulers_own():
     data = sample_event(fleet, "placement.changed").get_data()
     assert "sequence" not in data and data["decision_id"]
     assert sample_event(fleet, "fused.ready").get_data()["version"]  # other samples as they are
+
+
+def test_a_command_that_loaded_tensorflow_exits_like_any_other(tmp_path):
+    """Once TensorFlow is loaded the command ends with os._exit (no interpreter teardown): its exit
+    code, its output, its threads' work and its exit handlers must come out as a normal exit's."""
+    script = ("import atexit, sys, threading, time, types\n"
+              "sys.modules['tensorflow'] = types.ModuleType('tensorflow')  # stands for the real one: loaded\n"
+              "atexit.register(lambda: print('exit handler ran', flush=True))\n"
+              "threading.Thread(target=lambda: (time.sleep(0.3), print('thread finished'))).start()\n"
+              "from skyfuse.cli import run\n"
+              "sys.argv = ['skyfuse', *sys.argv[1:]]\n"
+              "print('unflushed output', end='')\n"
+              "run()\n")
+    ok = subprocess.run([sys.executable, "-c", script, "--version"], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "unflushed outputskyfuse " in ok.stdout and "thread finished" in ok.stdout
+    assert ok.stdout.rstrip().endswith("exit handler ran")
+    usage = subprocess.run([sys.executable, "-c", script, "simulate", "--no-such-option"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "No such option" in usage.stderr and "exit handler ran" in usage.stdout

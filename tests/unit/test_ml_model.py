@@ -172,9 +172,28 @@ def test_fine_tuning_kept_warm_compiles_once_and_trains_as_a_fresh_loop(trained,
         warm_models.append(warm.model)
     assert warm_models[0] is warm_models[1] is warm_models[2]  # one loop, one model, kept
     (loop,) = [loop for loop in M._warm_loops().loops.values() if loop.model is warm_models[0]]
-    assert loop.one_epoch.experimental_get_tracing_count() == 1
+    assert loop.epoch.experimental_get_tracing_count() == 1
     adam = M.train(M.ModelSpec(hidden=(8,), seed=3), other, 2, initial=trained.model, epochs=3, keep_warm=True)
     assert adam.model is not warm_models[0]  # other settings: a loop of its own
+
+
+def test_one_kept_loop_trains_shards_of_any_size_each_as_a_fresh_loop(cancer):
+    """A trainer instance holding many shards compiles one loop for all of them: the rows are the
+    loop's arguments, and each shard starts from the seeded weights with its own standardization."""
+    spec = M.ModelSpec(hidden=(8,), epochs=4, seed=7)
+    warm_models = []
+    for rows in (np.arange(0, 100), np.arange(100, 137), np.arange(200, 263)):
+        shard = cancer.subset(rows)
+        warm = M.train(spec, shard, 2, keep_warm=True)
+        cold = M.train(spec, shard, 2)
+        for a, b in zip(warm.model.get_weights(), cold.model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert warm.validation == cold.validation and warm.epochs == cold.epochs
+        np.testing.assert_allclose(M.standardization(warm.model)[0], shard.X.mean(axis=0), rtol=1e-5)
+        warm_models.append(warm.model)
+    assert warm_models[0] is warm_models[1] is warm_models[2]
+    (loop,) = [loop for loop in M._warm_loops().loops.values() if loop.model is warm_models[0]]
+    assert loop.epoch.experimental_get_tracing_count() == 1
 
 
 def test_a_second_model_of_one_architecture_exports_without_tracing(trained, shard, cancer, monkeypatch):
@@ -185,6 +204,17 @@ def test_a_second_model_of_one_architecture_exports_without_tracing(trained, sha
     reused = E.to_onnx(other)
     assert reused == traced  # byte for byte: the graph is the architecture's, the initializers the weights
     assert E.parity(other, reused, shard.X) <= 1e-5
+
+
+def test_a_kept_model_loads_the_next_file_of_its_architecture_as_a_fresh_load(trained, cancer):
+    other = M.train(TINY, cancer.subset(np.arange(300, 400)), 2).model  # a run's members share one seed
+    first = M.from_bytes(M.to_bytes(trained.model), keep=True)
+    second = M.from_bytes(M.to_bytes(other), keep=True)
+    assert second is first  # one architecture: one kept model, its weights replaced
+    for a, b in zip(second.get_weights(), M.from_bytes(M.to_bytes(other)).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    wider = M.train(M.ModelSpec(hidden=(6,), epochs=1), cancer.subset(np.arange(300, 400)), 2).model
+    assert M.from_bytes(M.to_bytes(wider), keep=True) is not first
 
 
 def test_save_and_load(trained, shard, tmp_path):

@@ -1,4 +1,4 @@
 """`python -m skyfuse.cli`: the same command as the `skyfuse` script."""
-from skyfuse.cli import app
+from skyfuse.cli import run
 
-app()
+run()

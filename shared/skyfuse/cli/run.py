@@ -93,8 +93,10 @@ class _Bars:
     """Progress bars of a run: models trained and exported, rounds fused, placed clouds serving."""
 
     def __init__(self, shards: int, rounds: int, serving: bool) -> None:
+        # redrawn by `show`, which the run calls after every poll (at least 5 times a second), not
+        # by a thread of its own besides: that one's ten redraws a second took 5% of the demo's time
         self.live = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=err, transient=False)
+                             TimeElapsedColumn(), console=err, transient=False, auto_refresh=False)
         self.trained = self.live.add_task("models trained", total=shards * rounds)
         self.exported = self.live.add_task("models exported", total=shards * rounds)
         self.fused = self.live.add_task("rounds fused", total=rounds)
@@ -110,6 +112,7 @@ class _Bars:
                 self.live.update(task, completed=done)
         if self.serving is not None and p.placement:
             self.live.update(self.serving, total=len(p.placed), completed=p.serving)
+        self.live.refresh()
 
 
 def launch(fleet: Fleet, dataset: Dataset, plan: training.Plan, run: RunOptions,

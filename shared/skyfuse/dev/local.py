@@ -7,7 +7,9 @@ quorum check, the monitor). `.skyfuse/endpoints.json` tells other commands (`sta
 """
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # the servers and the router load when a fleet serves
     from skyfuse.dev.router import RouterServer
 
 ENDPOINTS = Path(".skyfuse/endpoints.json")
+WARM_IMPORTS = {"trainer": ("skyfuse.ml.model",), "exporter": ("skyfuse.ml.model", "tf2onnx")}
 FIRST_PORT = 8101
 
 
@@ -90,6 +93,7 @@ class LocalFleet:
 
     def start(self) -> LocalFleet:
         """Start every part; when one fails, stop what started (no orphaned servers) and raise."""
+        self._warm_imports()
         prepare(self.fleet)
         try:
             if self.serve:
@@ -108,6 +112,18 @@ class LocalFleet:
             self.stop()
             raise
         return self
+
+    def _warm_imports(self) -> None:
+        """Import what the first events' functions will (TensorFlow for the trainers, tf2onnx for
+        the exporters: seconds) in the background, while the servers start."""
+        modules = dict.fromkeys(m for f in self.functions or list(WARM_IMPORTS) for m in WARM_IMPORTS.get(f, ()))
+
+        def warm() -> None:
+            for module in modules:
+                importlib.import_module(module)
+
+        if modules:
+            threading.Thread(target=warm, name="warm-imports", daemon=True).start()
 
     def _serve(self) -> None:
         """Each cloud's inference server, then the router in front of them; endpoints.json says where."""

@@ -7,6 +7,7 @@ the test rows against a centralized model.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -69,17 +70,26 @@ def run(fleet: Fleet, bus: Bus, prepared: training.Prepared, *, serve: bool, tim
             extra = then(RunContext(fleet, bus, endpoints, prepared, progress, console))
         if endpoints and progress.deployed:
             serving = training.check_serving(progress, endpoints, prepared.test, local.api_key(fleet))
-    finally:
+    except BaseException:
         if own:
             own.stop()
-    for failure in progress.failures:
-        console.print(f"[yellow]dead-lettered[/] by {failure['function']} in {failure['cloud']}: {failure['reason']}",
-                      highlight=False)
-    if progress.fused is None:
-        raise NothingFused(f"{prepared.plan.run_id}: no fused model after {timeout_s:g} s "
-                           f"({len(progress.failures)} event(s) dead-lettered; see `skyfuse dlq trainer`)")
-    console.print("training the centralized baseline on all training rows…")
-    accuracy, central_s = training.centralized(fleet, prepared)
+        raise
+    # the fleet stops (mostly a wait for its servers to exit) while the baseline trains
+    stopping = threading.Thread(target=own.stop, name="fleet-stop") if own else None
+    if stopping:
+        stopping.start()
+    try:
+        for failure in progress.failures:
+            console.print(f"[yellow]dead-lettered[/] by {failure['function']} in {failure['cloud']}: "
+                          f"{failure['reason']}", highlight=False)
+        if progress.fused is None:
+            raise NothingFused(f"{prepared.plan.run_id}: no fused model after {timeout_s:g} s "
+                               f"({len(progress.failures)} event(s) dead-lettered; see `skyfuse dlq trainer`)")
+        console.print("training the centralized baseline on all training rows…")
+        accuracy, central_s = training.centralized(fleet, prepared)
+    finally:
+        if stopping:
+            stopping.join()
     summary = training.score(prepared, progress, accuracy, progress.stage_seconds(prepared.seconds, central_s))
     summary["serving"] = serving
     summary.update(extra)

@@ -54,11 +54,14 @@ def to_onnx(model: keras.Model, opset: int = DEFAULT_OPSET, fresh: bool = False)
     `t3_MatMul`), in an order fixed by the graph's structure.
     """
     architecture = (model.to_json(), opset)
-    with _GRAPHS_LOCK:
-        graph = _GRAPHS.get(architecture)
-    if graph is not None and not fresh:
+    graph = None if fresh else _kept_graph(architecture)
+    if graph is not None:
         return _with_weights(graph, model)
-    exported = _trace(model, opset)
+    with _TRACING:  # exporters of one process trace an architecture once: the others wait for its graph
+        graph = None if fresh else _kept_graph(architecture)
+        if graph is not None:
+            return _with_weights(graph, model)
+        exported = _trace(model, opset)
     with _GRAPHS_LOCK:
         _GRAPHS[architecture] = exported
         while len(_GRAPHS) > _GRAPHS_KEPT:
@@ -69,6 +72,12 @@ def to_onnx(model: keras.Model, opset: int = DEFAULT_OPSET, fresh: bool = False)
 _GRAPHS: dict[tuple[str, int], bytes] = {}  # architecture -> a model exported from it
 _GRAPHS_KEPT = 8
 _GRAPHS_LOCK = threading.Lock()
+_TRACING = threading.Lock()
+
+
+def _kept_graph(architecture: tuple[str, int]) -> bytes | None:
+    with _GRAPHS_LOCK:
+        return _GRAPHS.get(architecture)
 
 
 def _with_weights(exported: bytes, model: keras.Model) -> bytes:

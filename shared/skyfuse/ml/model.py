@@ -15,7 +15,6 @@ loop. It gets the raw features (no built-in standardization) and must output cla
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import os
@@ -23,6 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,7 +42,7 @@ import keras  # noqa: E402  (after the environment settings above)
 from .data import Dataset, pooled_stats  # noqa: E402,F401  (pooled_stats is part of this module's API)
 
 Tensor = Any  # a Keras/TensorFlow tensor (TensorFlow and Keras ship no types)
-WarmKey = tuple[str, int, str, str]  # architecture JSON, classes, training settings, rows digest
+WarmKey = tuple[str, int, str, bool]  # architecture, classes, training settings, proximal term
 
 MODEL_NAME = "skyfuse_mlp"
 STANDARDIZE = "standardize"
@@ -176,6 +176,16 @@ class Standardize(keras.layers.Layer):  # type: ignore[misc]  # Keras ships no t
         return config
 
 
+def _set_standardization(model: keras.Model, mean: ArrayLike, variance: ArrayLike) -> None:
+    """Set a built model's standardization, as `build` does (zero or non-finite variance as 1)."""
+    layer = model.get_layer(STANDARDIZE)
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    if mean.shape != tuple(layer.mean.shape) or np.asarray(variance).reshape(-1).shape != mean.shape:
+        raise ValueError(f"mean and variance must have {layer.mean.shape[0]} values each")
+    layer.mean.assign(mean.astype(np.float32))
+    layer.variance.assign(_safe_variance(np.asarray(variance).reshape(-1)).astype(np.float32))
+
+
 def _safe_variance(variance: ArrayLike) -> np.ndarray:
     v = np.asarray(variance, dtype=np.float64)
     return np.where(np.isfinite(v) & (v > 1e-12), v, 1.0)
@@ -249,7 +259,7 @@ def check_shard(shard: Dataset, n_classes: int) -> None:
 
 def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fraction: float = 0.2,
           initial: keras.Model | None = None, stats: tuple[ArrayLike, ArrayLike] | None = None,
-          epochs: int | None = None, verbose: int = 0, template: keras.Model | None = None,
+          epochs: int | None = None, template: keras.Model | None = None,
           keep_warm: bool = False) -> TrainResult:
     """Train a model on one shard.
 
@@ -258,47 +268,51 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     `initial`: fine-tune from this (global) model: its weights and standardization are copied.
     `stats`: (mean, variance) to standardize with instead of the shard's own (FedAvg members share
     the pooled statistics). `epochs` overrides `spec.epochs` (e.g. a few for a FedAvg round).
-    `template`: a user's model (`load_user_model`) to train, in place, instead of building the MLP;
-    it gets the raw features (no built-in standardization) and `spec.hidden` is unused.
-    `keep_warm` (fine-tuning only): keep the compiled training loop in this thread and reuse it
-    when the same architecture fine-tunes on the same shard again (the next FedAvg round), as a
-    warm function instance would: the returned model is then that loop's, overwritten by the next
-    such call, so save it first. The result is the same as without it.
+    `template`: a user's model (`load_user_model`) to train from its weights instead of building
+    the MLP (the first loop of its architecture trains the template itself); it gets the raw
+    features (no built-in standardization) and `spec.hidden` is unused.
+    `keep_warm`: keep the compiled training loop in this thread and reuse it for the next shard or
+    round of the same architecture and settings, as a warm function instance would: the returned
+    model is then that loop's, overwritten by the next such call, so save it first. The result is
+    the same as without it.
     """
     check_shard(shard, n_classes)
     started = time.perf_counter()
-    keras.utils.set_random_seed(spec.seed)
+    # No global seeding (keras.utils.set_random_seed): TensorFlow's set_seed empties its kernel
+    # caches, which cost every compiled function tens of ms on its next call. What training draws
+    # is seeded from spec.seed where it is drawn: initializers, the split, shuffles, seed generators.
     if template is not None:
         problem = _io_problem(template, shard.n_features, n_classes)
         if problem:
             raise TrainingError(f"the model template does not fit this task: {problem}")
     tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
-    warm_key = _warm_key(template or initial, spec, shard, tr, n_classes) if keep_warm and initial is not None else None
-    loop = _warm_loops().get(warm_key) if warm_key else None
+    proximal = initial is not None
+    key = _warm_key(template, spec, shard.n_features, n_classes, proximal) if keep_warm else None
+    loop = _warm_loops().get(key) if key else None
     if loop is None:
         if template is not None:
             model = template
-        elif initial is not None:
-            model = build(spec, shard.n_features, n_classes, *standardization(initial))
-        else:
-            mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
-                                                              shard.X.astype(np.float64).var(axis=0))
-            model = build(spec, shard.n_features, n_classes, mean, variance)
-        loop = _Loop(model, spec, shard.X[tr], shard.y[tr], shard.X[va], shard.y[va], verbose,
-                     proximal=initial is not None)
-        if warm_key:
-            _warm_loops().put(warm_key, loop)
+        else:  # the standardization is set below, for this shard
+            model = build(spec, shard.n_features, n_classes, np.zeros(shard.n_features), np.ones(shard.n_features))
+        loop = _Loop(model, spec, proximal=proximal)
+        if key:
+            _warm_loops().put(key, loop)
     model = loop.model
-    if initial is not None:
-        theirs = initial.get_weights()
-        mine = model.get_weights()
-        if [w.shape for w in theirs] != [w.shape for w in mine]:
-            fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
-            raise TrainingError(f"the initial model's weights {[w.shape for w in theirs]} do not fit {fits} "
-                                f"with {shard.n_features} features and {n_classes} classes "
-                                f"({[w.shape for w in mine]})")
-        model.set_weights(theirs)
-    ran = loop.run(int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
+    start = initial.get_weights() if initial is not None else (
+        template.get_weights() if template is not None else loop.initial_weights)
+    mine = model.get_weights()
+    if [w.shape for w in start] != [w.shape for w in mine]:
+        fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
+        raise TrainingError(f"the initial model's weights {[w.shape for w in start]} do not fit {fits} "
+                            f"with {shard.n_features} features and {n_classes} classes "
+                            f"({[w.shape for w in mine]})")
+    model.set_weights(start)
+    if initial is None and template is None:  # a fresh MLP standardizes with the shard's (or the pooled) statistics
+        mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
+                                                          shard.X.astype(np.float64).var(axis=0))
+        _set_standardization(model, mean, variance)
+    ran = loop.run(shard.X[tr], shard.y[tr], shard.X[va], shard.y[va],
+                   int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
     validation: dict[str, float | None] = {"rows": int(len(va)), "accuracy": None, "loss": None}
     if len(va):
         p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
@@ -311,17 +325,18 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
 class _Loop:
     """One model's training loop, compiled once: Adam (or plain SGD) on mini-batches, one
     TensorFlow function per epoch (Keras `fit` costs ~50x more per step for models this small).
-    `run` trains from the model's current weights with a fresh optimizer state, so a loop kept
-    warm trains exactly as a new one would. With `spec.early_stopping`, stops after PATIENCE
-    epochs without a better validation loss and restores the best weights; without it, runs
-    exactly `epochs` epochs. `proximal`: spec.proximal_mu / 2 * ||w - the weights at the start
+    The rows are the functions' arguments, so one loop trains any shard of its architecture and
+    settings. `run` trains from the model's current weights with a fresh optimizer state, so a
+    loop kept warm trains exactly as a new one would. With `spec.early_stopping`, stops after
+    PATIENCE epochs without a better validation loss and restores the best weights; without it,
+    runs exactly `epochs` epochs. `proximal`: spec.proximal_mu / 2 * ||w - the weights at the start
     of the run||^2 is added to the training loss (FedProx). Shuffling is seeded by spec.seed."""
 
-    def __init__(self, model: keras.Model, spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_val: np.ndarray,
-                 y_val: np.ndarray, verbose: int = 0, proximal: bool = False) -> None:
+    def __init__(self, model: keras.Model, spec: ModelSpec, proximal: bool = False) -> None:
         import tensorflow as tf
 
-        self.model, self.spec, self.verbose, self.rows = model, spec, verbose, len(X)
+        self.model, self.spec = model, spec
+        self.initial_weights = model.get_weights()  # a fresh model's: where a run with no other start begins
         # random layers (Dropout, noise) draw from seed generators; a loaded or built model takes
         # their state from the process's random numbers, so `run` sets it from the spec's seed
         self.seed_states = [v for v in model.variables if v.path.endswith("seed_generator_state")]
@@ -329,15 +344,17 @@ class _Loop:
             self.optimizer = keras.optimizers.SGD(learning_rate=spec.learning_rate, momentum=0.0)
         else:
             self.optimizer = keras.optimizers.Adam(learning_rate=spec.learning_rate)
-        params = model.trainable_variables
+        params, weights = model.trainable_variables, model.weights
         self.optimizer.build(params)
         loss_fn = keras.losses.SparseCategoricalCrossentropy()
-        X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
-        batch = min(spec.batch_size, len(X))
-        n_batches = -(-len(X) // batch)
         mu = spec.proximal_mu if proximal else 0.0
         self.anchor = [tf.Variable(p.numpy(), trainable=False) for p in params] if mu > 0 else []
-        anchor = self.anchor
+        # early stopping keeps the best epoch's weights here, in the graph (get_weights would copy them out)
+        self.best = [tf.Variable(w, trainable=False) for w in weights] if spec.early_stopping else []
+        self.best_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
+        anchor, best, best_loss, batch_size = self.anchor, self.best, self.best_loss, spec.batch_size
+        rows = tf.TensorSpec((None, int(model.inputs[0].shape[-1])), tf.float32)
+        labels, order_spec = tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.int32)
 
         def objective(yb: Tensor, xb: Tensor) -> Tensor:
             loss = loss_fn(yb, model(xb, training=True))
@@ -346,25 +363,34 @@ class _Loop:
                                              for p, a in zip(params, anchor, strict=True)])
             return loss
 
-        @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no types
-        def one_epoch(order: Tensor) -> Tensor:
-            total = tf.constant(0.0)
-            for i in tf.range(n_batches):
+        @tf.function(input_signature=[rows, labels, rows, labels, order_spec])  # type: ignore[untyped-decorator]
+        def epoch(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, order: Tensor) -> Tensor:
+            """One epoch of mini-batches in `order`; with early stopping, then whether the
+            validation loss is the best yet (its weights kept in `best`)."""
+            n = tf.shape(order)[0]
+            batch = tf.minimum(batch_size, n)
+            for i in tf.range((n + batch - 1) // batch):
                 idx = order[i * batch:(i + 1) * batch]
-                xb, yb = tf.gather(X_t, idx), tf.gather(y_t, idx)
+                xb, yb = tf.gather(X, idx), tf.gather(y, idx)
                 with tf.GradientTape() as tape:
                     loss = objective(yb, xb)
                 self.optimizer.apply_gradients(zip(tape.gradient(loss, params), params, strict=True))
-                total += loss
-            return total / tf.cast(n_batches, tf.float32)
+            if not best:
+                return tf.constant(False)
+            current = loss_fn(y_val, model(X_val, training=False))
+            better = current < best_loss  # never with no validation rows: NaN
+            if better:
+                best_loss.assign(current)
+                for kept, w in zip(best, weights, strict=True):
+                    kept.assign(w)
+            return better
 
-        self.one_epoch, self.val_loss = one_epoch, None
-        if len(X_val) > 0 and (spec.early_stopping or verbose):
-            Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
-            self.val_loss = tf.function(lambda: loss_fn(yv_t, model(Xv_t, training=False)))
+        self.epoch = epoch
 
-    def run(self, epochs: int, learning_rate: float) -> int:
-        """Train for at most `epochs` epochs; the epochs run."""
+    def run(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, epochs: int,
+            learning_rate: float) -> int:
+        """Train on (X, y) for at most `epochs` epochs, stopping early on (X_val, y_val); the
+        epochs run."""
         import tensorflow as tf
 
         for variable in self.optimizer.variables:  # a fresh optimizer: no moments, step 0
@@ -374,34 +400,31 @@ class _Loop:
         self.optimizer.learning_rate = learning_rate
         for anchor, param in zip(self.anchor, self.model.trainable_variables, strict=False):  # none without FedProx
             anchor.assign(param)
+        self.best_loss.assign(np.inf)
+        X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
+        Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
+        stopping = bool(self.best) and len(X_val) > 0  # no validation rows: every epoch runs
         rng = np.random.default_rng(self.spec.seed)
-        best, best_weights, wait, ran = np.inf, None, 0, 0
+        kept, wait, ran = False, 0, 0
         for epoch in range(epochs):
-            train_loss = float(self.one_epoch(tf.constant(rng.permutation(self.rows).astype(np.int32))))
+            better = bool(self.epoch(X_t, y_t, Xv_t, yv_t, tf.constant(rng.permutation(len(X)).astype(np.int32))))
             ran = epoch + 1
-            if self.val_loss is None:
+            if not stopping:
                 continue
-            current = float(self.val_loss())
-            if self.verbose:
-                print(f"epoch {ran}: loss {train_loss:.4f} val_loss {current:.4f}")
-            if not self.spec.early_stopping:
-                continue
-            if current < best:
-                best, best_weights, wait = current, self.model.get_weights(), 0
-            else:
-                wait += 1
-                if wait >= PATIENCE:
-                    break
-        if best_weights is not None:
-            self.model.set_weights(best_weights)
+            kept, wait = (True, 0) if better else (kept, wait + 1)
+            if wait >= PATIENCE:
+                break
+        if kept:  # the best epoch's weights
+            for weight, best in zip(self.model.weights, self.best, strict=True):
+                weight.assign(best)
         return ran
 
 
 class _WarmLoops:
-    """The compiled loops one thread keeps: one per shard a trainer instance holds (a few MB each
-    for these models; the oldest goes first)."""
+    """The compiled loops one thread keeps: one per architecture and settings it trains (a run's
+    first round and its fine-tuning rounds each have one; the oldest goes first)."""
 
-    def __init__(self, size: int = 32):
+    def __init__(self, size: int = 8):
         self.size = size
         self.loops: dict[WarmKey, _Loop] = {}
 
@@ -424,13 +447,13 @@ def _warm_loops() -> _WarmLoops:
     return loops
 
 
-def _warm_key(model: keras.Model, spec: ModelSpec, shard: Dataset, rows: np.ndarray, n_classes: int) -> WarmKey:
-    """What a compiled loop depends on: the architecture, the spec's training settings but the
-    learning rate (set per run), and the training rows."""
-    digest = hashlib.sha256(np.ascontiguousarray(shard.X[rows]).tobytes())
-    digest.update(np.ascontiguousarray(shard.y[rows]).tobytes())
+def _warm_key(template: keras.Model | None, spec: ModelSpec, n_features: int, n_classes: int,
+              proximal: bool) -> WarmKey:
+    """What a compiled loop depends on: the architecture (the MLP's, from the spec, or the
+    template's) and the spec's training settings but the learning rate (set per run)."""
+    architecture = template.to_json() if template is not None else f"mlp({n_features})"
     settings = {k: v for k, v in spec.to_dict().items() if k not in ("learning_rate", "epochs")}
-    return model.to_json(), n_classes, repr(sorted(settings.items())), digest.hexdigest()
+    return architecture, n_classes, repr(sorted(settings.items())), proximal
 
 
 def average(models: list[keras.Model], weights: list[float] | None = None) -> keras.Model:
@@ -628,12 +651,30 @@ def to_bytes(model: keras.Model) -> bytes:
         return save(model, Path(tmp) / "model.keras").read_bytes()
 
 
-def from_bytes(raw: bytes) -> keras.Model:
-    """The model in the bytes of a .keras file."""
+def from_bytes(raw: bytes, keep: bool = False) -> keras.Model:
+    """The model in the bytes of a .keras file. `keep`: as a warm instance would, keep the model
+    in this thread and, for the next file of the same architecture (its config), load only the
+    weights into it (half the time): the model returned is then overwritten by that next call."""
+    kept: dict[str, keras.Model] = _thread_state.__dict__.setdefault("models", {})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
         path.write_bytes(raw)
-        return load(path)
+        if not keep:
+            return load(path)
+        with zipfile.ZipFile(path) as archive:
+            architecture = archive.read("config.json").decode()
+        model = kept.get(architecture)
+        if model is None:
+            model = kept[architecture] = load(path)
+            while len(kept) > _KEPT_MODELS:
+                del kept[next(iter(kept))]
+        else:
+            with _quiet_keras():
+                model.load_weights(path)
+        return model
+
+
+_KEPT_MODELS = 4
 
 
 @contextlib.contextmanager
