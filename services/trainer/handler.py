@@ -21,8 +21,6 @@ from skyfuse.payloads import ModelSettings, RoundStarted, ShardReady
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.storage import StoreError, keys
 
-KEPT_MODELS = 4
-
 if TYPE_CHECKING:  # both import TensorFlow: the handler imports them when it trains
     import keras
 
@@ -101,19 +99,16 @@ _kept = threading.local()  # per host thread, as per function instance
 
 
 def starting_model(runtime: Runtime, uri: str, sha256: str | None) -> keras.Model:
-    """The model to start from (a round's global model, a warm start): a warm instance keeps the
-    last few it loaded, by digest, since every shard of a round starts from the same one. Only its
-    weights are read, never changed."""
+    """The model to start from (a round's global model, a warm start). A warm instance keeps the
+    last one it loaded, by digest, since every shard of a round starts from it, and loads the next
+    one's weights into it. Only its weights are read, never changed."""
     from skyfuse.ml import model as mlmodel
 
-    kept: dict[str, keras.Model] = _kept.__dict__.setdefault("models", {})
-    if sha256 and sha256 in kept:
-        return kept[sha256]
-    model = mlmodel.from_bytes(runtime.fetch(uri, sha256))
-    if sha256:  # fetched and checked against its digest
-        kept[sha256] = model
-        while len(kept) > KEPT_MODELS:
-            del kept[next(iter(kept))]
+    if sha256 and getattr(_kept, "sha256", None) == sha256:
+        kept: keras.Model = _kept.model
+        return kept
+    model = mlmodel.from_bytes(runtime.fetch(uri, sha256), keep=True)
+    _kept.sha256, _kept.model = sha256, model  # fetched and checked against the digest, if one was given
     return model
 
 

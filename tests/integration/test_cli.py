@@ -14,17 +14,19 @@ from skyfuse import config, contracts
 from skyfuse.cli.publish import sample_producer
 from tests.conftest import fleet_env
 
-REPO = Path(__file__).resolve().parents[2]
 SKYFUSE = [sys.executable, "-m", "skyfuse.cli"]
 
 
 def cli(env, *args, timeout=120):
-    return subprocess.run([*SKYFUSE, *args], cwd=REPO, env={**os.environ, **env, "COLUMNS": "200"},
+    return subprocess.run([*SKYFUSE, *args], env={**os.environ, **env, "COLUMNS": "200"},
                           capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
-def env(backend, tmp_path):
+def env(backend, tmp_path, monkeypatch):
+    """The fleet's environment; the commands run in tmp_path, where their stores, keys, logs and
+    endpoints file (`.skyfuse/…`) go."""
+    monkeypatch.chdir(tmp_path)
     return fleet_env(backend, tmp_path)
 
 
@@ -64,7 +66,7 @@ def test_selftest_shows_every_event_reaching_every_cloud(env):
 
 
 def test_up_then_publish_each_sample_then_status(env, tmp_path):
-    up = subprocess.Popen([*SKYFUSE, "up", "--for", "60"], cwd=REPO, env={**os.environ, **env, "COLUMNS": "200"},
+    up = subprocess.Popen([*SKYFUSE, "up", "--for", "60"], env={**os.environ, **env, "COLUMNS": "200"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # no wait for the hosts to join: a group without offsets reads from the earliest record
@@ -82,13 +84,13 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
                 break
             time.sleep(0.5)
         # inference runs with the local API key: `predict` sends it (and gets past it), a bare call gets 401
-        endpoint = json.loads((REPO / ".skyfuse" / "endpoints.json").read_text())["clouds"]["aws"]
+        endpoint = json.loads((Path(".skyfuse") / "endpoints.json").read_text())["clouds"]["aws"]
         predicted = cli(env, "predict", "--cloud", "aws", "--data", '{"instances": [[1, 2, 3, 4]]}')
         answer = json.loads(predicted.stdout)  # 503 with no model placed here, 200 or 400 with one
         assert "predictions" in answer or answer["detail"]["code"] in ("no_model", "row_width"), answer
         routed = json.loads(cli(env, "predict", "--data", '{"instances": [[1, 2, 3, 4]]}').stdout)  # the router
         assert "predictions" in routed or routed["detail"]["code"] in ("no_model", "row_width"), routed
-        assert "router" in json.loads((REPO / ".skyfuse" / "endpoints.json").read_text())
+        assert "router" in json.loads((Path(".skyfuse") / "endpoints.json").read_text())
         bare = urllib.request.Request(f"{endpoint}/predict", b'{"instances": [[1, 2, 3, 4]]}',
                                       {"content-type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -118,7 +120,7 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
 def test_dlq_lists_what_was_given_up_and_why(env, bus):
     bus.ensure_topics(["skyfuse.shard.ready"], 3)
     bus.publish("skyfuse.shard.ready", b"garbage", b"x")
-    up = subprocess.Popen([*SKYFUSE, "up", "--function", "trainer", "--cloud", "aws", "--for", "300"], cwd=REPO,
+    up = subprocess.Popen([*SKYFUSE, "up", "--function", "trainer", "--cloud", "aws", "--for", "300"],
                           env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline, listed = time.monotonic() + 240, []
