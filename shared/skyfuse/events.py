@@ -4,19 +4,27 @@ On the bus an event is written in binary content mode (`ce_*` headers, JSON `dat
 the contract's key field as the record key); structured mode (one JSON document with
 `specversion`) is accepted on input. Validation happens on both sides: `new_event` refuses data
 that breaks the schema, and `decode` reports it so the host can dead-letter it.
+
+The local host decodes each record as it arrives (a malformed one is dead-lettered at once), then
+calls the entry point in the same process, which decodes it again as it does in a cloud. Around that
+call the host says which exact records it has checked (`checked`), and the entry point's `decode`
+then only reads them: the checks of the same bytes could not come out otherwise. In a cloud no host
+runs before the entry point, and `decode` checks everything.
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from cloudevents.http import CloudEvent
-from cloudevents.kafka import KafkaMessage, from_binary, to_binary
+from cloudevents.kafka import to_binary
 
 from skyfuse import contracts
 from skyfuse.errors import InvalidInput
@@ -91,15 +99,18 @@ def encode(event: CloudEvent) -> tuple[bytes | None, bytes, Headers]:
 
 
 def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEvent:
-    """The CloudEvent in a Kafka record, validated against its contract.
+    """The CloudEvent in a Kafka record, validated against its contract (unless `checked` says this
+    exact record was, a moment ago).
 
     Raises `MalformedEvent` with a reason a person can act on.
     """
     header_map = {name.lower(): val for name, val in headers}
+    known_good = _was_checked(key, value, headers)
     try:
         if "ce_specversion" in header_map:
-            _require(name for name in header_map if name.startswith("ce_") and header_map[name])
-            event = from_binary(KafkaMessage(header_map, key, value or b""), data_unmarshaller=_json)
+            if not known_good:
+                _require(header_map, "ce_")
+            event = _from_binary(header_map, key, value)
         elif value and value.lstrip().startswith(b"{") and b"specversion" in value:
             event = _from_structured(value)
         else:
@@ -111,6 +122,8 @@ def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEve
         raise
     except Exception as exc:  # the SDK raises several types for broken envelopes
         raise MalformedEvent(f"not a valid CloudEvent: {exc}") from exc
+    if known_good:
+        return event
     if event.get("specversion") != "1.0":
         raise MalformedEvent(f"unsupported CloudEvents specversion {event.get('specversion')!r}; expected '1.0'")
     try:
@@ -121,17 +134,61 @@ def decode(key: bytes | None, value: bytes | None, headers: Headers) -> CloudEve
     return event
 
 
+Fingerprint = tuple[bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]  # a record's exact bytes
+# The records whose checks `decode` may skip in this thread (set by `checked`).
+_checked: ContextVar[frozenset[Fingerprint] | None] = ContextVar("skyfuse_checked_records", default=None)
+
+
+@contextlib.contextmanager
+def checked(records: Iterable[tuple[bytes | None, bytes | None, Headers]]) -> Iterator[None]:
+    """For the block, in this thread: these exact records (key, value, headers) have been decoded
+    with every check passed, so `decode` reads them again without repeating the checks."""
+    token = _checked.set(frozenset((key, value, tuple(headers)) for key, value, headers in records))
+    try:
+        yield
+    finally:
+        _checked.reset(token)
+
+
+def _was_checked(key: bytes | None, value: bytes | None, headers: Headers) -> bool:
+    known = _checked.get()
+    if not known:
+        return False
+    try:
+        return (key, value, tuple(headers)) in known
+    except TypeError:  # a header that is not a (name, bytes) pair: not one the host checked
+        return False
+
+
 REQUIRED = ("id", "source", "type", "specversion")
 
 
-def _require(present: Iterable[str]) -> None:
+def _require(found: Mapping[str, Any], prefix: str = "") -> None:
     """Every required attribute must be in the record itself: the SDK invents a fresh id for a
     record without one, which would give each redelivery another id and defeat deduplication."""
-    names = {name.removeprefix("ce_") for name in present}
-    missing = [name for name in REQUIRED if name not in names]
+    missing = [name for name in REQUIRED if found.get(prefix + name) in (None, "", b"")]
     if missing:
         raise MalformedEvent(f"not a valid CloudEvent: missing required attribute(s) {', '.join(missing)} "
                              "(binary mode: ce_<name> headers; structured mode: top-level fields)")
+
+
+def _from_binary(header_map: Mapping[str, bytes], key: bytes | None, value: bytes | None) -> CloudEvent:
+    """A binary-mode record, read as the SDK's `cloudevents.kafka.from_binary` reads it (`ce_<name>`
+    headers, content-type as datacontenttype, the key as partitionkey), without its per-call wrapping:
+    every record is read here, by the host and by the entry point."""
+    attributes: dict[str, Any] = {}
+    for name, raw in header_map.items():  # names in lower case
+        if name == "content-type":
+            attributes["datacontenttype"] = raw.decode()
+        elif name.startswith("ce_"):
+            attributes[name[3:]] = raw.decode()
+    if key is not None:
+        attributes["partitionkey"] = key
+    try:
+        data = _json(value)
+    except MalformedEvent as exc:
+        raise MalformedEvent(f"not a valid CloudEvent: {exc}") from exc
+    return CloudEvent(attributes, data)
 
 
 def _from_structured(value: bytes) -> CloudEvent:
@@ -140,7 +197,7 @@ def _from_structured(value: bytes) -> CloudEvent:
     envelope = _json(value)
     if not isinstance(envelope, dict):
         raise MalformedEvent("structured-mode value is not a JSON object")
-    _require(name for name, v in envelope.items() if v not in (None, ""))
+    _require(envelope)
     data = envelope.pop("data", None)
     if "data_base64" in envelope:
         raise MalformedEvent("data_base64 is not accepted: skyfuse events carry JSON data")

@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
@@ -69,15 +70,15 @@ def endpoint(fleet: Fleet | None = None, environ: Mapping[str, str] | None = Non
     """Where spans go: the OTLP/HTTP traces URL, `env` when only the standard OTEL_* variables say
     (the exporter reads them itself), or None: tracing off."""
     environ = os.environ if environ is None else environ
-    if str(environ.get("OTEL_SDK_DISABLED", "")).lower() == "true":
-        return None
     settings = getattr(fleet, "tracing", None)
     configured = (settings.otlp_endpoint if settings is not None else "").strip().rstrip("/")
     if configured:
-        return configured if configured.endswith("/v1/traces") else f"{configured}/v1/traces"
-    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        return "env"
-    return None
+        url = configured if configured.endswith("/v1/traces") else f"{configured}/v1/traces"
+    elif environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        url = "env"
+    else:
+        return None  # asked first: every event consumed asks
+    return None if str(environ.get("OTEL_SDK_DISABLED", "")).lower() == "true" else url
 
 
 def resource(service_name: str = "skyfuse") -> Resource:
@@ -260,20 +261,48 @@ def _short(type_name: str) -> str:
 
 # -- spans of functions ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
 def consuming(event: CloudEvent, fleet: Fleet | None, function: str, cloud: str,
-              trusted: bool = True) -> Iterator[Span]:
+              trusted: bool = True) -> contextlib.AbstractContextManager[Span]:
     """The CONSUMER span of `function` in `cloud` processing `event`, current for the block: a child
     of the span that published it. An untrusted event's traceparent is not followed (anyone can
-    write one): its span starts a trace of its own, linked to the one it claims."""
+    write one): its span starts a trace of its own, linked to the one it claims.
+
+    With tracing off nothing records, so there is no span to start: the parent is made current, as
+    the no-op tracer would, so that what the function emits continues the trace."""
+    spans = tracer(fleet)
+    if spans is _NOOP:
+        traceparent = event.get("traceparent") if trusted else None
+        return _Current(trace.get_current_span(extract(traceparent)) if traceparent else trace.INVALID_SPAN)
+    return _consuming(spans, event, fleet, function, cloud, trusted)
+
+
+class _Current:
+    """`span` current for the block: `trace.use_span` for a span that records nothing (and so has
+    no exception to record), at a fraction of its cost."""
+
+    __slots__ = ("span", "_token")
+
+    def __init__(self, span: Span):
+        self.span = span
+
+    def __enter__(self) -> Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self._token)
+
+
+@contextlib.contextmanager
+def _consuming(spans: trace.Tracer, event: CloudEvent, fleet: Fleet | None, function: str, cloud: str,
+               trusted: bool) -> Iterator[Span]:
     parent = extract(event.get("traceparent"))
     claimed = trace.get_current_span(parent).get_span_context()
     links: list[Link] = []
     if not trusted:
         links = [Link(claimed, {"skyfuse.link": "claimed parent (unverified)"})] if claimed.is_valid else []
         parent = Context()
-    spans = tracer(fleet)
-    attributes: dict[str, AttributeValue] = {} if spans is _NOOP else {
+    attributes: dict[str, AttributeValue] = {
         **_attributes(fleet, function, cloud, event), "messaging.operation.type": "process",
         "messaging.operation.name": "process", "messaging.consumer.group.name": f"{cloud}.{function}",
         "faas.trigger": "pubsub"}

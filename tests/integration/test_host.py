@@ -11,6 +11,7 @@ from skyfuse.config import Function
 from skyfuse.runtime.clouds.aws import LambdaInvoker
 from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
 from skyfuse.runtime.clouds.gcp import CloudEventInvoker
+from skyfuse.runtime.function import hosted
 from skyfuse.runtime.host import FunctionHost
 from tests.conftest import signed_event
 from tests.functions import probe, probe_state
@@ -100,6 +101,28 @@ def test_malformed_event_is_dead_lettered_and_the_next_one_handled(bus, fleet, p
     assert dead.value == b"{this is not an event" and "not a valid CloudEvent" in headers["skyfuse_dlq_reason"]
     assert headers["skyfuse_dlq_topic"] == topic and headers["skyfuse_dlq_offset"] == "0"
     assert bus.committed(f"{provider}.probe-{uid}", topic) == {0: good.offset + 1}
+
+
+@pytest.mark.parametrize("provider", ["aws", "azure"])
+def test_the_entry_point_reads_each_record_again_and_the_host_alone_checks_it(bus, fleet, provider, uid,
+                                                                              monkeypatch):
+    topic = f"host-checked-{uid}"
+    bus.ensure_topics([topic], 1)
+    for i in range(3):
+        publish(bus, topic, shard_event(f"s{i}"))
+    checked, validate = [], contracts.validate
+    monkeypatch.setattr(contracts, "validate", lambda name, data: (checked.append(data["shard_id"]),
+                                                                   validate(name, data))[1])
+    with Running(bus, fleet, provider, topic, uid) as run:
+        run.wait(lambda: len(run.results("ok")) == 3)
+    assert handled_in_order(provider) == ["s0", "s1", "s2"]
+    assert checked == ["s0", "s1", "s2"]  # once each, by the host; the entry point's decode found them checked
+    probe_state.reset()
+    (record, *_) = bus.read(topic)  # the entry point without the host before it checks in full
+    with hosted(run.host.runtime):
+        outcome = run.host.invoker.invoke([(record, events.decode(record.key, record.value, record.headers))])
+    assert not outcome.failed and probe_state.HANDLED == [("s0", provider)]
+    assert checked == ["s0", "s1", "s2", "s0", "s0"]  # the decode just above, then the entry point's
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -2,17 +2,19 @@
 the cloud libraries' own parsers, then end to end from a published event to the real entry points
 of services/ in all three clouds."""
 import json
+import random
 import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 from aws_lambda_powertools.utilities.parser.models import KafkaMskEventModel, KafkaSelfManagedEventModel
 
 from skyfuse import contracts, events
 from skyfuse.bus.base import Record
 from skyfuse.dev.fleet import Fabric, build_hosts
-from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event
+from skyfuse.runtime.clouds.aws import LambdaContext, kafka_event, kafka_record, native_size
 from skyfuse.runtime.clouds.azure import decode_payload, kafka_trigger_functions, trigger_payload
 from skyfuse.runtime.function import Runtime, hosted
 from tests.conftest import signed_event
@@ -91,6 +93,17 @@ def test_host_builds_the_self_managed_kafka_event_lambda_sends():
     ours = built["records"]["skyfuse.shard.ready-0"][0]
     assert set(ours) == set(doc) and {k: type(v) for k, v in ours.items()} == {k: type(v) for k, v in doc.items()}
     assert all(isinstance(b, int) for header in ours["headers"] for v in header.values() for b in v)
+
+
+def test_the_host_sizes_a_record_as_its_part_of_the_lambda_event_encodes():
+    rng = random.Random(13)
+    names = ["ce_id", "content-type", "ü-name", 'q"uote', "tab\t", ""]
+    for _ in range(2000):
+        headers = [(rng.choice(names), rng.randbytes(rng.randint(0, 60))) for _ in range(rng.randint(0, 8))]
+        record = Record(rng.choice(["t", "tøpic", 'a"b\\c']), rng.randint(0, 10 ** rng.randint(0, 5)),
+                        rng.randint(0, 10 ** rng.randint(0, 12)), rng.choice([None, b"", rng.randbytes(20)]),
+                        rng.choice([None, b"", rng.randbytes(rng.randint(1, 3000))]), headers, rng.randint(0, 2 ** 45))
+        assert native_size(record) == len(orjson.dumps(kafka_record(record))), record
 
 
 # -- Azure Functions ---------------------------------------------------------------------------

@@ -307,6 +307,19 @@ def test_tracing_is_off_by_default_and_events_pass_their_trace_on_as_before(flee
     assert fresh["traceparent"] != shard["traceparent"] and len(fresh["traceparent"].split("-")[1]) == 32
 
 
+def test_with_tracing_off_a_trusted_parent_is_current_in_the_block_and_an_untrusted_one_is_not(fleet, no_otel_env):
+    shard = signed_event("shard.ready", {**contracts.sample("shard.ready"), "cloud": "aws"}, "cli", fleet)
+    with tracing.consuming(shard, fleet, "trainer", "aws") as span:
+        assert not span.is_recording() and tracing.current_traceparent() == shard["traceparent"]
+        with tracing.consuming(shard, fleet, "trainer", "aws", trusted=False) as untrusted:
+            assert not untrusted.get_span_context().is_valid and tracing.current_traceparent() is None
+        assert tracing.current_traceparent() == shard["traceparent"]
+    assert tracing.current_traceparent() is None
+    del shard["traceparent"]
+    with tracing.consuming(shard, fleet, "trainer", "aws") as span:
+        assert not span.get_span_context().is_valid and tracing.current_traceparent() is None
+
+
 def test_the_endpoint_comes_from_the_config_or_the_standard_variables(tmp_path):
     def fleet_with(**env):
         return config.load(environ=env_for(tmp_path, **env))

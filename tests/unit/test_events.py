@@ -61,3 +61,31 @@ def test_caused_by_carries_the_trace_on():
     first = sample_event()
     second = events.new_event("model.ready", contracts.sample("model.ready"), source="x", caused_by=first)
     assert events.EventInfo.of(second).trace_id == events.EventInfo.of(first).trace_id
+
+
+BREAKS_SCHEMA = (b"r1", b'{"run_id": "r1"}', [("ce_specversion", b"1.0"), ("ce_id", b"1"), ("ce_source", b"x"),
+                                              ("ce_type", b"skyfuse.shard.ready")])
+
+
+def test_checked_records_are_read_again_without_their_checks_only_those_bytes_only_in_the_block():
+    # a record that breaks its schema stands in for one the host checked: only its exact bytes skip the checks
+    key, value, headers = BREAKS_SCHEMA
+    with events.checked([BREAKS_SCHEMA]):
+        assert events.decode(key, value, list(headers)).get_data() == {"run_id": "r1"}
+        with pytest.raises(events.MalformedEvent, match="'shard_id' is a required property"):
+            events.decode(b"r2", value, headers)  # another key
+        with pytest.raises(events.MalformedEvent, match="'shard_id' is a required property"):
+            events.decode(key, value, [*headers[:-1], ("ce_type", b"skyfuse.shard.ready"), ("x", b"")])
+        with pytest.raises(events.MalformedEvent, match="missing required attribute"):
+            events.decode(key, value, [h for h in headers if h[0] != "ce_id"])
+    with pytest.raises(events.MalformedEvent, match="'shard_id' is a required property"):
+        events.decode(key, value, headers)
+
+
+def test_a_checked_record_reads_as_the_full_decode_reads_it():
+    key, value, headers = events.encode(sample_event())
+    full = events.decode(key, value, headers)
+    with events.checked([(key, value, headers)]):
+        again = events.decode(key, value, [(name, bytes(v)) for name, v in headers])
+    assert again.get_attributes() == full.get_attributes() and again.get_data() == full.get_data()
+    assert again.get_attributes()["partitionkey"] == key and again.get_data() is not full.get_data()

@@ -6,6 +6,10 @@ partition, only the contiguous prefix of records that succeeded or were dead-let
 are retried with exponential backoff and jitter up to `max_attempts` or `max_record_age_s`, then
 written to `<function>.dlq` with the original record and the reason; malformed records go there at
 once. At-least-once delivery; handlers are idempotent.
+
+Each record is decoded and checked once, here, as it arrives; the entry point decodes it again, as
+in the cloud, and finds it among the records the host says it checked (`events.checked`), so the
+checks are not repeated.
 """
 from __future__ import annotations
 
@@ -56,6 +60,10 @@ class Delivery:
 Listener = Callable[[Delivery], None]
 
 
+def _nobody(delivery: Delivery) -> None:
+    """The listener of a host that was given none."""
+
+
 class FunctionHost:
     def __init__(self, bus: Bus, fleet: Fleet, cloud: str, function: str, invoker: Invoker,
                  listener: Listener | None = None, topics: list[str] | None = None,
@@ -70,7 +78,7 @@ class FunctionHost:
         self.tracker = Tracker(settings.ordering)
         self.backoff = Backoff(self.delivery.backoff_initial_s, self.delivery.backoff_max_s)
         self.runtime = Runtime(cloud, function, fleet, bus_factory=lambda: bus, settings=settings)
-        self.listener = listener or (lambda delivery: None)
+        self.listener = listener or _nobody
         self.metrics = metrics
         # the trigger's batching window, as this function's settings set it
         self.limits = replace(invoker.limits, max_wait_s=settings.batch_window(function, invoker.limits.max_wait_s))
@@ -174,7 +182,8 @@ class FunctionHost:
 
     # -- invoking ---------------------------------------------------------------------------
     def _invoke(self, batch: list[Pending]) -> Outcome:
-        with hosted(self.runtime):
+        # The entry point decodes each record again, as in the cloud; these passed every check in `_accept`.
+        with hosted(self.runtime), events.checked((p.record.key, p.record.value, p.record.headers) for p in batch):
             started = time.monotonic()
             self._forget_refusals(batch)
             try:
@@ -279,21 +288,25 @@ class FunctionHost:
         self._tell(pending, "dead-lettered", reason)
 
     def _tell(self, pending: Pending, result: DeliveryResult, reason: str = "") -> None:
+        if self.metrics:
+            self.metrics.delivered(self.cloud, self.function, result)
+        level = logging.INFO if result == "ok" else logging.WARNING
+        logged = log.isEnabledFor(level)
+        if not logged and self.listener is _nobody:
+            return  # nobody takes the rest
         event = pending.event
         delivery = Delivery(
             self.cloud, self.function, self.invoker.shape, pending.record,
             event["type"].removeprefix(contracts.TYPE_PREFIX) if event is not None else "?",
             event["id"] if event is not None else "?", result, pending.attempts, reason,
         )
-        level = logging.INFO if result == "ok" else logging.WARNING
-        log.log(level, f"{result}: {delivery.event_type} to {self.group}", extra={
-            "cloud": self.cloud, "function": self.function, "event_id": delivery.event_id,
-            "event_type": delivery.event_type, "record": f"{pending.record.tp}@{pending.record.offset}",
-            "attempts": pending.attempts, "reason": reason,
-            "trace_id": events.EventInfo.of(event).trace_id if event is not None else None,
-        })
-        if self.metrics:
-            self.metrics.delivered(self.cloud, self.function, result)
+        if logged:
+            log.log(level, f"{result}: {delivery.event_type} to {self.group}", extra={
+                "cloud": self.cloud, "function": self.function, "event_id": delivery.event_id,
+                "event_type": delivery.event_type, "record": f"{pending.record.tp}@{pending.record.offset}",
+                "attempts": pending.attempts, "reason": reason,
+                "trace_id": events.EventInfo.of(event).trace_id if event is not None else None,
+            })
         try:
             self.listener(delivery)
         except Exception:  # an observer's bug must not stall deliveries

@@ -50,6 +50,41 @@ def kafka_record(record: Record) -> dict[str, Any]:
     return native
 
 
+_FIXED = len(orjson.dumps({"topic": "", "partition": 0, "offset": 0, "timestamp": 0, "timestampType": "CREATE_TIME",
+                           "value": "", "headers": []})) - 3  # less the three numbers' digits
+_KEY = len(',"key":""')
+_UNDER_10, _UNDER_100 = bytes(range(10)), bytes(range(100))
+_JSON_SIZES: dict[str, int] = {}  # topic or header name → its length as a JSON string
+
+
+def native_size(record: Record) -> int:
+    """`len(orjson.dumps(kafka_record(record)))`, counted without building it: the host sizes each
+    record as it arrives (the payload limit) and builds the event only when it invokes."""
+    value, headers = record.value or b"", record.headers
+    size = (_FIXED + _json_size(record.topic) - 2 + len(str(record.partition)) + len(str(record.offset))
+            + len(str(record.timestamp_ms)) + _base64_size(len(value)))
+    if record.key is not None:
+        size += _KEY + _base64_size(len(record.key))
+    if headers:  # [{"name":[1,22,255]}, ...]: a digit per byte, one more from 10 and from 100, commas between
+        values = b"".join(v for _, v in headers)
+        size += (len(values) + len(values.translate(None, _UNDER_10)) + len(values.translate(None, _UNDER_100))
+                 + sum(_json_size(name) + 4 + max(0, len(v) - 1) for name, v in headers) + 2 * len(headers) - 1)
+    return size
+
+
+def _base64_size(n: int) -> int:
+    return 4 * ((n + 2) // 3)
+
+
+def _json_size(text: str) -> int:
+    size = _JSON_SIZES.get(text)
+    if size is None:
+        size = len(orjson.dumps(text))
+        if len(_JSON_SIZES) < 1024:  # the few names a fleet uses, not every topic a test makes
+            _JSON_SIZES[text] = size
+    return size
+
+
 def kafka_event(records: list[Record], bootstrap_servers: str) -> dict[str, Any]:
     """The self-managed Kafka event Lambda passes to a handler."""
     grouped: dict[str, list[dict[str, Any]]] = {}
@@ -102,7 +137,7 @@ class LambdaInvoker(Invoker):
         self.function_name, self.region, self.bootstrap = function_name, region, bootstrap_servers
 
     def cost(self, record: Record) -> int:
-        return len(orjson.dumps(kafka_record(record))) + 2
+        return native_size(record) + 2
 
     def invoke(self, batch: list[tuple[Record, CloudEvent]]) -> Outcome:
         records = [record for record, _ in batch]
@@ -138,17 +173,18 @@ def process_kafka_batch(function: str, handle: Handler, event: dict[str, Any],
     ordering = runtime.function_settings.ordering
     failed_lanes: set[Lane] = set()
 
-    def lane_of(record: KafkaEventRecord) -> Lane:
-        return lane(ordering, record.topic, record.partition, record.decoded_key, record.offset)
+    def lane_of(record: KafkaEventRecord, key: bytes | None) -> Lane:
+        return lane(ordering, record.topic, record.partition, key, record.offset)
 
     def handle_record(record: KafkaEventRecord) -> None:
-        if lane_of(record) in failed_lanes:
+        key = record.decoded_key
+        if failed_lanes and lane_of(record, key) in failed_lanes:
             raise SkippedBehindFailure(f"{record.topic}-{record.partition}@{record.offset}")
         try:
             headers = [(name, bytes(value)) for header in record.headers for name, value in header.items()]
-            run_handler(handle, events.decode(record.decoded_key, record.decoded_value, headers), runtime)
+            run_handler(handle, events.decode(key, record.decoded_value, headers), runtime)
         except Exception:
-            failed_lanes.add(lane_of(record))
+            failed_lanes.add(lane_of(record, key))
             runtime.log.exception("record failed", extra={
                 "record": f"{record.topic}-{record.partition}@{record.offset}", "cloud": runtime.cloud,
                 "function": function})
