@@ -98,6 +98,7 @@ class UnsignedJwt(AbstractTokenProvider):
 def test_scram_over_tls_publishes_consumes_and_commits(listener, tmp_path, uid, mechanism, caplog, monkeypatch):
     monkeypatch.setenv("SKYFUSE_BUS__KAFKA__SASL_PASSWORD", listener.password)
     caplog.set_level(logging.DEBUG)  # kafka-python's most verbose: requests, SASL exchanges, configs
+    caplog.set_level(logging.DEBUG, logger="kafka")  # whatever an earlier test (the CLI's callback) set it to
     topic, group = f"secure-{uid}", f"g-{uid}"
     bus = open_bus(config.load(environ=secure_env(listener, tmp_path, mechanism)))
     try:
@@ -150,6 +151,7 @@ def test_a_wrong_password_is_refused_and_never_shown(listener, tmp_path, caplog,
     wrong = "not-the-" + listener.password
     monkeypatch.setenv("SKYFUSE_BUS__KAFKA__SASL_PASSWORD", wrong)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="kafka")
     error = refused(secure_env(listener, tmp_path, SKYFUSE_BUS__KAFKA__SASL_PASSWORD=wrong))
     assert "refused the SCRAM-SHA-512 login" in error and f"user {listener.user!r}" in error
     assert "SKYFUSE_BUS__KAFKA__SASL_PASSWORD" in error
