@@ -252,7 +252,8 @@ class Dns(Section):
         return self
 
 
-CRITICAL_PATH = ("trainer", "exporter", "fuser", "deployer")  # a batching window only delays a run
+# a batching window only delays a run (the scheduler places each fused model)
+CRITICAL_PATH = ("trainer", "exporter", "fuser", "scheduler", "deployer")
 
 
 class Function(Section):
@@ -263,7 +264,7 @@ class Function(Section):
     batch_window_s: float | None = Field(
         None, ge=0, le=300, description="How long the trigger gathers records before invoking (Lambda's "
         "MaximumBatchingWindowInSeconds). Default: 0 for the functions on a run's critical path (trainer, exporter, "
-        "fuser, deployer: a few events, each waited for), the trigger's own for the rest (Lambda 0.5 s).")
+        "fuser, scheduler, deployer: a few events, each waited for), the trigger's own for the rest (Lambda 0.5 s).")
 
     def batch_window(self, function: str, trigger_default_s: float) -> float:
         if self.batch_window_s is not None:

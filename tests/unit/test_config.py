@@ -106,6 +106,7 @@ def test_a_runs_critical_path_waits_for_no_batching_window_unless_configured():
     fleet = config.load(environ={"SKYFUSE_FUNCTIONS__SCHEDULER__BATCH_WINDOW_S": "2",
                                  "SKYFUSE_FUNCTIONS__FUSER__BATCH_WINDOW_S": "0.1"})
     assert fleet.function("trainer").batch_window("trainer", 0.5) == 0.0  # critical path: no window
+    assert config.Function().batch_window("scheduler", 0.5) == 0.0  # it places each fused model
     assert fleet.function("monitor").batch_window("monitor", 0.5) == 0.5  # the trigger's own
     assert fleet.function("scheduler").batch_window("scheduler", 0.5) == 2.0  # configured
     assert fleet.function("fuser").batch_window("fuser", 0.5) == 0.1

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the servers and the router load when a fleet serves
     from skyfuse.dev.router import RouterServer
 
 ENDPOINTS = Path(".skyfuse/endpoints.json")
+LOCAL_POINTER_POLL_S = "0.1"  # the servers' default, 0.5 s, suits a cloud's object store
 WARM_IMPORTS = {"trainer": ("skyfuse.ml.model",), "exporter": ("skyfuse.ml.model", "tf2onnx")}
 FIRST_PORT = 8101
 
@@ -59,6 +60,8 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
     """What a serving process needs to find its cloud, its store and the bus: absolute paths, since
     the servers do not run in this working directory."""
     env = {"SKYFUSE_CLOUD": cloud}
+    if fleet.clouds[cloud].store.startswith("file://"):  # the serving pointer is a local file: reading it is free
+        env["INFERENCE_POLL_S"] = LOCAL_POINTER_POLL_S
     for name, settings in fleet.clouds.items():
         store = settings.store
         env[f"SKYFUSE_CLOUDS__{name.upper()}__STORE"] = open_store(store).uri if store.startswith("file://") else store
