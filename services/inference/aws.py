@@ -12,9 +12,10 @@
     POST /v2/models/<name>[/versions/<version>]/infer
 
 `asgi` puts a small guard in front of the resolver: it refuses bodies over the size limit with
-413 before reading them, and hands on a body that is not UTF-8 (binary tensor data, or garbage)
-base64-encoded and flagged so, as the Lambda service delivers one: `HttpResolverLocal` itself
-cannot take it. The guard also counts and times every request for GET /metrics.
+413 before reading them, hands on a body that is not UTF-8 (binary tensor data, or garbage)
+base64-encoded and flagged so, as the Lambda service delivers one (`HttpResolverLocal` itself
+cannot take it), and counts and times every request for GET /metrics. Every request goes through
+Powertools' resolver, as in Lambda.
 """
 from __future__ import annotations
 
@@ -32,19 +33,19 @@ from aws_lambda_powertools.utilities.data_classes.common import BaseProxyEvent
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from services.inference import handler
-from skyfuse.serving import oip, routes
+from skyfuse.serving import api, oip, routes
 from skyfuse.serving.asgi import (
     Receive,
     Scope,
     Send,
     content_length,
-    counting,
     lifespan,
     noting_status,
     read_body,
     replay,
     send_response,
 )
+from skyfuse.serving.prometheus import Tracker
 
 logger = Logger(service="skyfuse-inference")
 JSON = "application/json"
@@ -67,16 +68,16 @@ def _answer(result: handler.Reply) -> Answer:
 def add_routes(app: Resolver) -> Resolver:
     """The inference routes on a Powertools resolver; each reads `app.current_event`."""
 
-    def header(name: str) -> str | None:
-        return app.current_event.headers.get(name)  # Powertools' CaseInsensitiveDict
-
-    def body() -> bytes | str:
+    def request() -> tuple[api.Header, bytes | str]:
+        """(the request's header lookup, its body): `event.headers` makes a new dict at each read"""
         event = app.current_event
-        return base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
+        body = base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
+        return event.headers.get, body  # Powertools' CaseInsensitiveDict
 
     def route_view(route: routes.Route) -> Callable[[], Answer]:
         def view() -> Answer:
-            return _answer(handler.answer(route, header, body() if route.method == "POST" else b""))
+            header, body = request()
+            return _answer(handler.answer(route, header, body if route.method == "POST" else b""))
         return view
 
     for route in routes.ROUTES:
@@ -84,7 +85,8 @@ def add_routes(app: Resolver) -> Resolver:
 
     def v2_view(endpoint: str, method: str) -> Callable[..., Answer]:
         def view(**params: str) -> Answer:
-            return _answer(handler.v2(endpoint, params, header, body() if method == "POST" else b""))
+            header, body = request()
+            return _answer(handler.v2(endpoint, params, header, body if method == "POST" else b""))
         return view
 
     for method, template, endpoint in oip.ROUTES:
@@ -99,7 +101,13 @@ def add_routes(app: Resolver) -> Resolver:
 
 
 class _LocalResolver(HttpResolverLocal):
-    """`HttpResolverLocal` that takes a body the guard base64-encoded as a Lambda event does."""
+    """`HttpResolverLocal` that takes a body the guard base64-encoded as a Lambda event does, and
+    resolves the (sync) views as Lambda's `resolve()` does."""
+
+    async def _resolve_async(self) -> dict[str, Any]:  # type: ignore[override]  # HttpResolverLocal's own
+        # the async resolution rebuilds (and logs) each route's middleware chain at every request;
+        # the sync one builds it once per route
+        return self._build_response(self._resolve())
 
     def _to_proxy_event(self, event: dict[str, Any]) -> BaseProxyEvent:
         if _BASE64_BODY.get():  # set by LocalHost for this request's task only
@@ -123,7 +131,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
 
 class LocalHost:
-    """ASGI app: the body guard, then Powertools' `HttpResolverLocal`. Loads the model at startup."""
+    """ASGI app: the body guard, then Powertools' `HttpResolverLocal`, as the function URL hands
+    every request to the resolver in Lambda. Loads the model at startup."""
 
     def __init__(self, resolver: HttpResolverLocal) -> None:
         self.resolver = resolver
@@ -135,17 +144,17 @@ class LocalHost:
         if scope["type"] != "http":
             return
         with handler.track(scope["path"]) as tracked:
-            await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
+            await self._serve(scope, receive, send, tracked)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, tracked: Tracker) -> None:
         path, limit = scope["path"], handler.max_body_bytes()
         declared = content_length(scope)
         if declared is not None and declared > limit:
-            await send_response(send, *handler.too_large(declared, path))
+            await send_response(send, *handler.too_large(declared, path), tracked=tracked)
             return
-        body = await read_body(receive, limit)
+        body = await read_body(receive, limit, tracked)
         if body is None:
-            await send_response(send, *handler.too_large(None, path))
+            await send_response(send, *handler.too_large(None, path), tracked=tracked)
             return
         if not body.isascii():
             try:
@@ -153,7 +162,7 @@ class LocalHost:
             except UnicodeDecodeError:
                 body = base64.b64encode(body)
                 _BASE64_BODY.set(True)
-        await self.resolver(scope, replay(body), send)
+        await self.resolver(scope, replay(body), noting_status(send, tracked))
 
 
 asgi = LocalHost(local_app)

@@ -24,14 +24,16 @@ from services.inference import handler
 from skyfuse.serving import oip, routes
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+_JSON = "application/json"
 
 
 def _answer(result: handler.Reply) -> func.HttpResponse:
-    """(status, body[, headers]) as an HttpResponse; JSON unless the headers say otherwise."""
+    """(status, body[, headers]) as an HttpResponse; JSON (its mimetype) unless the headers say otherwise."""
     status, body, *rest = result
-    headers = {"Content-Type": "application/json", **(rest[0] if rest else {})}
+    headers = rest[0] if rest else None
+    content_type = headers.get("Content-Type", _JSON) if headers else _JSON
     return func.HttpResponse(body=body, status_code=status, headers=headers, charset="utf-8",
-                             mimetype=headers["Content-Type"].split(";")[0])
+                             mimetype=content_type.split(";")[0])
 
 
 def _function(route: routes.Route) -> Callable[[func.HttpRequest], func.HttpResponse]:

@@ -25,17 +25,8 @@ from azure.functions.decorators.http import HttpTrigger
 
 from services.inference import handler
 from skyfuse.serving import api
-from skyfuse.serving.asgi import (
-    Receive,
-    Scope,
-    Send,
-    content_length,
-    counting,
-    lifespan,
-    noting_status,
-    read_body,
-    send_response,
-)
+from skyfuse.serving.asgi import Receive, Scope, Send, content_length, lifespan, read_body, send_response
+from skyfuse.serving.prometheus import Tracker
 
 ROUTE_PREFIX = "api"
 ALL_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE")
@@ -98,41 +89,42 @@ class AzureFunctionsHost:
         if scope["type"] != "http":
             return
         with handler.track(scope["path"], self.prefix) as tracked:
-            await self._serve(scope, counting(receive, tracked), noting_status(send, tracked))
+            await self._serve(scope, receive, send, tracked)
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, tracked: Tracker) -> None:
         method, path = scope["method"], scope["path"]
         methods, route_params = self.match(path)
         if methods is None:
-            await send_response(send, *handler.not_found(method, path))
+            await send_response(send, *handler.not_found(method, path), tracked=tracked)
             return
         target = methods.get(method)
         if target is None:
-            await send_response(send, *handler.method_not_allowed(method, path, ", ".join(methods)))
+            await send_response(send, *handler.method_not_allowed(method, path, ", ".join(methods)), tracked=tracked)
             return
         limit = handler.max_body_bytes()
         declared = content_length(scope)
-        body = None if declared is not None and declared > limit else await read_body(receive, limit)
+        body = None if declared is not None and declared > limit else await read_body(receive, limit, tracked)
         if body is None:
-            await send_response(send, *handler.too_large(declared, path))
+            await send_response(send, *handler.too_large(declared, path), tracked=tracked)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         query = scope.get("query_string", b"").decode("latin-1")
         host = headers.get("host") or ":".join(map(str, scope.get("server") or ("127.0.0.1", 80)))
         url = f"{scope.get('scheme', 'http')}://{host}{path}" + (f"?{query}" if query else "")
-        request = func.HttpRequest(method=method, url=url, headers=headers, params=dict(parse_qsl(query)),
-                                   route_params=route_params, body=body)
+        request = func.HttpRequest(method=method, url=url, headers=headers,
+                                   params=dict(parse_qsl(query)) if query else {}, route_params=route_params, body=body)
         function, arg_name = target
         try:
             response: func.HttpResponse = function(**{arg_name: request})
         except Exception as exc:  # noqa: BLE001 - the Functions host answers 500 too
-            await send_response(send, *api.error(500, f"function {function.__name__} raised "
-                                                      f"{type(exc).__name__}: {exc}", "function_error"))
+            failed = api.error(500, f"function {function.__name__} raised {type(exc).__name__}: {exc}",
+                               "function_error")
+            await send_response(send, *failed, tracked=tracked)
             return
         out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
         if not any(k == b"content-type" for k, _ in out):
             out.append((b"content-type", response.mimetype.encode("latin-1")))
-        await send_response(send, response.status_code, response.get_body(), out)
+        await send_response(send, response.status_code, response.get_body(), out, tracked)
 
 
 def create_app() -> AzureFunctionsHost:

@@ -31,38 +31,27 @@ from starlette.responses import Response  # noqa: E402
 
 from services.inference import handler  # noqa: E402
 from skyfuse.serving import api, oip, routes  # noqa: E402
+from skyfuse.serving.asgi import content_length, header_lookup, read_body  # noqa: E402
+from skyfuse.serving.prometheus import Tracker  # noqa: E402
 
 _JSON = "application/json"
 _ROUTES = routes.BY_PATH  # path: the service's own route; the v2 routes are matched by oip.match
 
 
-async def _body(request: Request, path: str) -> bytes | api.Result:
+async def _body(request: Request, path: str, declared: int | None, tracked: Tracker) -> bytes | api.Result:
     """The body, or the 413 for one over the limit (refused on its Content-Length before reading,
     or counted while reading a chunked one: the rest is never read)."""
     limit = handler.max_body_bytes()
-    declared = _content_length(request)
     if declared is not None and declared > limit:
         return handler.too_large(declared, path)
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            return handler.too_large(None, path)
-        parts.append(part)
-    return b"".join(parts)
+    body = await read_body(request.receive, limit, tracked)
+    return handler.too_large(None, path) if body is None else body
 
 
-def _content_length(request: Request) -> int | None:
-    raw = request.headers.get("content-length")
-    try:
-        return int(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-async def _route(request: Request, path: str) -> handler.Reply:
+async def _route(request: Request, path: str, tracked: Tracker) -> handler.Reply:
     """(status, body[, headers]) of one request."""
-    method = request.method
+    method, scope = request.method, request.scope
+    header = header_lookup(scope)
     route = _ROUTES.get(path)
     if route is None:
         matched = oip.match(path) if path.startswith("/v2") else None
@@ -71,23 +60,18 @@ async def _route(request: Request, path: str) -> handler.Reply:
         allowed, _, endpoint, params = matched
         if method != allowed:
             return handler.method_not_allowed(method, path, allowed)
-        body = await _body(request, path) if allowed == "POST" else b""
-        if isinstance(body, tuple):
-            return body
-        return handler.v2(endpoint, params, request.headers.get, body)
+        body = await _body(request, path, content_length(scope), tracked) if allowed == "POST" else b""
+        return body if isinstance(body, tuple) else handler.v2(endpoint, params, header, body)
     if method != route.method:
         return handler.method_not_allowed(method, path, route.method)
-    body = await _body(request, path) if route.method == "POST" else b""
-    return body if isinstance(body, tuple) else handler.answer(route, request.headers.get, body)
+    body = await _body(request, path, content_length(scope), tracked) if route.method == "POST" else b""
+    return body if isinstance(body, tuple) else handler.answer(route, header, body)
 
 
 @functions_framework.aio.http
 async def inference(request: Request) -> Response:
     path = request.scope["path"].rstrip("/") or "/"
     with handler.track(path) as tracked:
-        status, body, *headers = await _route(request, path)
-        tracked.status = status
-        tracked.received = _content_length(request) or 0  # a chunked body counts 0
-        body = body.encode() if isinstance(body, str) else body
-        tracked.sent = len(body)
+        status, body, *headers = await _route(request, path, tracked)
+        tracked.status, tracked.sent = status, len(body)
     return Response(body, status, headers[0] if headers else None, media_type=_JSON)

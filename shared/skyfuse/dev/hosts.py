@@ -37,6 +37,10 @@ from skyfuse.errors import Failure
 PROVIDERS = ("aws", "gcp", "azure")
 BASE_PATH = {"aws": "", "gcp": "", "azure": "/api"}
 FUNCTION = "inference"
+# what gunicorn's uvicorn worker imports as it starts (uvicorn's "auto" loop, HTTP and WebSocket
+# protocols, lifespan): imported before the fork, once, with the collector off
+UVICORN_WORKER = ("uvicorn.loops.uvloop", "uvicorn.protocols.http.httptools_impl", "uvicorn.protocols.websockets.auto",
+                  "uvicorn.lifespan.on")
 
 
 class HostError(Failure, RuntimeError):
@@ -67,10 +71,11 @@ def command(provider: str, port: int, workers: int | None = None) -> list[str]:
     if provider == "azure":  # the entry point is the app factory
         return _launched([entry.module] if own_app else [], "uvicorn", entry.ref, "--factory", *uvicorn)
     # gcp: gunicorn's master imports the app (not before: the app prepares the workers' metrics
-    # first), then forks the workers; the core, with onnxruntime, is imported ahead of it
+    # first), then forks the workers. Imported ahead of it, into memory the workers share: the core
+    # (onnxruntime a worker imports itself) and what a uvicorn worker would import after the fork
     core = entrypoints.get(FUNCTION, "core")
     return _launched(["functions_framework._http.gunicorn", "functions_framework.aio", "uvicorn_worker",
-                      *([core.module] if core else [])],
+                      *UVICORN_WORKER, *([core.module] if core else [])],
                      "functions_framework", "--asgi", "--target", entry.target,
                      "--source", str(entry.source()), "--signature-type", "http",
                      "--host", "127.0.0.1", "--port", str(port))

@@ -126,7 +126,7 @@ def authorize(key_hashes: tuple[str, ...], header: Header) -> Result | None:
 
 def is_json(content_type: str | None) -> bool:
     """JSON or no content type at all (many clients send none); anything else is refused."""
-    if not content_type:
+    if not content_type or content_type == CONTENT_TYPE:
         return True
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
@@ -250,22 +250,33 @@ def parse(body: bytes | str, model: LoadedModel,
         seen.update(map(type, row))
     if not seen <= _NUMERIC:
         return None, "", _locate(instances, model)
-    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf here, then a named 400
-        X = np.array(instances, dtype=np.float32)
-    if not np.isfinite(X).all():
+    # orjson parses only finite doubles, so a value beyond float32 is all that can make X non-finite:
+    # its cast raises here (no scan of X afterwards), and the slow path names it
+    try:
+        with np.errstate(over="raise"):
+            X = np.array(instances, dtype=np.float32)
+    except FloatingPointError:
         return None, "", _locate(instances, model)
     return X, fmt, None
 
 
 def encode(model: LoadedModel, probs: np.ndarray, fmt: str = "records") -> bytes:
     labels = model.labels
-    best = probs.argmax(axis=1).tolist()
     if fmt == "compact":
+        best = probs.argmax(axis=1).tolist()
         return orjson.dumps({"model_version": model.version, "classes": labels,
                              "predictions": [labels[i] for i in best], "probabilities": probs}, option=_DUMP)
+    # the probabilities as Python floats that write as the float32 values do: orjson writes each as
+    # its shortest decimal, which reads back as a double that writes the same (a numpy scalar per
+    # value, the other way, costs more than the rest of the answer)
+    rows = orjson.loads(orjson.dumps(probs, option=_DUMP))
+    try:
+        best = [row.index(max(row)) for row in rows]  # the first largest, as argmax picks it
+    except TypeError:  # a NaN or an infinity, written null: numpy's pick
+        best = probs.argmax(axis=1).tolist()
     return orjson.dumps({"model_version": model.version, "predictions": [
         {"class": labels[i], "probabilities": dict(zip(labels, row, strict=True))}
-        for i, row in zip(best, probs, strict=True)]}, option=_DUMP)
+        for i, row in zip(best, rows, strict=True)]})
 
 
 def predict(body: bytes | str, slot: ModelSlot, limits: Limits = DEFAULT_LIMITS) -> Result:

@@ -1,7 +1,7 @@
 """The few ASGI pieces the local hosts share (no framework, no cloud SDK)."""
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -9,8 +9,8 @@ if TYPE_CHECKING:
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
-Scope = dict[str, Any]  # an ASGI connection scope
-Message = dict[str, Any]  # an ASGI event, received or sent
+Scope = MutableMapping[str, Any]  # an ASGI connection scope
+Message = MutableMapping[str, Any]  # an ASGI event, received or sent
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
@@ -25,17 +25,38 @@ def content_length(scope: Scope) -> int | None:
     return None
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None as soon as it grows past `limit` bytes."""
+def header_lookup(scope: Scope) -> Callable[[str], str | None]:
+    """`header(name)`: a request header by name (any case), the first of repeated ones, or None."""
+    raw = scope.get("headers", ())
+
+    def header(name: str) -> str | None:
+        wanted = name.lower().encode("latin-1")
+        for key, value in raw:  # ASGI servers hand the names over in lower case
+            if key == wanted:
+                found: str = value.decode("latin-1")
+                return found
+        return None
+
+    return header
+
+
+async def read_body(receive: Receive, limit: int, tracked: Tracker | None = None) -> bytes | None:
+    """The request body, or None as soon as it grows past `limit` bytes; the bytes read are added to
+    `tracked.received`."""
     message = await receive()
     body = message.get("body", b"")
+    size = len(body)
+    if tracked is not None:
+        tracked.received += size
     if not message.get("more_body", False):
-        return body if len(body) <= limit else None
-    chunks, size = [body], len(body)
+        return body if size <= limit else None
+    chunks = [body]
     while message.get("more_body", False):
         message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
+        if tracked is not None:
+            tracked.received += len(chunk)
         if size > limit:
             return None
         chunks.append(chunk)
@@ -71,18 +92,23 @@ def noting_status(send: Send, tracked: Tracker) -> Send:
     return noted
 
 
-def counting(receive: Receive, tracked: Tracker) -> Receive:
-    """`receive`, adding the request body bytes it hands over to `tracked.received`."""
-    async def counted() -> Message:
-        message = await receive()
-        tracked.received += len(message.get("body", b""))
-        return message
-
-    return counted
+def response_headers(headers: Mapping[str, str] | None) -> list[tuple[bytes, bytes]]:
+    """A reply's headers as ASGI's list, JSON unless they name another content type."""
+    if not headers:
+        return JSON_HEADERS
+    out = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    return out if any(name == b"content-type" for name, _ in out) else [*out, *JSON_HEADERS]
 
 
-async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_response(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None,
+                        tracked: Tracker | None = None) -> None:
+    """One whole response; `tracked` (a `prometheus.Tracker`) gets its status and size, and is
+    finished before the body leaves, as `noting_status` does."""
     await send({"type": "http.response.start", "status": status, "headers": headers or JSON_HEADERS})
+    if tracked is not None:
+        tracked.status = status
+        tracked.sent += len(body)
+        tracked.finish()
     await send({"type": "http.response.body", "body": body})
 
 
