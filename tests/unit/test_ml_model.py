@@ -170,9 +170,9 @@ def test_fine_tuning_kept_warm_compiles_once_and_trains_as_a_fresh_loop(trained,
             np.testing.assert_array_equal(a, b)
         assert warm.validation == cold.validation
         warm_models.append(warm.model)
-    assert warm_models[0] is warm_models[1] is warm_models[2]  # one loop, one model, kept
-    (loop,) = [loop for loop in M._warm_loops().loops.values() if loop.model is warm_models[0]]
-    assert loop.epoch.experimental_get_tracing_count() == 1
+    assert warm_models[0] is warm_models[1] is warm_models[2]  # one loop; this thread's copy of its model, kept
+    loop = M._LOOPS.get(M._warm_key(None, spec, other.n_features, 2, proximal=True))
+    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
     adam = M.train(M.ModelSpec(hidden=(8,), seed=3), other, 2, initial=trained.model, epochs=3, keep_warm=True)
     assert adam.model is not warm_models[0]  # other settings: a loop of its own
 
@@ -192,8 +192,34 @@ def test_one_kept_loop_trains_shards_of_any_size_each_as_a_fresh_loop(cancer):
         np.testing.assert_allclose(M.standardization(warm.model)[0], shard.X.mean(axis=0), rtol=1e-5)
         warm_models.append(warm.model)
     assert warm_models[0] is warm_models[1] is warm_models[2]
-    (loop,) = [loop for loop in M._warm_loops().loops.values() if loop.model is warm_models[0]]
-    assert loop.epoch.experimental_get_tracing_count() == 1
+    loop = M._LOOPS.get(M._warm_key(None, spec, cancer.n_features, 2, proximal=False))
+    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
+
+
+def test_threads_share_a_kept_loop_and_each_keeps_its_own_result(cancer):
+    """The local fleet's trainers are threads of one process: they compile a loop once between
+    them, train on it one at a time, and each result stays its thread's until its next training."""
+    import threading
+
+    spec = M.ModelSpec(hidden=(8,), epochs=4, seed=11)
+    shards = [cancer.subset(np.arange(i * 60, i * 60 + 60)) for i in range(4)]
+    expected = [M.train(spec, shard, 2).model.get_weights() for shard in shards]
+    got: dict[int, list] = {}
+
+    def trainer(i: int) -> None:
+        result = M.train(spec, shards[i], 2, keep_warm=True)
+        got[i] = result.model.get_weights()
+
+    threads = [threading.Thread(target=trainer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        for a, b in zip(got[i], expected[i], strict=True):
+            np.testing.assert_array_equal(a, b)
+    loop = M._LOOPS.get(M._warm_key(None, spec, cancer.n_features, 2, proximal=False))
+    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
 
 
 def test_a_second_model_of_one_architecture_exports_without_tracing(trained, shard, cancer, monkeypatch):

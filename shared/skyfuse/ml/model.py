@@ -271,10 +271,10 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     `template`: a user's model (`load_user_model`) to train from its weights instead of building
     the MLP (the first loop of its architecture trains the template itself); it gets the raw
     features (no built-in standardization) and `spec.hidden` is unused.
-    `keep_warm`: keep the compiled training loop in this thread and reuse it for the next shard or
-    round of the same architecture and settings, as a warm function instance would: the returned
-    model is then that loop's, overwritten by the next such call, so save it first. The result is
-    the same as without it.
+    `keep_warm`: keep the compiled training loop and reuse it for the next shard or round of the
+    same architecture and settings, as a warm function instance would: the returned model is then
+    this thread's copy, overwritten by its next such call, so save it first. The result is the same
+    as without it.
     """
     check_shard(shard, n_classes)
     started = time.perf_counter()
@@ -288,7 +288,7 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
     tr, va = _validation_split(shard.y, validation_fraction, spec.seed)
     proximal = initial is not None
     key = _warm_key(template, spec, shard.n_features, n_classes, proximal) if keep_warm else None
-    loop = _warm_loops().get(key) if key else None
+    loop = _LOOPS.get(key) if key else None
     if loop is None:
         if template is not None:
             model = template
@@ -296,29 +296,32 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
             model = build(spec, shard.n_features, n_classes, np.zeros(shard.n_features), np.ones(shard.n_features))
         loop = _Loop(model, spec, proximal=proximal)
         if key:
-            _warm_loops().put(key, loop)
-    model = loop.model
+            loop = _LOOPS.put(key, loop)  # another thread's, if it kept one first
     start = initial.get_weights() if initial is not None else (
         template.get_weights() if template is not None else loop.initial_weights)
-    mine = model.get_weights()
-    if [w.shape for w in start] != [w.shape for w in mine]:
-        fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
-        raise TrainingError(f"the initial model's weights {[w.shape for w in start]} do not fit {fits} "
-                            f"with {shard.n_features} features and {n_classes} classes "
-                            f"({[w.shape for w in mine]})")
-    model.set_weights(start)
-    if initial is None and template is None:  # a fresh MLP standardizes with the shard's (or the pooled) statistics
-        mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
-                                                          shard.X.astype(np.float64).var(axis=0))
-        _set_standardization(model, mean, variance)
-    ran = loop.run(shard.X[tr], shard.y[tr], shard.X[va], shard.y[va],
-                   int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
-    validation: dict[str, float | None] = {"rows": int(len(va)), "accuracy": None, "loss": None}
-    if len(va):
-        p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
-        picked = np.clip(p[np.arange(len(va)), shard.y[va]], 1e-7, 1.0)
-        validation.update(accuracy=float(np.mean(p.argmax(axis=1) == shard.y[va])),
-                          loss=float(-np.mean(np.log(picked))))
+    with loop.lock:  # one training at a time on a loop's model
+        model = loop.model
+        mine = model.get_weights()
+        if [w.shape for w in start] != [w.shape for w in mine]:
+            fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
+            raise TrainingError(f"the initial model's weights {[w.shape for w in start]} do not fit {fits} "
+                                f"with {shard.n_features} features and {n_classes} classes "
+                                f"({[w.shape for w in mine]})")
+        model.set_weights(start)
+        if initial is None and template is None:  # a fresh MLP standardizes with the shard's (or pooled) statistics
+            mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
+                                                              shard.X.astype(np.float64).var(axis=0))
+            _set_standardization(model, mean, variance)
+        ran = loop.run(shard.X[tr], shard.y[tr], shard.X[va], shard.y[va],
+                       int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
+        validation: dict[str, float | None] = {"rows": int(len(va)), "accuracy": None, "loss": None}
+        if len(va):
+            p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
+            picked = np.clip(p[np.arange(len(va)), shard.y[va]], 1e-7, 1.0)
+            validation.update(accuracy=float(np.mean(p.argmax(axis=1) == shard.y[va])),
+                              loss=float(-np.mean(np.log(picked))))
+        if key:  # the loop's model trains the next shard at once, perhaps for another thread
+            model = _LOOPS.thread_copy(key, model)
     return TrainResult(model, len(shard), validation, time.perf_counter() - started, ran, shard.subset(va))
 
 
@@ -335,7 +338,7 @@ class _Loop:
     def __init__(self, model: keras.Model, spec: ModelSpec, proximal: bool = False) -> None:
         import tensorflow as tf
 
-        self.model, self.spec = model, spec
+        self.model, self.spec, self.lock = model, spec, threading.Lock()
         self.initial_weights = model.get_weights()  # a fresh model's: where a run with no other start begins
         # random layers (Dropout, noise) draw from seed generators; a loaded or built model takes
         # their state from the process's random numbers, so `run` sets it from the spec's seed
@@ -421,30 +424,43 @@ class _Loop:
 
 
 class _WarmLoops:
-    """The compiled loops one thread keeps: one per architecture and settings it trains (a run's
-    first round and its fine-tuning rounds each have one; the oldest goes first)."""
+    """The compiled loops this process keeps: one per architecture and settings it trains (a run's
+    first round and its fine-tuning rounds each have one; the oldest goes first). The local fleet
+    runs every cloud's trainer in one process, as threads: they share the loops, each training
+    under the loop's lock, and each gets its result in a model of its own (`thread_copy`)."""
 
     def __init__(self, size: int = 8):
         self.size = size
         self.loops: dict[WarmKey, _Loop] = {}
+        self.lock = threading.Lock()
+        self.copies = threading.local()
 
     def get(self, key: WarmKey) -> _Loop | None:
-        return self.loops.get(key)
+        with self.lock:
+            return self.loops.get(key)
 
-    def put(self, key: WarmKey, loop: _Loop) -> None:
-        self.loops[key] = loop
-        while len(self.loops) > self.size:
-            del self.loops[next(iter(self.loops))]
+    def put(self, key: WarmKey, loop: _Loop) -> _Loop:
+        """Keep `loop` for `key`, unless a loop was kept for it meanwhile: the loop kept."""
+        with self.lock:
+            kept = self.loops.setdefault(key, loop)
+            while len(self.loops) > self.size:
+                del self.loops[next(iter(self.loops))]
+            return kept
+
+    def thread_copy(self, key: WarmKey, model: keras.Model) -> keras.Model:
+        """This thread's model of `key`'s architecture, with `model`'s weights: it stays as it is
+        until this thread's next training of that architecture."""
+        copies: dict[WarmKey, keras.Model] = self.copies.__dict__.setdefault("models", {})
+        if key not in copies:
+            copies[key] = keras.models.clone_model(model)
+            while len(copies) > self.size:
+                del copies[next(iter(copies))]
+        copies[key].set_weights(model.get_weights())
+        return copies[key]
 
 
+_LOOPS = _WarmLoops()
 _thread_state = threading.local()
-
-
-def _warm_loops() -> _WarmLoops:
-    if not hasattr(_thread_state, "loops"):
-        _thread_state.loops = _WarmLoops()
-    loops: _WarmLoops = _thread_state.loops
-    return loops
 
 
 def _warm_key(template: keras.Model | None, spec: ModelSpec, n_features: int, n_classes: int,
