@@ -66,6 +66,8 @@ def test_selftest_shows_every_event_reaching_every_cloud(env):
 
 
 def test_up_then_publish_each_sample_then_status(env, tmp_path):
+    # the keys before the fleet: the commands below sign as they start, whether `up` has yet or not
+    assert cli(env, "keys", "init").returncode == 0
     up = subprocess.Popen([*SKYFUSE, "up", "--for", "60"], env={**os.environ, **env, "COLUMNS": "200"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
