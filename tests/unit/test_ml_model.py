@@ -354,3 +354,11 @@ def test_with_onnx_weights_sets_a_keras_model_from_onnx_parameters(trained, expo
     with pytest.raises(ValueError, match=r"no values for the model's weights \['out.bias'\]"):
         M.with_onnx_weights(target, {k: v for k, v in values.items() if k != "out.bias"})
 
+
+
+def test_build_checks_its_statistics_and_takes_a_zero_or_infinite_variance_as_one():
+    with pytest.raises(ValueError, match="mean and variance must have 4 values each"):
+        M.build(TINY, 4, 2, np.zeros(3), np.ones(4))
+    mean, variance = M.standardization(M.build(TINY, 4, 2, np.arange(4), [0, 1, np.inf, 4]))
+    np.testing.assert_array_equal(mean, [0, 1, 2, 3])
+    np.testing.assert_array_equal(variance, [1, 1, 1, 4])

@@ -196,18 +196,16 @@ def build(spec: ModelSpec, n_features: int, n_classes: int, mean: ArrayLike, var
     non-finite) variance is taken as 1 so constant features pass through centred."""
     if n_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {n_classes}")
-    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
-    if mean.shape != (n_features,) or np.asarray(variance).reshape(-1).shape != (n_features,):
-        raise ValueError(f"mean and variance must have {n_features} values each")
-    variance = _safe_variance(np.asarray(variance).reshape(-1))
     inputs = keras.Input(shape=(n_features,), dtype="float32", name="features")
-    x = Standardize(mean, variance, name=STANDARDIZE)(inputs)
+    x = Standardize(name=STANDARDIZE)(inputs)
     for i, units in enumerate(spec.hidden):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{i}",
                                **_initializers(spec, spec.seed * 1009 + i))(x)
     out = keras.layers.Dense(n_classes, activation="softmax", name="out",
                              **_initializers(spec, spec.seed * 1009 + 1000))(x)
-    return keras.Model(inputs, out, name=MODEL_NAME)
+    model = keras.Model(inputs, out, name=MODEL_NAME)
+    _set_standardization(model, mean, variance)
+    return model
 
 
 def _initializers(spec: ModelSpec, seed: int) -> dict[str, Any]:
