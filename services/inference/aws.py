@@ -65,14 +65,28 @@ def _answer(result: handler.Reply) -> Answer:
                     headers=headers or None)
 
 
+def header_lookup(headers: dict[str, str]) -> api.Header:
+    """`header(name)` over an event's header map: Function URL events (and Powertools' local events)
+    name headers in lower case, so a lower-case name is one dict read; any other casing is found by a
+    scan. (`event.headers` would build a case-insensitive copy of the map at every read.)"""
+    def header(name: str) -> str | None:
+        wanted = name.lower()
+        found = headers.get(wanted)
+        if found is None:
+            found = next((value for key, value in headers.items() if key.lower() == wanted), None)
+        return found
+
+    return header
+
+
 def add_routes(app: Resolver) -> Resolver:
     """The inference routes on a Powertools resolver; each reads `app.current_event`."""
 
     def request() -> tuple[api.Header, bytes | str]:
-        """(the request's header lookup, its body): `event.headers` makes a new dict at each read"""
+        """(the request's header lookup, its body)"""
         event = app.current_event
         body = base64.b64decode(event.body or "") if event.is_base64_encoded else (event.body or "")
-        return event.headers.get, body  # Powertools' CaseInsensitiveDict
+        return header_lookup(event.get("headers") or {}), body
 
     def route_view(route: routes.Route) -> Callable[[], Answer]:
         def view() -> Answer:

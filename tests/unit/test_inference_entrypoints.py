@@ -92,6 +92,16 @@ def test_lambda_base64_body_and_errors(served):
         assert lambda_handler(function_url_event("GET", path), ctx)["statusCode"] == 200
 
 
+def test_lambda_reads_request_headers_in_any_case():
+    """Function URL events name headers in lower case; a hand-made or proxied event may not."""
+    from services.inference.aws import header_lookup
+
+    header = header_lookup({"content-type": "application/json", "X-Api-Key": "k1", "AUTHORIZATION": "Bearer k2"})
+    assert header("Content-Type") == "application/json"
+    assert header("x-api-key") == "k1" and header("authorization") == "Bearer k2"
+    assert header("x-missing") is None
+
+
 def test_lambda_open_inference_protocol(served, model_bytes):
     from services.inference.aws import lambda_handler
 

@@ -269,14 +269,14 @@ def encode(model: LoadedModel, probs: np.ndarray, fmt: str = "records") -> bytes
     # the probabilities as Python floats that write as the float32 values do: orjson writes each as
     # its shortest decimal, which reads back as a double that writes the same (a numpy scalar per
     # value, the other way, costs more than the rest of the answer)
-    rows = orjson.loads(orjson.dumps(probs, option=_DUMP))
-    try:
-        best = [row.index(max(row)) for row in rows]  # the first largest, as argmax picks it
-    except TypeError:  # a NaN or an infinity, written null: numpy's pick
-        best = probs.argmax(axis=1).tolist()
-    return orjson.dumps({"model_version": model.version, "predictions": [
-        {"class": labels[i], "probabilities": dict(zip(labels, row, strict=True))}
-        for i, row in zip(best, rows, strict=True)]})
+    predictions = []
+    for r, row in enumerate(orjson.loads(orjson.dumps(probs, option=_DUMP))):
+        try:
+            best = row.index(max(row))  # the first largest, as argmax picks it
+        except TypeError:  # a NaN or an infinity, written null: numpy's pick
+            best = int(probs[r].argmax())
+        predictions.append({"class": labels[best], "probabilities": dict(zip(labels, row, strict=True))})
+    return orjson.dumps({"model_version": model.version, "predictions": predictions})
 
 
 def predict(body: bytes | str, slot: ModelSlot, limits: Limits = DEFAULT_LIMITS) -> Result:

@@ -1,6 +1,6 @@
 """Request latency and errors per window, and the `metrics.sampled` events built from them.
 
-`LatencyRecorder.record` is what each request pays: a log, a few integer adds under an
+`LatencyRecorder.record` is what each request pays: a binary search, a few integer adds under an
 uncontended lock. Latencies go into a fixed log-spaced histogram (1 µs to 100 s, buckets 2 %
 apart), so p50/p99 cost nothing per request and are within 1 % of the exact value.
 `snapshot` closes the window and returns the data of a `metrics.sampled` event (see
@@ -8,6 +8,7 @@ apart), so p50/p99 cost nothing per request and are within 1 % of the exact valu
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -24,6 +25,8 @@ MAX_MS = 100_000.0
 GROWTH = 1.02
 _LOG_G = math.log(GROWTH)
 BUCKETS = int(math.log(MAX_MS / MIN_MS) / _LOG_G) + 1
+# the lower bound of buckets 1 … BUCKETS-1 (bucket 0 takes everything below MIN_MS * GROWTH)
+_EDGES_MS = tuple(MIN_MS * GROWTH ** i for i in range(1, BUCKETS))
 
 log = logging.getLogger("skyfuse.serving.metrics")
 
@@ -69,10 +72,7 @@ class LatencyRecorder:
         self._started = now
 
     def record(self, seconds: float, error: bool = False) -> None:
-        ms = seconds * 1000.0
-        i = int(math.log(ms / MIN_MS) / _LOG_G) if ms > MIN_MS else 0
-        if i >= BUCKETS:
-            i = BUCKETS - 1
+        i = bisect.bisect_right(_EDGES_MS, seconds * 1000.0)
         with self._lock:
             self._counts[i] += 1
             self._n += 1
