@@ -351,3 +351,116 @@ def test_fusion_sessions_take_the_serving_options():
         expected.graph_optimization_level, expected.execution_mode, expected.log_severity_level)
     for entry in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         assert opts.get_session_config_entry(entry) == "0"
+
+
+# ------------------------------------------------------------------------------- stacked graphs
+
+
+def mlp_members(m, seed=0, width=5, classes=("a", "b", "c"), hidden=(6, 4)):
+    from skyfuse.serving.testing import classifier
+
+    return [classifier(width=width, classes=classes, hidden=hidden, seed=seed + i) for i in range(m)]
+
+
+def node_count(fused) -> int:
+    return len(onnx.load_from_string(fused).graph.node)
+
+
+def inlined(monkeypatch, strategy, members, weights=None) -> bytes:
+    """The ensemble as `fuse` builds it for members it cannot stack: every member's nodes."""
+    with monkeypatch.context() as m:
+        m.setattr(F, "_stacked_ensemble", lambda *args: None)
+        return F.fuse(strategy, members, weights)
+
+
+@pytest.mark.parametrize("strategy", ["wavg", "vote", "confidence"])
+def test_members_of_one_structure_run_stacked_in_a_graph_that_does_not_grow_with_k(strategy, monkeypatch):
+    X = np.random.default_rng(7).normal(size=(64, 5)).astype(np.float32)
+    counts = {}
+    for k in (1, 3, 30):
+        members = mlp_members(k)
+        weights = list(range(1, k + 1))
+        fused = F.fuse(strategy, members, weights)
+        counts[k] = node_count(fused)
+        flat = inlined(monkeypatch, strategy, members, weights)
+        assert node_count(flat) >= k * node_count(members[0])  # what stacking saves
+        expected = F.combine(strategy, [F.predict(m, X) for m in members], weights)
+        for rows in (X[:1], X):
+            np.testing.assert_allclose(F.predict(fused, rows), expected[:len(rows)], atol=1e-6)
+            np.testing.assert_allclose(F.predict(fused, rows), F.predict(flat, rows), atol=1e-6)
+        assert onnx.load_from_string(fused).graph.name == f"skyfuse_{strategy}"
+    assert counts[3] == counts[30] < node_count(mlp_members(1)[0]) + 25
+
+
+def standardized_member(rng, mean, var, d=5, h=4, k=3) -> bytes:
+    """features standardized (Sub, Sqrt, Div), a Gemm (transB, alpha, beta, C [1, h]), LeakyRelu, a
+    Constant scale, Clip, MatMul + Add, a per-member temperature, Softmax on axis 1."""
+    inits = {"mean": mean, "var": var, "W1": rng.normal(size=(h, d)), "C1": rng.normal(size=(1, h)),
+             "lo": np.float32(-2.0), "hi": np.float32(3.0), "W2": rng.normal(size=(h, k)), "b2": rng.normal(size=k),
+             "T": np.float32(rng.uniform(0.5, 2.0))}
+    nodes = [helper.make_node("Sub", ["features", "mean"], ["centred"]), helper.make_node("Sqrt", ["var"], ["sd"]),
+             helper.make_node("Div", ["centred", "sd"], ["z"]),
+             helper.make_node("Gemm", ["z", "W1", "C1"], ["g"], transB=1, alpha=0.5, beta=2.0),
+             helper.make_node("LeakyRelu", ["g"], ["a"], alpha=0.1),
+             helper.make_node("Constant", [], ["scale"], value_float=1.5),
+             helper.make_node("Mul", ["scale", "a"], ["s"]),
+             helper.make_node("Clip", ["s", "lo", "hi"], ["c"]), helper.make_node("MatMul", ["c", "W2"], ["m"]),
+             helper.make_node("Add", ["m", "b2"], ["logits"]), helper.make_node("Div", ["logits", "T"], ["cooled"]),
+             helper.make_node("Softmax", ["cooled"], ["prob"], axis=1)]
+    graph = helper.make_graph(nodes, "member", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["n", k])],
+                              initializer=[numpy_helper.from_array(np.asarray(v, np.float32), name)
+                                           for name, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+@pytest.mark.parametrize("strategy", ["wavg", "vote", "confidence"])
+def test_stacked_graph_of_gemm_standardization_and_per_member_scalars(strategy, pooled, X5):
+    rng = np.random.default_rng(11)
+    mean, var = rng.normal(size=5), rng.uniform(0.5, 2, size=5)
+    members = {k: [standardized_member(rng, *((mean, var) if pooled else (rng.normal(size=5), rng.uniform(0.5, 2, 5))))
+                   for _ in range(k)] for k in (2, 6)}
+    counts = {}
+    for k, ms in members.items():
+        fused = F.fuse(strategy, ms, list(range(1, k + 1)))
+        counts[k] = node_count(fused)
+        expected = F.combine(strategy, [F.predict(m, X5) for m in ms], list(range(1, k + 1)))
+        np.testing.assert_allclose(F.predict(fused, X5), expected, atol=1e-5)
+    assert counts[2] == counts[6] < 40
+
+
+def test_stacked_graph_of_keras_members(keras_members, monkeypatch):
+    """tf2onnx's export of the built-in MLP, with a pooled standardization and with one per member."""
+    M, E, models, members = keras_members
+    own = []
+    for i, member in enumerate(members):
+        model = onnx.load_from_string(member)
+        for t in model.graph.initializer:
+            if t.name in ("standardize.mean", "standardize.variance"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * (1 + 0.1 * i), t.name))
+        own.append(model.SerializeToString())
+    X = np.random.default_rng(8).normal(size=(40, 6)).astype(np.float32)
+    for ms in (members, own):
+        for strategy in ("wavg", "vote", "confidence"):
+            fused = F.fuse(strategy, ms, [1.0, 2.0, 3.0])
+            assert node_count(fused) < node_count(inlined(monkeypatch, strategy, ms, [1.0, 2.0, 3.0]))
+            expected = F.combine(strategy, [F.predict(m, X) for m in ms], [1.0, 2.0, 3.0])
+            np.testing.assert_allclose(F.predict(fused, X), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["wavg", "vote", "confidence"])
+def test_members_that_differ_or_use_other_ops_are_inlined(strategy, X5, monkeypatch):
+    rng = np.random.default_rng(12)
+    params = [(rng.normal(size=(5, 3)), rng.normal(size=3)) for _ in range(4)]
+    hardmax = [linear_member(W, b, act="Hardmax") for W, b in params]  # an op the stacked graph has no rule for
+    other_shapes = mlp_members(2, width=5) + mlp_members(2, seed=5, width=5, hidden=(3,))
+    softmax = [linear_member(W, b) for W, b in params]
+    for ms in (hardmax, other_shapes):
+        fused = F.fuse(strategy, ms)
+        assert fused == inlined(monkeypatch, strategy, ms)
+        assert node_count(fused) >= sum(node_count(m) for m in ms)
+        np.testing.assert_allclose(F.predict(fused, X5), F.combine(strategy, [F.predict(m, X5) for m in ms]), atol=ATOL)
+    assert node_count(F.fuse(strategy, softmax)) < node_count(inlined(monkeypatch, strategy, softmax))  # these stack

@@ -19,7 +19,9 @@ probabilities); so does the fused model. Strategies, with member weights w norma
 - `fedprox`, `fedadam`, `fedyogi` (and the fuser's fedavg): that graph with the parameters a server
   strategy made (`skyfuse.ml.federated`), set by `with_parameters`.
 
-`combine` is the numpy reference of wavg/vote/confidence on member outputs.
+`combine` is the numpy reference of wavg/vote/confidence on member outputs. The ensembles run
+members of one structure as one copy of it over all of them (`skyfuse.ml.stacking`: the graph does not grow
+with the number of members); members that differ, or use ops it has no rule for, are inlined.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from numpy.typing import ArrayLike, DTypeLike
 from onnx import TensorProto, helper, numpy_helper
 
 from skyfuse.errors import InvalidInput
+from skyfuse.ml.stacking import Stacker, Unsupported
 from skyfuse.serving.session import open_session
 
 STRATEGIES = ("wavg", "vote", "confidence", "fedavg")  # what `fuse` builds from members alone
@@ -221,12 +224,12 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{out}_node", **attrs))
         return out
 
-    def reduce(self, op_type: str, x: str, stem: str) -> str:
-        """Reduce over the class axis (1), keeping dims: [N, k] -> [N, 1]."""
+    def reduce(self, op_type: str, x: str, stem: str, axis: int = 1, keepdims: int = 1, out: str | None = None) -> str:
+        """Reduce over one axis, by default the class axis of [N, k], keeping dims: -> [N, 1]."""
         axes_as_input = {"ReduceSum": 13, "ReduceMax": 18}[op_type]
         if self.opset >= axes_as_input:
-            return self.op(op_type, [x, self.const("axes", [1], np.int64)], stem=stem, keepdims=1)
-        return self.op(op_type, [x], stem=stem, axes=[1], keepdims=1)
+            return self.op(op_type, [x, self.const("axes", [axis], np.int64)], out=out, stem=stem, keepdims=keepdims)
+        return self.op(op_type, [x], out=out, stem=stem, axes=[axis], keepdims=keepdims)
 
 
 def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _Builder) -> None:
@@ -248,14 +251,7 @@ def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _B
             votes.append(b.op("Mul", [onehot, w_i], stem="vote"))
             p64 = b.op("Cast", [p], stem="p64", to=TensorProto.DOUBLE)
             weighted64.append(b.op("Mul", [p64, w_i], stem="wp64"))
-        avg = b.op("Sum", weighted64, stem="avg")
-        tiebreak = b.op("Mul", [avg, b.const("eps", TIE_EPS, np.float64)], stem="tiebreak")
-        score = b.op("Add", [b.op("Sum", votes, stem="votes"), tiebreak], stem="score")
-        share = b.op("Div", [score, b.reduce("ReduceSum", score, "score_total")], stem="share")
-        winner = b.op("ArgMax", [share], stem="winner", axis=1, keepdims=1, select_last_index=0)
-        bump = b.op("Mul", [b.op("Cast", [b.op("Equal", [winner, classes], stem="is_winner")], stem="winner_onehot",
-                                 to=TensorProto.FLOAT), b.const("bump", TIE_BUMP)], stem="bump")
-        b.op("Add", [b.op("Cast", [share], stem="share32", to=TensorProto.FLOAT), bump], out=OUTPUT)
+        _vote_share(b.op("Sum", votes, stem="votes"), b.op("Sum", weighted64, stem="avg"), classes, b)
     elif strategy == "confidence":
         conf = [b.op("Mul", [b.reduce("ReduceMax", p, "maxprob"), w_i], stem="conf")
                 for p, w_i in zip(probs, weights, strict=True)]
@@ -267,6 +263,46 @@ def _combine_graph(strategy: str, probs: list[str], w: np.ndarray, k: int, b: _B
         raise FusionError(f"unknown strategy {strategy!r}")
 
 
+def _vote_share(votes: str, avg: str, classes: str, b: _Builder) -> None:
+    """`prob` from the weighted vote counts and average probabilities, both float64 [N, k]."""
+    tiebreak = b.op("Mul", [avg, b.const("eps", TIE_EPS, np.float64)], stem="tiebreak")
+    score = b.op("Add", [votes, tiebreak], stem="score")
+    share = b.op("Div", [score, b.reduce("ReduceSum", score, "score_total")], stem="share")
+    winner = b.op("ArgMax", [share], stem="winner", axis=1, keepdims=1, select_last_index=0)
+    bump = b.op("Mul", [b.op("Cast", [b.op("Equal", [winner, classes], stem="is_winner")], stem="winner_onehot",
+                             to=TensorProto.FLOAT), b.const("bump", TIE_BUMP)], stem="bump")
+    b.op("Add", [b.op("Cast", [share], stem="share32", to=TensorProto.FLOAT), bump], out=OUTPUT)
+
+
+def _combine_stacked(strategy: str, P: str, w: np.ndarray, k: int, b: _Builder) -> None:
+    """`_combine_graph` on the members' outputs laid out as one [K, k, N] tensor (classes on axis 1,
+    rows last; K may be 1 when every member computes the same: the weights broadcast it)."""
+    column = w.reshape(-1, 1, 1)  # [K, 1, 1]: member i's weight against its [k, N] slice
+
+    def over_members(x: str, stem: str, keepdims: int = 0) -> str:
+        return b.reduce("ReduceSum", x, stem, axis=0, keepdims=keepdims)
+
+    def rows_first(x: str, out: str | None = None) -> str:  # [k, N] -> [N, k]
+        return b.op("Transpose", [x], out=out, stem="rows_first", perm=[1, 0])
+
+    if strategy == "wavg":
+        rows_first(over_members(b.op("Mul", [P, b.const("w", column)], stem="wp"), "wsum"), out=OUTPUT)
+    elif strategy == "vote":
+        w64 = b.const("w64", column, np.float64)
+        top = b.op("ArgMax", [P], stem="argmax", axis=1, keepdims=1, select_last_index=0)  # [K, 1, N]
+        is_top = b.op("Equal", [top, b.const("classes", np.arange(k).reshape(k, 1), np.int64)], stem="is_top")
+        onehot = b.op("Cast", [is_top], stem="onehot", to=TensorProto.DOUBLE)
+        votes = over_members(b.op("Mul", [onehot, w64], stem="vote"), "votes")
+        avg = over_members(b.op("Mul", [b.op("Cast", [P], stem="p64", to=TensorProto.DOUBLE), w64], stem="wp64"), "avg")
+        _vote_share(rows_first(votes), rows_first(avg), b.const("classes", np.arange(k).reshape(1, k), np.int64), b)
+    elif strategy == "confidence":
+        conf = b.op("Mul", [b.reduce("ReduceMax", P, "maxprob"), b.const("w", column)], stem="conf")  # [K, 1, N]
+        norm = b.op("Div", [conf, over_members(conf, "conf_total", keepdims=1)], stem="conf_norm")
+        rows_first(over_members(b.op("Mul", [norm, P], stem="conf_p"), "conf_sum"), out=OUTPUT)
+    else:  # pragma: no cover - checked by the caller
+        raise FusionError(f"unknown strategy {strategy!r}")
+
+
 def _io(d: int | None, k: int) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
     return (helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [BATCH, d]),
             helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [BATCH, k]))
@@ -274,6 +310,14 @@ def _io(d: int | None, k: int) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto
 
 def _ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d: int | None, k: int,
               opset: int) -> onnx.ModelProto:
+    """The members run as one stacked copy of their shared structure when they can, else inlined."""
+    return (_stacked_ensemble(strategy, models, w, d, k, opset)
+            or _inlined_ensemble(strategy, models, w, d, k, opset))
+
+
+def _inlined_ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d: int | None, k: int,
+                      opset: int) -> onnx.ModelProto:
+    """Every member's nodes, prefixed `m<i>_`, then the combining nodes: K times the member's nodes."""
     nodes, inits, sparse, value_info, functions, probs = [], [], [], [], [], []
     for i, m in enumerate(models):
         p = onnx.compose.add_prefix(m, f"m{i}_", rename_inputs=False)
@@ -290,6 +334,48 @@ def _ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d: in
                               initializer=inits + b.inits, value_info=value_info, sparse_initializer=sparse)
     model = helper.make_model(graph, opset_imports=_opset_imports(models, opset), functions=functions)
     model.ir_version = max(m.ir_version for m in models)
+    return model
+
+
+# ----------------------------------------------------------------------------- stacked ensembles
+# Members of one structure run as one copy of it over all of them (`skyfuse.ml.stacking`), combined
+# from their outputs laid out [K, k, N] by `_combine_stacked`; the others are inlined (`_inlined_ensemble`).
+
+
+def _needed(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]
+            ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and initializers `prob` depends on (a view made for a use that did not come is not)."""
+    needed, kept = {OUTPUT}, []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], [t for t in inits if t.name in needed]
+
+
+def _stacked_ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarray, d: int | None, k: int,
+                      opset: int) -> onnx.ModelProto | None:
+    """The ensemble as one run of the members' shared structure over all of them, or None when they
+    differ or use what `Stacker` does not stack."""
+    if any(m.graph.sparse_initializer or m.functions for m in models):
+        return None
+    if any(_structure_difference(models[0], m) for m in models[1:]):
+        return None
+    b = _Builder(opset)
+    try:
+        P = Stacker(models, b, INPUT, OUTPUT).output()
+    except Unsupported:
+        return None
+    _combine_stacked(strategy, P, w, k, b)
+    nodes, inits = _needed(b.nodes, b.inits)
+    features, prob = _io(d, k)
+    graph = helper.make_graph(nodes, f"skyfuse_{strategy}", [features], [prob], initializer=inits)
+    model = helper.make_model(graph, opset_imports=_opset_imports(models, opset))
+    model.ir_version = max(m.ir_version for m in models)
+    try:  # a shape `Stacker` did not foresee (members it should have refused) must not cost the fusion
+        onnx.checker.check_model(model, full_check=True)
+    except Exception:  # noqa: BLE001
+        return None
     return model
 
 
