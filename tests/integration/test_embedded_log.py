@@ -46,3 +46,27 @@ def test_retention_runs_by_itself_as_the_log_grows(tmp_path):
         bus.publish("metrics", b"%d" % i)
     assert bus.count("metrics") == EmbeddedBus.TRIM_EVERY * 2  # offsets are dense ...
     assert len(bus.read("metrics", 10_000)) <= EmbeddedBus.TRIM_EVERY  # ... but the log is bounded
+
+
+def test_an_idle_consumer_reads_one_count_and_misses_no_append(tmp_path):
+    """A consumer that read every partition to its end asks only how many appends its topics had
+    since; any append, a topic's first one or one by another connection, it then reads, and a
+    batch cut short by max_records is followed by the rest."""
+    bus = EmbeddedBus(tmp_path / "bus", default_partitions=3)
+    with bus.consumer("g", ["a", "b"]) as consumer:
+        assert consumer.poll(0, 10) == []  # neither topic was ever published
+        statements: list[str] = []
+        consumer._conn.set_trace_callback(statements.append)
+        assert consumer.poll(0, 10) == []
+        assert len(statements) == 1 and "topic_clock" in statements[0]  # not the six partitions
+        bus.publish("b", b"first of b")
+        assert [r.value for r in consumer.poll(1.0, 10)] == [b"first of b"]
+        other = EmbeddedBus(tmp_path / "bus")  # another process's connection to the log
+        for i in range(5):
+            other.publish("a", b"%d" % i, b"%d" % i)
+        got = consumer.poll(1.0, 3)
+        assert len(got) == 3
+        got += consumer.poll(0, 10)  # the rest, though nothing was appended in between
+        assert sorted(r.value for r in got) == [b"0", b"1", b"2", b"3", b"4"]
+        assert consumer.poll(0, 10) == []
+        other.close()

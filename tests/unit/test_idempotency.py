@@ -98,6 +98,13 @@ def test_file_store_create_is_atomic_and_has_one_winner(store):
     assert [p.name for p in (store.root / "runs/r1").iterdir()] == ["opened.json"]  # no temporary left
 
 
+def test_file_store_create_of_a_taken_key_writes_nothing(store, monkeypatch):
+    assert store.create("runs/r1/opened.json", b"first")
+    monkeypatch.setattr(store, "_staged", lambda *a: pytest.fail("staged a copy of a key that exists"))
+    assert store.create("runs/r1/opened.json", b"second") is False
+    assert store.read("runs/r1/opened.json") == b"first"
+
+
 def test_file_store_delete_is_quiet_for_a_missing_key(store):
     store.put("a/b", b"1")
     store.delete("a/b")

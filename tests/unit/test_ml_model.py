@@ -100,6 +100,19 @@ def test_training_is_deterministic_and_stops_early(shard):
     assert a.epochs < 400 and a.validation == b.validation  # validation loss stopped improving
 
 
+@pytest.mark.parametrize("epochs_per_call", [1, 7])
+def test_a_run_split_over_calls_trains_as_one_call(shard, monkeypatch, epochs_per_call):
+    """A big shard's shuffles go to the loop a few epochs at a time: early stopping carries over
+    from one call to the next, so the run stops at the same epoch with the same weights."""
+    spec = M.ModelSpec(hidden=(8,), epochs=400, learning_rate=1e-2, seed=1)
+    whole = M.train(spec, shard, 2)
+    monkeypatch.setattr(M, "_ORDER_ENTRIES", epochs_per_call * len(shard))  # > the training rows: that many epochs
+    split = M.train(spec, shard, 2)
+    assert split.epochs == whole.epochs < 400 and split.validation == whole.validation
+    for a, b in zip(split.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_onnx_export_parity_and_signature(trained, exported, shard):
     X_val = shard.X[-40:]
     assert E.parity(trained.model, exported, X_val) <= 1e-5
@@ -137,6 +150,16 @@ def test_rare_class_falls_back_to_a_random_validation_split(cancer):
     assert result.validation["rows"] == 6
 
 
+def test_a_small_shards_split_is_kept_and_cannot_be_changed(cancer):
+    y = cancer.y[:120]
+    first, again = M._validation_split(y, 0.2, 3), M._validation_split(y.copy(), 0.2, 3)
+    assert again[1] is first[1]  # made once: the shard trains again every round
+    fresh = M._split(y, 0.2, 3)
+    assert np.array_equal(first[0], fresh[0]) and np.array_equal(first[1], fresh[1])
+    with pytest.raises(ValueError, match="read-only"):
+        first[0][0] = 1
+
+
 def test_shared_stats_replace_the_shard_statistics(shard):
     mean, var = np.full(30, 2.0), np.full(30, 3.0)
     result = M.train(M.ModelSpec(hidden=(4,), epochs=1), shard, 2, stats=(mean, var))
@@ -172,7 +195,7 @@ def test_fine_tuning_kept_warm_compiles_once_and_trains_as_a_fresh_loop(trained,
         warm_models.append(warm.model)
     assert warm_models[0] is warm_models[1] is warm_models[2]  # one loop; this thread's copy of its model, kept
     loop = M._LOOPS.get(M._warm_key(None, spec, other.n_features, 2, proximal=True))
-    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
+    assert loop is not None and loop.fit.experimental_get_tracing_count() == 1
     adam = M.train(M.ModelSpec(hidden=(8,), seed=3), other, 2, initial=trained.model, epochs=3, keep_warm=True)
     assert adam.model is not warm_models[0]  # other settings: a loop of its own
 
@@ -193,7 +216,7 @@ def test_one_kept_loop_trains_shards_of_any_size_each_as_a_fresh_loop(cancer):
         warm_models.append(warm.model)
     assert warm_models[0] is warm_models[1] is warm_models[2]
     loop = M._LOOPS.get(M._warm_key(None, spec, cancer.n_features, 2, proximal=False))
-    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
+    assert loop is not None and loop.fit.experimental_get_tracing_count() == 1
 
 
 def test_threads_share_a_kept_loop_and_each_keeps_its_own_result(cancer):
@@ -219,7 +242,7 @@ def test_threads_share_a_kept_loop_and_each_keeps_its_own_result(cancer):
         for a, b in zip(got[i], expected[i], strict=True):
             np.testing.assert_array_equal(a, b)
     loop = M._LOOPS.get(M._warm_key(None, spec, cancer.n_features, 2, proximal=False))
-    assert loop is not None and loop.epoch.experimental_get_tracing_count() == 1
+    assert loop is not None and loop.fit.experimental_get_tracing_count() == 1
 
 
 def test_a_second_model_of_one_architecture_exports_without_tracing(trained, shard, cancer, monkeypatch):

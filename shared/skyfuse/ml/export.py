@@ -82,8 +82,11 @@ def _kept_graph(architecture: tuple[str, int]) -> bytes | None:
 
 def _with_weights(exported: bytes, model: keras.Model) -> bytes:
     """`exported` (a model of `model`'s architecture) with `model`'s weights as its initializers."""
+    from . import compiled
+
     proto = onnx.load_from_string(exported)
-    values = {_weight_name(v.path, model.name): np.asarray(v.numpy()) for v in model.weights}
+    values = {_weight_name(v.path, model.name): value
+              for v, value in zip(model.weights, compiled.read_weights(model), strict=True)}
     initializers = []
     for old in proto.graph.initializer:
         new = values[old.name]
@@ -213,10 +216,11 @@ def _structural_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 
 def parity(model: keras.Model, onnx_bytes: bytes, X: ArrayLike) -> float:
     """Max absolute difference between the Keras model's and onnxruntime's outputs on X."""
+    from . import compiled
     from .fusion import predict
 
     rows = np.asarray(X, dtype=np.float32)
-    keras_out = np.asarray(model(rows, training=False), dtype=np.float64)
+    keras_out = compiled.forward(model, rows).astype(np.float64)
     return float(np.max(np.abs(keras_out - predict(onnx_bytes, rows)), initial=0.0))
 
 

@@ -15,7 +15,9 @@ loop. It gets the raw features (no built-in standardization) and must output cla
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -39,6 +41,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402  (after the environment settings above)
 
+from . import compiled  # noqa: E402
 from .data import Dataset, pooled_stats  # noqa: E402,F401  (pooled_stats is part of this module's API)
 
 Tensor = Any  # a Keras/TensorFlow tensor (TensorFlow and Keras ship no types)
@@ -226,7 +229,27 @@ def standardization(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
 
 def _validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation) indices: stratified when every class has 2+ rows, random otherwise;
-    no validation when the shard is too small to spare rows."""
+    no validation when the shard is too small to spare rows. A function of the labels and the
+    seed only, so a small shard's split is made once and kept (it trains again every FedAvg round;
+    scikit-learn's checks cost more than its epochs)."""
+    if len(y) > _SPLITS_KEPT_ROWS:
+        return _split(np.asarray(y), fraction, seed)
+    return _split_of(np.asarray(y, dtype=np.int64).tobytes(), float(fraction), int(seed))
+
+
+_SPLITS_KEPT_ROWS = 5_000  # at most 128 splits kept, of at most this many rows: ~10 MB
+
+
+@functools.lru_cache(maxsize=128)
+def _split_of(labels: bytes, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    y = np.frombuffer(labels, dtype=np.int64)
+    tr, va = _split(y, fraction, seed)
+    tr.setflags(write=False)  # kept: shared by every later call
+    va.setflags(write=False)
+    return tr, va
+
+
+def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(y)
     n_val = int(round(fraction * n))
     if fraction <= 0 or n_val < 1 or n - n_val < 2:
@@ -295,26 +318,25 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
         loop = _Loop(model, spec, proximal=proximal)
         if key:
             loop = _LOOPS.put(key, loop)  # another thread's, if it kept one first
-    start = initial.get_weights() if initial is not None else (
+    start = compiled.read_weights(initial) if initial is not None else (
         template.get_weights() if template is not None else loop.initial_weights)
     with loop.lock:  # one training at a time on a loop's model
         model = loop.model
-        mine = model.get_weights()
-        if [w.shape for w in start] != [w.shape for w in mine]:
+        mine = [tuple(v.shape) for v in model.weights]
+        if [w.shape for w in start] != mine:
             fits = "the model template" if template is not None else f"the spec {spec.to_dict()}"
             raise TrainingError(f"the initial model's weights {[w.shape for w in start]} do not fit {fits} "
-                                f"with {shard.n_features} features and {n_classes} classes "
-                                f"({[w.shape for w in mine]})")
-        model.set_weights(start)
+                                f"with {shard.n_features} features and {n_classes} classes ({mine})")
+        compiled.assign_weights(model, start)
         if initial is None and template is None:  # a fresh MLP standardizes with the shard's (or pooled) statistics
             mean, variance = stats if stats is not None else (shard.X.astype(np.float64).mean(axis=0),
                                                               shard.X.astype(np.float64).var(axis=0))
             _set_standardization(model, mean, variance)
-        ran = loop.run(shard.X[tr], shard.y[tr], shard.X[va], shard.y[va],
-                       int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
+        ran, probabilities = loop.run(shard.X[tr], shard.y[tr], shard.X[va], shard.y[va],
+                                      int(epochs if epochs is not None else spec.epochs), spec.learning_rate)
         validation: dict[str, float | None] = {"rows": int(len(va)), "accuracy": None, "loss": None}
         if len(va):
-            p = np.asarray(model(shard.X[va], training=False), dtype=np.float64)
+            p = probabilities.astype(np.float64)
             picked = np.clip(p[np.arange(len(va)), shard.y[va]], 1e-7, 1.0)
             validation.update(accuracy=float(np.mean(p.argmax(axis=1) == shard.y[va])),
                               loss=float(-np.mean(np.log(picked))))
@@ -324,14 +346,15 @@ def train(spec: ModelSpec, shard: Dataset, n_classes: int, *, validation_fractio
 
 
 class _Loop:
-    """One model's training loop, compiled once: Adam (or plain SGD) on mini-batches, one
-    TensorFlow function per epoch (Keras `fit` costs ~50x more per step for models this small).
-    The rows are the functions' arguments, so one loop trains any shard of its architecture and
-    settings. `run` trains from the model's current weights with a fresh optimizer state, so a
-    loop kept warm trains exactly as a new one would. With `spec.early_stopping`, stops after
-    PATIENCE epochs without a better validation loss and restores the best weights; without it,
-    runs exactly `epochs` epochs. `proximal`: spec.proximal_mu / 2 * ||w - the weights at the start
-    of the run||^2 is added to the training loss (FedProx). Shuffling is seeded by spec.seed."""
+    """One model's training loop, compiled once: Adam (or plain SGD) on mini-batches, the epochs
+    of a run in one TensorFlow call (Keras `fit` costs ~50x more per step for models this small,
+    and a call per epoch costs more than a small shard's epoch). The rows are the functions'
+    arguments, so one loop trains any shard of its architecture and settings. `run` trains from
+    the model's current weights with a fresh optimizer state, so a loop kept warm trains exactly
+    as a new one would. With `spec.early_stopping`, stops after PATIENCE epochs without a better
+    validation loss and restores the best weights; without it, runs exactly `epochs` epochs.
+    `proximal`: spec.proximal_mu / 2 * ||w - the weights at the start of the run||^2 is added to
+    the training loss (FedProx). Shuffling is seeded by spec.seed."""
 
     def __init__(self, model: keras.Model, spec: ModelSpec, proximal: bool = False) -> None:
         import tensorflow as tf
@@ -355,7 +378,8 @@ class _Loop:
         self.best_loss = tf.Variable(np.inf, dtype=tf.float32, trainable=False)
         anchor, best, best_loss, batch_size = self.anchor, self.best, self.best_loss, spec.batch_size
         rows = tf.TensorSpec((None, int(model.inputs[0].shape[-1])), tf.float32)
-        labels, order_spec = tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None,), tf.int32)
+        labels, orders_spec = tf.TensorSpec((None,), tf.int64), tf.TensorSpec((None, None), tf.int32)
+        count, flag = tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.bool)
 
         def objective(yb: Tensor, xb: Tensor) -> Tensor:
             loss = loss_fn(yb, model(xb, training=True))
@@ -364,7 +388,6 @@ class _Loop:
                                              for p, a in zip(params, anchor, strict=True)])
             return loss
 
-        @tf.function(input_signature=[rows, labels, rows, labels, order_spec])  # type: ignore[untyped-decorator]
         def epoch(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, order: Tensor) -> Tensor:
             """One epoch of mini-batches in `order`; with early stopping, then whether the
             validation loss is the best yet (its weights kept in `best`)."""
@@ -386,39 +409,73 @@ class _Loop:
                     kept.assign(w)
             return better
 
-        self.epoch = epoch
+        @tf.function(input_signature=[rows, labels, rows, labels, orders_spec, flag, count, flag])  # type: ignore[untyped-decorator]
+        def fit(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, orders: Tensor, stopping: Tensor,
+                wait: Tensor, kept: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """An epoch for each row of `orders`; with `stopping`, to PATIENCE epochs in a row
+            without a better validation loss (`wait` of them before this call). The epochs run,
+            and `wait` and whether a best epoch was kept, after them."""
+            ran = tf.constant(0)
+            for e in tf.range(tf.shape(orders)[0]):
+                better = epoch(X, y, X_val, y_val, orders[e])
+                ran = e + 1
+                if stopping:
+                    kept = kept | better
+                    wait = tf.where(better, 0, wait + 1)
+                    if wait >= PATIENCE:
+                        break
+            return ran, wait, kept
+
+        optimizer, seed_states = self.optimizer, self.seed_states
+        seeds = [np.asarray([spec.seed * 1009 + i + 1, 0], dtype=v.dtype) for i, v in enumerate(seed_states)]
+
+        @tf.function(input_signature=[tf.TensorSpec((), tf.float32)])  # type: ignore[untyped-decorator]
+        def begin(learning_rate: Tensor) -> None:
+            """A fresh optimizer (no moments, step 0) at `learning_rate`, the seed generators at the
+            spec's seed (the same masks every run), the proximal anchors at the starting weights."""
+            for variable in optimizer.variables:
+                variable.assign(tf.zeros_like(variable))
+            for state, seed in zip(seed_states, seeds, strict=True):
+                state.assign(seed)
+            optimizer.learning_rate = learning_rate
+            for kept_anchor, param in zip(anchor, params, strict=False):  # none without FedProx
+                kept_anchor.assign(param)
+            best_loss.assign(np.inf)
+
+        @tf.function(input_signature=[rows, flag])  # type: ignore[untyped-decorator]
+        def finish(X_val: Tensor, kept: Tensor) -> Tensor:
+            """Restore the best epoch's weights if one was kept; the validation rows' probabilities."""
+            if best and kept:  # `best` is a list: without early stopping nothing is kept
+                for weight, kept_weight in zip(weights, best, strict=True):
+                    weight.assign(kept_weight)
+            return model(X_val, training=False)
+
+        self.begin, self.fit, self.finish = begin, fit, finish
 
     def run(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, epochs: int,
-            learning_rate: float) -> int:
+            learning_rate: float) -> tuple[int, np.ndarray]:
         """Train on (X, y) for at most `epochs` epochs, stopping early on (X_val, y_val); the
-        epochs run."""
+        epochs run and the trained model's probabilities on X_val."""
         import tensorflow as tf
 
-        for variable in self.optimizer.variables:  # a fresh optimizer: no moments, step 0
-            variable.assign(tf.zeros_like(variable))
-        for i, state in enumerate(self.seed_states):  # the same masks every run of this seed
-            state.assign(np.asarray([self.spec.seed * 1009 + i + 1, 0], dtype=state.dtype))
-        self.optimizer.learning_rate = learning_rate
-        for anchor, param in zip(self.anchor, self.model.trainable_variables, strict=False):  # none without FedProx
-            anchor.assign(param)
-        self.best_loss.assign(np.inf)
+        self.begin(learning_rate)
         X_t, y_t = tf.constant(X, tf.float32), tf.constant(y, tf.int64)
         Xv_t, yv_t = tf.constant(X_val, tf.float32), tf.constant(y_val, tf.int64)
-        stopping = bool(self.best) and len(X_val) > 0  # no validation rows: every epoch runs
+        stopping = tf.constant(bool(self.best) and len(X_val) > 0)  # no validation rows: every epoch runs
         rng = np.random.default_rng(self.spec.seed)
-        kept, wait, ran = False, 0, 0
-        for epoch in range(epochs):
-            better = bool(self.epoch(X_t, y_t, Xv_t, yv_t, tf.constant(rng.permutation(len(X)).astype(np.int32))))
-            ran = epoch + 1
-            if not stopping:
-                continue
-            kept, wait = (True, 0) if better else (kept, wait + 1)
-            if wait >= PATIENCE:
+        per_call = max(1, _ORDER_ENTRIES // max(1, len(X)))  # the shuffles of the epochs of one call
+        ran, wait, kept = 0, tf.constant(0), tf.constant(False)
+        while ran < epochs:
+            chunk = min(per_call, epochs - ran)
+            orders = np.stack([rng.permutation(len(X)) for _ in range(chunk)]).astype(np.int32)
+            done, wait, kept = self.fit(X_t, y_t, Xv_t, yv_t, tf.constant(orders), stopping, wait, kept)
+            ran += int(done)
+            if int(wait) >= PATIENCE:  # stopped early
                 break
-        if kept:  # the best epoch's weights
-            for weight, best in zip(self.model.weights, self.best, strict=True):
-                weight.assign(best)
-        return ran
+        return ran, np.asarray(self.finish(Xv_t, kept))
+
+
+_ORDER_ENTRIES = 1 << 20  # shuffled row indices handed to one training call, at most (4 MB)
 
 
 class _WarmLoops:
@@ -453,7 +510,7 @@ class _WarmLoops:
             copies[key] = keras.models.clone_model(model)
             while len(copies) > self.size:
                 del copies[next(iter(copies))]
-        copies[key].set_weights(model.get_weights())
+        compiled.assign_weights(copies[key], compiled.read_weights(model))
         return copies[key]
 
 
@@ -660,7 +717,14 @@ def load(path: str | Path) -> keras.Model:
 
 
 def to_bytes(model: keras.Model) -> bytes:
-    """The model as the bytes of a .keras file (what the stores hold)."""
+    """The model as the bytes of a .keras file (what the stores hold): after the first model of an
+    architecture, written without Keras' walk over the model (`skyfuse.ml.saving`)."""
+    from . import saving
+
+    with _quiet_keras():
+        raw = saving.dumps(model)
+    if raw is not None:
+        return raw
     with tempfile.TemporaryDirectory() as tmp:
         return save(model, Path(tmp) / "model.keras").read_bytes()
 
@@ -668,24 +732,33 @@ def to_bytes(model: keras.Model) -> bytes:
 def from_bytes(raw: bytes, keep: bool = False) -> keras.Model:
     """The model in the bytes of a .keras file. `keep`: as a warm instance would, keep the model
     in this thread and, for the next file of the same architecture (its config), load only the
-    weights into it (half the time): the model returned is then overwritten by that next call."""
-    kept: dict[str, keras.Model] = _thread_state.__dict__.setdefault("models", {})
+    weights into it, without Keras' walk over the model (`skyfuse.ml.saving`): the model returned
+    is then overwritten by that next call."""
+    from . import saving
+
+    kept: dict[str, saving.Loaded] = _thread_state.__dict__.setdefault("models", {})
+    found = None
+    if keep:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            architecture = archive.read(saving.CONFIG).decode()
+            found = kept.get(architecture)
+            if found is not None:
+                with _quiet_keras():
+                    if found.load(archive):
+                        return found.model
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.keras"
         path.write_bytes(raw)
         if not keep:
             return load(path)
-        with zipfile.ZipFile(path) as archive:
-            architecture = archive.read("config.json").decode()
-        model = kept.get(architecture)
-        if model is None:
-            model = kept[architecture] = load(path)
-            while len(kept) > _KEPT_MODELS:
-                del kept[next(iter(kept))]
-        else:
+        if found is not None:  # a file laid out otherwise (another Keras wrote it): Keras reads it
             with _quiet_keras():
-                model.load_weights(path)
-        return model
+                found.model.load_weights(path)
+            return found.model
+        loaded = kept[architecture] = saving.Loaded(load(path))
+        while len(kept) > _KEPT_MODELS:
+            del kept[next(iter(kept))]
+        return loaded.model
 
 
 _KEPT_MODELS = 4

@@ -33,8 +33,11 @@ class FileStore(Store):
 
     def _staged(self, path: Path, data: bytes) -> str:
         """A durable temporary copy of `data` beside `path` (dot-named: `list` skips it)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        except FileNotFoundError:  # the folder's first object (checking first would cost every write a call)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -68,6 +71,8 @@ class FileStore(Store):
         # link() of a complete, synced file fails when the name exists: atomic create-if-absent,
         # so a crash can never leave an empty or half-written object at `key`
         path = self._path(key)
+        if path.exists():  # taken already (most calls, e.g. every member of a round after the first): no staging
+            return False
         tmp = self._staged(path, data)
         try:
             os.link(tmp, path)
