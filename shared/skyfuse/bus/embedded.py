@@ -200,6 +200,7 @@ class EmbeddedConsumer(Consumer):
         # the topics' appends so far (topic_clock) when a fetch last read every partition to its end:
         # while that count stands, nothing new is there to read
         self._drained_at: int | None = None
+        self._short = True  # the last read found less than a batch (as good as, before the first)
 
     def _claim(self) -> bool:
         """Become the group's active member if no live process is."""
@@ -209,7 +210,7 @@ class EmbeddedConsumer(Consumer):
             except BlockingIOError:
                 return False
             self._active = True
-            self._positions, self._drained_at = {}, None
+            self._positions, self._drained_at, self._short = {}, None, True
             rows = self._conn.execute(
                 "SELECT topic, partition, offset FROM offsets WHERE grp = ? "
                 f"AND topic IN ({','.join('?' * len(self.topics))})",
@@ -227,14 +228,20 @@ class EmbeddedConsumer(Consumer):
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
     def _fetch(self, max_records: int) -> list[Record]:
-        # one query while nothing was appended: an idle consumer (most of a fleet's hosts) reads a
-        # count instead of every partition (each query hands the GIL to the other threads and back)
-        (appends,) = self._conn.execute("SELECT COALESCE(SUM(seq), 0) + COUNT(*) FROM topic_clock "
-                                        f"WHERE topic IN ({','.join('?' * len(self.topics))})", self.topics).fetchone()
-        if appends == self._drained_at:
-            return []
+        # Once a read came back short of a batch, the next polls count the topics' appends first and
+        # read only when the count moved: an idle consumer (most of a fleet's hosts) runs one query a
+        # poll instead of one per partition (each query hands the GIL to the other threads and back).
+        # A busy one (full batches) never counts. The count is taken before the read: none missed.
+        appends = None
+        if self._short:
+            (appends,) = self._conn.execute(
+                "SELECT COALESCE(SUM(seq), 0) + COUNT(*) FROM topic_clock "
+                f"WHERE topic IN ({','.join('?' * len(self.topics))})", self.topics).fetchone()
+            if appends == self._drained_at:
+                return []
         out = self._read(max_records)
-        self._drained_at = appends if len(out) < max_records else None  # counted before reading: none missed
+        self._short = len(out) < max_records
+        self._drained_at = appends if self._short else None
         return out
 
     def _read(self, max_records: int) -> list[Record]:
