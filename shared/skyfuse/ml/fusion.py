@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from skyfuse.errors import InvalidInput
 from skyfuse.ml.stacking import Stacker, Unsupported
 from skyfuse.serving.session import open_session
 
+log = logging.getLogger("skyfuse.ml.fusion")
 STRATEGIES = ("wavg", "vote", "confidence", "fedavg")  # what `fuse` builds from members alone
 # parameter-averaged graphs whose weights a server optimiser set (skyfuse.ml.federated)
 SERVER_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -374,7 +376,9 @@ def _stacked_ensemble(strategy: str, models: list[onnx.ModelProto], w: np.ndarra
     model.ir_version = max(m.ir_version for m in models)
     try:  # a shape `Stacker` did not foresee (members it should have refused) must not cost the fusion
         onnx.checker.check_model(model, full_check=True)
-    except Exception:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001
+        log.warning("the stacked %s graph of %d members fails the ONNX checker (%s); inlining them instead",
+                    strategy, len(models), str(exc).strip()[:300])
         return None
     return model
 
