@@ -35,7 +35,7 @@ WIDTH = 30  # the bench's MLP: 30 features → 32 → 16 → 2 classes
 TF_AGAINST = "TensorFlow/Keras serving the same MLP (bench/tf_function.py, http.server), best start each"
 START_GOAL = ("<=", 0.3)
 # What a start spends, from -X importtime and phase marks on this kind of machine; shown beside a
-# miss. Every host imports numpy, the fleet config's pydantic models (about 50 ms) and onnxruntime.
+# miss. Every host imports numpy and onnxruntime; the fleet config (msgspec) takes a few ms.
 LIMITS = {
     "gcp": "functions-framework, which imports Flask (with Werkzeug and Jinja) even in its ASGI mode "
            "(about 0.1 s), then gunicorn, which forks the uvicorn worker that loads onnxruntime and "

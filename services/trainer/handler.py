@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import orjson
 from cloudevents.http import CloudEvent
 
-from skyfuse.config import Training
+from skyfuse.config import Training, as_dict
 from skyfuse.payloads import ModelSettings, RoundStarted, ShardReady
 from skyfuse.runtime.function import Rejected, Runtime
 from skyfuse.storage import StoreError, keys
@@ -136,7 +136,7 @@ def model_spec(given: ModelSettings, settings: Training, fusion: str, round_: in
     is a shard that cannot train, with the reason."""
     from skyfuse.ml import model as mlmodel
 
-    fleet = {k: v for k, v in settings.model_dump().items() if k != "proximal_mu"}  # FedProx's only in fedprox runs
+    fleet = {k: v for k, v in as_dict(settings).items() if k != "proximal_mu"}  # FedProx's only in fedprox runs
     spec = {**fleet, "seed": 0, **{k: v for k, v in given.items() if k in mlmodel.ModelSpec.keys()}}
     if round_ > 0:
         spec.update(optimizer=settings.finetune_optimizer, early_stopping=False,

@@ -12,45 +12,46 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+# msgspec, not pydantic: every function imports the config, and pydantic's import and model
+# building cost about 80 ms of each inference host's cold start; msgspec's about 5 ms
+import msgspec
+from msgspec import Meta, Struct, field
 
 from skyfuse.errors import InvalidInput
-
-if TYPE_CHECKING:
-    from pydantic_core import ErrorDetails
 
 FUNCTIONS = ("trainer", "exporter", "fuser", "scheduler", "deployer", "inference", "monitor", "router")
 PROVIDERS = ("aws", "gcp", "azure")
 ENV_PREFIX = "SKYFUSE_"
 ENV_NOT_KEYS = {"SKYFUSE_CONFIG", "SKYFUSE_EVENTS_DIR", "SKYFUSE_CLOUD", "SKYFUSE_FUNCTION", "SKYFUSE_SIGNING_KEY"}
+SECRET_KEYS = {"sasl_password"}  # never shown in an error or a repr
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class Section(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A table of the config. Each key's type carries its rules and description (`Meta`); `load`
+    checks every key. A table's own checks (`__post_init__`) also run when one is made in code."""
+
+    def __repr__(self) -> str:
+        shown = (f"{f.name}={'<redacted>' if f.name in SECRET_KEYS and value else repr(value)}"
+                 for f in msgspec.structs.fields(self) for value in (getattr(self, f.name),))
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 class Cloud(Section):
-    provider: Literal["aws", "gcp", "azure"] = Field(description="Which cloud's function runtime and event shapes.")
-    region: str = Field("local", description="Region name, reported in events and placements.")
-    price_per_hour: float = Field(0.05, ge=0, description="USD per serving replica-hour.")
-    price_per_million_requests: float = Field(0.2, ge=0, description="USD per million inference requests.")
-    capacity_rps: float = Field(500.0, gt=0, description="Requests/s one replica sustains within the SLO.")
-    store: str = Field("", description="Object store URI for this cloud's shards and models; default a local folder.")
-    endpoint: str = Field("", description="Base URL of this cloud's inference function; `skyfuse up` sets it locally.")
-    inference_port: int = Field(
-        0, ge=0, le=65535, description="Port `skyfuse up` serves this cloud's inference on (0: 8101, 8102, … by "
-                                       "order).")
+    provider: Annotated[Literal["aws", "gcp", "azure"], Meta(
+        description="Which cloud's function runtime and event shapes.")]
+    region: Annotated[str, Meta(description="Region name, reported in events and placements.")] = "local"
+    price_per_hour: Annotated[float, Meta(ge=0, description="USD per serving replica-hour.")] = 0.05
+    price_per_million_requests: Annotated[float, Meta(ge=0, description="USD per million inference requests.")] = 0.2
+    capacity_rps: Annotated[float, Meta(gt=0, description="Requests/s one replica sustains within the SLO.")] = 500.0
+    store: Annotated[str, Meta(
+        description="Object store URI for this cloud's shards and models; default a local folder.")] = ""
+    endpoint: Annotated[str, Meta(
+        description="Base URL of this cloud's inference function; `skyfuse up` sets it locally.")] = ""
+    inference_port: Annotated[int, Meta(
+        ge=0, le=65535, description="Port `skyfuse up` serves this cloud's inference on (0: 8101, 8102, … by "
+                                    "order).")] = 0
 
 
 def _default_clouds() -> dict[str, Cloud]:
@@ -62,53 +63,44 @@ def _default_clouds() -> dict[str, Cloud]:
 
 
 class EmbeddedBus(Section):
-    path: str = Field(".skyfuse/bus", description="Folder of the embedded log (a SQLite file).")
-    retention_hours: float = Field(
-        168.0, gt=0, description="Records older than this are deleted (the newest of each partition is kept, so "
-                                 "offsets go on); like Kafka's retention.ms.")
+    path: Annotated[str, Meta(description="Folder of the embedded log (a SQLite file).")] = ".skyfuse/bus"
+    retention_hours: Annotated[float, Meta(
+        gt=0, description="Records older than this are deleted (the newest of each partition is kept, so offsets go"
+                          " on); like Kafka's retention.ms.")] = 168.0
 
 
 class KafkaBus(Section):
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="host:port[,host:port] of the brokers.")
-    client_id: str = Field("skyfuse", description="Prefix of client ids seen by the broker.")
-    session_timeout_ms: int = Field(
-        10_000, ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")
-    request_timeout_ms: int = Field(
-        30_000, ge=1000, description="How long connecting to the brokers, or a produce or admin request, may take.")
+    bootstrap_servers: Annotated[str, Meta(description="host:port[,host:port] of the brokers.")] = "127.0.0.1:9092"
+    client_id: Annotated[str, Meta(description="Prefix of client ids seen by the broker.")] = "skyfuse"
+    session_timeout_ms: Annotated[int, Meta(
+        ge=6000, description="Consumer group session timeout; the broker's minimum is 6000.")] = 10_000
+    request_timeout_ms: Annotated[int, Meta(
+        ge=1000, description="How long connecting to the brokers, or a produce or admin request, may take.")] = 30_000
     # TLS and SASL: infra/kafka/SECURITY.md shows them for the local broker, MSK, Confluent Cloud, Event Hubs.
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
-        "PLAINTEXT", description="PLAINTEXT (neither TLS nor login), SSL (TLS), SASL_PLAINTEXT (login without "
-                                 "TLS) or SASL_SSL (TLS, then a login).")
-    ssl_cafile: str = Field(
-        "", description="PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs.")
-    ssl_certfile: str = Field(
-        "", description="PEM client certificate (chain) for mutual TLS, the key too unless ssl_keyfile; empty: none.")
-    ssl_keyfile: str = Field("", description="PEM private key of ssl_certfile, when it is not in that file.")
-    ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names the host connected to.")
-    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = Field(
-        "", description="The login of SASL_SSL/SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (user and "
-                        "password) or OAUTHBEARER (a token from sasl_oauth_token_provider, e.g. MSK IAM).")
-    sasl_username: str = Field("", description="User of a PLAIN or SCRAM login.")
-    sasl_password: str = Field(
-        "", repr=False, description="Password of a PLAIN or SCRAM login. Set it in the environment, "
-                                    "SKYFUSE_BUS__KAFKA__SASL_PASSWORD, not in a file: a secret-looking name, so "
-                                    "log lines and errors show <redacted> instead of its value.")
-    sasl_oauth_token_provider: str = Field(
-        "", description="For OAUTHBEARER: `package.module:callable` that returns a kafka-python AbstractTokenProvider "
-                        "(an instance is used as it is); called once per bus.")
+    security_protocol: Annotated[Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], Meta(
+        description="PLAINTEXT (neither TLS nor login), SSL (TLS), SASL_PLAINTEXT (login without TLS) or SASL_SSL "
+                    "(TLS, then a login).")] = "PLAINTEXT"
+    ssl_cafile: Annotated[str, Meta(
+        description="PEM file of the CA(s) that signed the brokers' certificates; empty: the system's CAs.")] = ""
+    ssl_certfile: Annotated[str, Meta(
+        description="PEM client certificate (chain) for mutual TLS, the key too unless ssl_keyfile; empty: none.")] = ""
+    ssl_keyfile: Annotated[str, Meta(
+        description="PEM private key of ssl_certfile, when it is not in that file.")] = ""
+    ssl_check_hostname: Annotated[bool, Meta(
+        description="Check that a broker's certificate names the host connected to.")] = True
+    sasl_mechanism: Annotated[Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"], Meta(
+        description="The login of SASL_SSL/SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 (user and password) "
+                    "or OAUTHBEARER (a token from sasl_oauth_token_provider, e.g. MSK IAM).")] = ""
+    sasl_username: Annotated[str, Meta(description="User of a PLAIN or SCRAM login.")] = ""
+    sasl_password: Annotated[str, Meta(
+        description="Password of a PLAIN or SCRAM login. Set it in the environment, "
+                    "SKYFUSE_BUS__KAFKA__SASL_PASSWORD, not in a file: a secret-looking name, so log lines and "
+                    "errors show <redacted> instead of its value.")] = ""
+    sasl_oauth_token_provider: Annotated[str, Meta(
+        description="For OAUTHBEARER: `package.module:callable` that returns a kafka-python AbstractTokenProvider "
+                    "(an instance is used as it is); called once per bus.")] = ""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _credentials_are_strings(cls, data: Any) -> Any:  # the raw input, before validation
-        # Checked before pydantic's own type check, whose message would quote the value.
-        for key in ("sasl_username", "sasl_password"):
-            if isinstance(data, dict) and not isinstance(data.get(key, ""), str):
-                raise ValueError(f"{key} must be a string, not a TOML {type(data[key]).__name__}: quote it (in "
-                                 f"the environment too: SKYFUSE_BUS__KAFKA__{key.upper()}='\"...\"')")
-        return data
-
-    @model_validator(mode="after")
-    def _security(self) -> KafkaBus:
+    def __post_init__(self) -> None:
         protocol, mechanism = self.security_protocol, self.sasl_mechanism
         tls, sasl = protocol in ("SSL", "SASL_SSL"), protocol.startswith("SASL_")
         problems = []
@@ -150,106 +142,108 @@ class KafkaBus(Section):
             problems.append("ssl_keyfile needs ssl_certfile, the client certificate it belongs to: set it")
         if problems:
             raise ValueError("; ".join(problems))
-        return self
 
 
 class Bus(Section):
-    backend: Literal["embedded", "kafka"] = Field(
-        "embedded", description="`embedded` needs no server; `kafka` is Apache Kafka.")
-    partitions: int = Field(3, ge=1, le=256, description="Partitions of each topic skyfuse creates.")
-    embedded: EmbeddedBus = EmbeddedBus()
-    kafka: KafkaBus = KafkaBus()
+    backend: Annotated[Literal["embedded", "kafka"], Meta(
+        description="`embedded` needs no server; `kafka` is Apache Kafka.")] = "embedded"
+    partitions: Annotated[int, Meta(ge=1, le=256, description="Partitions of each topic skyfuse creates.")] = 3
+    embedded: EmbeddedBus = field(default_factory=EmbeddedBus)
+    kafka: KafkaBus = field(default_factory=KafkaBus)
 
 
 class Delivery(Section):
-    max_attempts: int = Field(5, ge=1, description="Tries of one record before it is dead-lettered.")
-    max_record_age_s: float = Field(300.0, gt=0, description="A failing record older than this is dead-lettered.")
-    backoff_initial_s: float = Field(0.2, ge=0, description="First retry delay; doubles each try, with full jitter.")
-    backoff_max_s: float = Field(10.0, ge=0, description="Largest retry delay.")
-    poll_timeout_s: float = Field(0.2, gt=0, description="How long an idle host waits for records per poll.")
-    claim_timeout_s: float = Field(
-        120.0, gt=0, description="How long a function's idempotency claim on a piece of work lasts: after this, "
-                                 "another instance takes the work over (its holder is presumed dead). Set it "
-                                 "above the longest handler run.")
+    max_attempts: Annotated[int, Meta(ge=1, description="Tries of one record before it is dead-lettered.")] = 5
+    max_record_age_s: Annotated[float, Meta(
+        gt=0, description="A failing record older than this is dead-lettered.")] = 300.0
+    backoff_initial_s: Annotated[float, Meta(
+        ge=0, description="First retry delay; doubles each try, with full jitter.")] = 0.2
+    backoff_max_s: Annotated[float, Meta(ge=0, description="Largest retry delay.")] = 10.0
+    poll_timeout_s: Annotated[float, Meta(
+        gt=0, description="How long an idle host waits for records per poll.")] = 0.2
+    claim_timeout_s: Annotated[float, Meta(
+        gt=0, description="How long a function's idempotency claim on a piece of work lasts: after this, another "
+                          "instance takes the work over (its holder is presumed dead). Set it above the longest "
+                          "handler run.")] = 120.0
 
 
 class Signing(Section):
-    enabled: bool = Field(
-        True, description="Sign every event emitted (Ed25519, the emitter's own key) and dead-letter every event "
-                          "that is unsigned, wrongly signed, too old, or from a producer events/catalog.toml does "
-                          "not allow for its type. Off only on a bus nobody else can write to.")
-    keys_dir: str = Field(
-        ".skyfuse/keys", description="Folder of `trust.json` (the public keys every consumer trusts) and, locally, "
-                                     "`private/<cloud>.<function>.pem`; `skyfuse keys init` makes them. In a cloud "
-                                     "the function's private key comes from the SKYFUSE_SIGNING_KEY environment "
-                                     "variable (PEM) instead, set from the cloud's secret store.")
-    max_age_s: float = Field(
-        7 * 24 * 3600.0, gt=0, description="An event signed longer ago than this is refused as a replay. Default: "
-                                           "Kafka's default retention, so nothing still on the bus is refused.")
-    max_skew_s: float = Field(
-        300.0, ge=0, description="How far in the future an event's signed time may be (clock skew).")
+    enabled: Annotated[bool, Meta(
+        description="Sign every event emitted (Ed25519, the emitter's own key) and dead-letter every event that is "
+                    "unsigned, wrongly signed, too old, or from a producer events/catalog.toml does not allow for "
+                    "its type. Off only on a bus nobody else can write to.")] = True
+    keys_dir: Annotated[str, Meta(
+        description="Folder of `trust.json` (the public keys every consumer trusts) and, locally, "
+                    "`private/<cloud>.<function>.pem`; `skyfuse keys init` makes them. In a cloud the function's "
+                    "private key comes from the SKYFUSE_SIGNING_KEY environment variable (PEM) instead, set from "
+                    "the cloud's secret store.")] = ".skyfuse/keys"
+    max_age_s: Annotated[float, Meta(
+        gt=0, description="An event signed longer ago than this is refused as a replay. Default: Kafka's default "
+                          "retention, so nothing still on the bus is refused.")] = 7 * 24 * 3600.0
+    max_skew_s: Annotated[float, Meta(
+        ge=0, description="How far in the future an event's signed time may be (clock skew).")] = 300.0
 
 
 class Tracing(Section):
-    otlp_endpoint: str = Field(
-        "", description="OTLP/HTTP collector to export spans to, e.g. http://127.0.0.1:4318 (`/v1/traces` is "
-                        "added unless the URL ends with it). Empty: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT "
-                        "or OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing is off (events still carry their "
-                        "traceparent; no span is recorded). Needs opentelemetry-sdk and "
-                        "opentelemetry-exporter-otlp-proto-http (the `otlp` extra).")
-    service_name: str = Field("skyfuse", min_length=1, description="service.name of every span; which cloud and "
-                                                                    "function made it are span attributes "
-                                                                    "(cloud.provider, faas.name).")
+    otlp_endpoint: Annotated[str, Meta(
+        description="OTLP/HTTP collector to export spans to, e.g. http://127.0.0.1:4318 (`/v1/traces` is added "
+                    "unless the URL ends with it). Empty: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                    "OTEL_EXPORTER_OTLP_ENDPOINT when set, else tracing is off (events still carry their "
+                    "traceparent; no span is recorded). Needs opentelemetry-sdk and "
+                    "opentelemetry-exporter-otlp-proto-http (the `otlp` extra).")] = ""
+    service_name: Annotated[str, Meta(
+        min_length=1, description="service.name of every span; which cloud and function made it are span attributes"
+                                  " (cloud.provider, faas.name).")] = "skyfuse"
 
 
 class Dns(Section):
     """The weighted DNS name the `router` function keeps in step with placement.changed: the front
     door of the real clouds (`skyfuse up` serves a local one on 127.0.0.1)."""
 
-    provider: Literal["none", "route53"] = Field(
-        "none", description="`none`: no DNS (the router function skips every placement); `route53`: Amazon Route 53 "
-                            "weighted records, one per cloud (SetIdentifier = the cloud's name, weight 0-255 from its "
-                            "placement weight, target the host of its `endpoint`), set by the control cloud's router.")
-    zone: str = Field("", description="Hosted zone name, e.g. `skyfuse.example.`; the zone must exist (the deploy "
-                                      "templates, or infra/emulators/bootstrap.py for LocalStack, make it).")
-    hosted_zone_id: str = Field("", description="Route 53 hosted zone id (`Z…`); empty: looked up by `zone`.")
-    record: str = Field("", description="The name callers use, inside the zone, e.g. `api.skyfuse.example.`.")
-    ttl: int = Field(60, ge=0, le=2_147_483_647,
-                     description="Seconds resolvers may cache an answer: how long callers may still reach a cloud "
-                                 "after a placement moved away from it.")
-    endpoint_url: str = Field("", description="Route 53 API endpoint, e.g. LocalStack's http://127.0.0.1:4566; "
-                                              "empty: AWS's own (or $AWS_ENDPOINT_URL).")
+    provider: Annotated[Literal["none", "route53"], Meta(
+        description="`none`: no DNS (the router function skips every placement); `route53`: Amazon Route 53 "
+                    "weighted records, one per cloud (SetIdentifier = the cloud's name, weight 0-255 from its "
+                    "placement weight, target the host of its `endpoint`), set by the control cloud's "
+                    "router.")] = "none"
+    zone: Annotated[str, Meta(
+        description="Hosted zone name, e.g. `skyfuse.example.`; the zone must exist (the deploy templates, or "
+                    "infra/emulators/bootstrap.py for LocalStack, make it).")] = ""
+    hosted_zone_id: Annotated[str, Meta(
+        description="Route 53 hosted zone id (`Z…`); empty: looked up by `zone`.")] = ""
+    record: Annotated[str, Meta(
+        description="The name callers use, inside the zone, e.g. `api.skyfuse.example.`.")] = ""
+    ttl: Annotated[int, Meta(
+        ge=0, le=2_147_483_647, description="Seconds resolvers may cache an answer: how long callers may still "
+                                            "reach a cloud after a placement moved away from it.")] = 60
+    endpoint_url: Annotated[str, Meta(
+        description="Route 53 API endpoint, e.g. LocalStack's http://127.0.0.1:4566; empty: AWS's own (or "
+                    "$AWS_ENDPOINT_URL).")] = ""
 
-    @field_validator("zone", "record")
-    @classmethod
-    def _dns_name(cls, value: str, info: ValidationInfo) -> str:
-        name = value.strip().lower()
-        if name and not name.endswith("."):
-            name += "."  # fully qualified, as Route 53 answers it
-        labels = name[:-1].split(".") if name else []
-        if any(not label or len(label) > 63 or not label.replace("-", "").replace("_", "").isalnum()
-               or not label.isascii() for label in labels):
-            raise ValueError(f"{value!r} is not a DNS name: give dot-separated labels of letters, digits, '-' and "
-                             f"'_', e.g. {'api.' if info.field_name == 'record' else ''}skyfuse.example.")
-        return name
-
-    @model_validator(mode="after")
-    def _complete(self) -> Dns:
-        if self.provider == "none":
-            return self
+    def __post_init__(self) -> None:
         problems = []
-        if not self.record:
-            problems.append("dns.record is empty: set it to the name callers use, e.g. "
-                            "record = \"api.skyfuse.example.\"")
-        if not (self.zone or self.hosted_zone_id):
-            problems.append("dns.zone and dns.hosted_zone_id are both empty: set zone = \"skyfuse.example.\" (or the "
-                            "zone's id) so the records have a zone")
-        if self.record and self.zone and not ("." + self.record).endswith("." + self.zone):
-            problems.append(f"dns.record {self.record!r} is not inside dns.zone {self.zone!r}: name a record under "
-                            f"the zone, e.g. api.{self.zone}")
+        for key in ("zone", "record"):
+            value = getattr(self, key)
+            name = value.strip().lower()
+            if name and not name.endswith("."):
+                name += "."  # fully qualified, as Route 53 answers it
+            labels = name[:-1].split(".") if name else []
+            if any(not label or len(label) > 63 or not label.replace("-", "").replace("_", "").isalnum()
+                   or not label.isascii() for label in labels):
+                problems.append(f"{key} {value!r} is not a DNS name: give dot-separated labels of letters, digits, "
+                                f"'-' and '_', e.g. {'api.' if key == 'record' else ''}skyfuse.example.")
+            setattr(self, key, name)
+        if self.provider != "none" and not problems:
+            if not self.record:
+                problems.append("record is empty: set it to the name callers use, e.g. "
+                                "record = \"api.skyfuse.example.\"")
+            if not (self.zone or self.hosted_zone_id):
+                problems.append("zone and hosted_zone_id are both empty: set zone = \"skyfuse.example.\" (or "
+                                "the zone's id) so the records have a zone")
+            if self.record and self.zone and not ("." + self.record).endswith("." + self.zone):
+                problems.append(f"record {self.record!r} is not inside zone {self.zone!r}: name a record "
+                                f"under the zone, e.g. api.{self.zone}")
         if problems:
             raise ValueError("; ".join(problems))
-        return self
 
 
 # a batching window only delays a run (the scheduler places each fused model)
@@ -257,14 +251,16 @@ CRITICAL_PATH = ("trainer", "exporter", "fuser", "scheduler", "deployer")
 
 
 class Function(Section):
-    ordering: Literal["partition", "key", "unordered"] = Field(
-        "partition", description="In order per partition, per key, or not at all (bounded by `concurrency`).")
-    concurrency: int = Field(1, ge=1, le=64, description="Batches in flight at once (of distinct partitions/keys).")
-    clouds: list[str] | None = Field(None, description="Clouds hosting this function; default every cloud.")
-    batch_window_s: float | None = Field(
-        None, ge=0, le=300, description="How long the trigger gathers records before invoking (Lambda's "
-        "MaximumBatchingWindowInSeconds). Default: 0 for the functions on a run's critical path (trainer, exporter, "
-        "fuser, scheduler, deployer: a few events, each waited for), the trigger's own for the rest (Lambda 0.5 s).")
+    ordering: Annotated[Literal["partition", "key", "unordered"], Meta(
+        description="In order per partition, per key, or not at all (bounded by `concurrency`).")] = "partition"
+    concurrency: Annotated[int, Meta(
+        ge=1, le=64, description="Batches in flight at once (of distinct partitions/keys).")] = 1
+    clouds: Annotated[list[str] | None, Meta(description="Clouds hosting this function; default every cloud.")] = None
+    batch_window_s: Annotated[float, Meta(
+        ge=0, le=300, description="How long the trigger gathers records before invoking (Lambda's "
+                                  "MaximumBatchingWindowInSeconds). Default: 0 for the functions on a run's "
+                                  "critical path (trainer, exporter, fuser, scheduler, deployer: a few events, each"
+                                  " waited for), the trigger's own for the rest (Lambda 0.5 s).")] | None = None
 
     def batch_window(self, function: str, trigger_default_s: float) -> float:
         if self.batch_window_s is not None:
@@ -273,146 +269,140 @@ class Function(Section):
 
 
 class Training(Section):
-    hidden: list[int] = Field([64, 32], min_length=1, description="Units of each hidden layer of the MLP.")
-    epochs: int = Field(
-        100, ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")
-    finetune_epochs: int = Field(
-        5, ge=1, description="Epochs of each FedAvg round's fine-tuning (all of them run: no early stopping).")
-    finetune_optimizer: Literal["adam", "sgd"] = Field(
-        "sgd", description="Optimizer of the fine-tuning rounds: sgd (plain, as FedAvg's clients) or adam.")
-    finetune_learning_rate: float = Field(0.3, gt=0, description="Learning rate of the first fine-tuning round.")
-    finetune_lr_decay: float = Field(
-        0.85, gt=0, le=1, description="Each later fine-tuning round's learning rate is the one before times this.")
-    batch_size: int = Field(16, ge=1, description="Mini-batch size.")
-    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
-    rounds: int = Field(10, ge=1, description="FedAvg rounds (fusion auto or fedavg).")
-    rounds_patience: int = Field(
-        3, ge=0, description="Stop the rounds early when this many in a row scored no better on validation than the "
-                             "best before them (any strategy); 0 runs every round.")
-    proximal_mu: float = Field(
-        0.01, ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning "
-                                "rounds of a fedprox run.")
-    server_lr: float = Field(
-        0.03, gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + tau)).")
-    server_tau: float = Field(
-        1e-3, gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing "
-                                "(adaptivity).")
-    server_beta1: float = Field(
-        0.9, ge=0, lt=1, description="FedAdam/FedYogi: decay of the first moment m of the pseudo-gradients.")
-    server_beta2: float = Field(
-        0.99, ge=0, lt=1, description="FedAdam/FedYogi: decay of the second moment v of the pseudo-gradients.")
-    quorum_timeout_s: float = Field(
-        120.0, gt=0, description="How long the fuser waits for missing members before fusing a quorum.")
-    timer_s: float = Field(2.0, gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")
+    hidden: Annotated[list[int], Meta(
+        min_length=1, description="Units of each hidden layer of the MLP.")] = field(default_factory=lambda: [64, 32])
+    epochs: Annotated[int, Meta(
+        ge=1, description="Most epochs of a shard's first training (early stopping may end sooner).")] = 100
+    finetune_epochs: Annotated[int, Meta(
+        ge=1, description="Epochs of each FedAvg round's fine-tuning (all of them run: no early stopping).")] = 5
+    finetune_optimizer: Annotated[Literal["adam", "sgd"], Meta(
+        description="Optimizer of the fine-tuning rounds: sgd (plain, as FedAvg's clients) or adam.")] = "sgd"
+    finetune_learning_rate: Annotated[float, Meta(
+        gt=0, description="Learning rate of the first fine-tuning round.")] = 0.3
+    finetune_lr_decay: Annotated[float, Meta(
+        gt=0, le=1, description="Each later fine-tuning round's learning rate is the one before times this.")] = 0.85
+    batch_size: Annotated[int, Meta(ge=1, description="Mini-batch size.")] = 16
+    learning_rate: Annotated[float, Meta(gt=0, description="Adam learning rate.")] = 2e-3
+    rounds: Annotated[int, Meta(ge=1, description="FedAvg rounds (fusion auto or fedavg).")] = 10
+    rounds_patience: Annotated[int, Meta(
+        ge=0, description="Stop the rounds early when this many in a row scored no better on validation than the "
+                          "best before them (any strategy); 0 runs every round.")] = 3
+    proximal_mu: Annotated[float, Meta(
+        ge=0, description="FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 in the fine-tuning "
+                          "rounds of a fedprox run.")] = 0.01
+    server_lr: Annotated[float, Meta(
+        gt=0, description="FedAdam/FedYogi: the server learning rate eta (the step is eta m / (sqrt(v) + "
+                          "tau)).")] = 0.03
+    server_tau: Annotated[float, Meta(
+        gt=0, description="FedAdam/FedYogi: tau, how small sqrt(v) may get before the step stops growing "
+                          "(adaptivity).")] = 1e-3
+    server_beta1: Annotated[float, Meta(
+        ge=0, lt=1, description="FedAdam/FedYogi: decay of the first moment m of the pseudo-gradients.")] = 0.9
+    server_beta2: Annotated[float, Meta(
+        ge=0, lt=1, description="FedAdam/FedYogi: decay of the second moment v of the pseudo-gradients.")] = 0.99
+    quorum_timeout_s: Annotated[float, Meta(
+        gt=0, description="How long the fuser waits for missing members before fusing a quorum.")] = 120.0
+    timer_s: Annotated[float, Meta(
+        gt=0, description="How often timer-driven functions (the fuser's quorum check) run.")] = 2.0
 
 
 class Scheduler(Section):
     """The placement policy's knobs (`skyfuse.scheduling.policy`: score = C + λ·P, with hysteresis);
     `lambda` itself is top-level. The defaults suit one-minute samples and a 100 ms p99 objective."""
 
-    slo_p99_ms: float = Field(100.0, gt=0, description="Latency objective: the p99 a cloud should stay under; "
-                                                       "the latency part of P is 1.0 there.")
-    margin: float = Field(0.15, ge=0, lt=1, description="Relative improvement (0.15 = 15 %) the best placement "
-                                                        "needs over the current one before serving moves.")
-    dwell_s: float = Field(300.0, ge=0, description="How long the better placement must stay better by `margin`, "
-                                                    "at every decision, before serving moves.")
-    min_dwell_s: float = Field(900.0, ge=0, description="Minimum age of a placement before any move but a "
-                                                        "failover.")
-    top_k: int = Field(1, ge=1, description="Serve from the k best clouds (more when they lack the capacity), "
-                                            "traffic weights ∝ 1/score.")
-    min_replicas: int = Field(1, ge=0, description="Replicas kept in each serving cloud at least (also the floor "
-                                                   "of the cost estimate).")
-    stale_after_s: float = Field(150.0, gt=0, description="A cloud with no metrics.sampled for this long is down "
-                                                          "(failed over at once when it serves).")
-    half_life_s: float = Field(120.0, gt=0, description="Half-life in seconds of the smoothing of every "
-                                                        "measured figure (latency, errors, load).")
-    error_budget: float = Field(0.01, gt=0, description="Error rate that costs 1.0 in P (0.01: 1 %).")
-    failover_error_rate: float = Field(0.25, gt=0, le=1, description="Smoothed error rate at which a cloud is "
-                                                                     "ineligible, and a serving one failed over at "
-                                                                     "once.")
-    slo_breach_weight: float = Field(4.0, ge=0, description="Extra P per unit of p99/SLO above 1 (a p99 10 % "
-                                                            "over the objective adds 0.4 at the default).")
-    saturation_knee: float = Field(0.8, ge=0, lt=1, description="Projected utilisation (load / capacity_rps of the "
-                                                                "replicas needed) from which saturation costs in P.")
-    cpu_weight: float = Field(0.0, ge=0, description="Weight in P of the CPU utilisation the monitor measures on a "
-                                                     "cloud's serving processes, past `resource_knee` (0: not used).")
-    memory_weight: float = Field(0.0, ge=0, description="Weight in P of their memory utilisation, past "
-                                                        "`resource_knee` (0: not used).")
-    network_weight: float = Field(0.0, ge=0, description="Weight in P of their network throughput / "
-                                                         "`network_capacity_bytes_per_s`, past `resource_knee` "
-                                                         "(0: not used).")
-    resource_knee: float = Field(0.8, ge=0, lt=1, description="Measured utilisation from which the cpu, memory "
-                                                              "and network terms cost (1.0 when full; 0: the "
-                                                              "term is weight × utilisation).")
-    network_capacity_bytes_per_s: float = Field(125e6, gt=0, description="Throughput that counts as a full "
-                                                                         "network (125e6 bytes/s = 1 Gbit/s).")
-    standby: bool = Field(False, description="Deploy every placed model to every cloud, the ones without traffic "
-                                             "as warm standbys (deployment.status `standby`): a move or failover "
-                                             "needs no copy, and each cloud's serving processes can be measured.")
+    slo_p99_ms: Annotated[float, Meta(
+        gt=0, description="Latency objective: the p99 a cloud should stay under; the latency part of P is 1.0 "
+                          "there.")] = 100.0
+    margin: Annotated[float, Meta(
+        ge=0, lt=1, description="Relative improvement (0.15 = 15 %) the best placement needs over the current one "
+                                "before serving moves.")] = 0.15
+    dwell_s: Annotated[float, Meta(
+        ge=0, description="How long the better placement must stay better by `margin`, at every decision, before "
+                          "serving moves.")] = 300.0
+    min_dwell_s: Annotated[float, Meta(
+        ge=0, description="Minimum age of a placement before any move but a failover.")] = 900.0
+    top_k: Annotated[int, Meta(
+        ge=1, description="Serve from the k best clouds (more when they lack the capacity), traffic weights ∝ "
+                          "1/score.")] = 1
+    min_replicas: Annotated[int, Meta(
+        ge=0, description="Replicas kept in each serving cloud at least (also the floor of the cost estimate).")] = 1
+    stale_after_s: Annotated[float, Meta(
+        gt=0, description="A cloud with no metrics.sampled for this long is down (failed over at once when it "
+                          "serves).")] = 150.0
+    half_life_s: Annotated[float, Meta(
+        gt=0, description="Half-life in seconds of the smoothing of every measured figure (latency, errors, "
+                          "load).")] = 120.0
+    error_budget: Annotated[float, Meta(gt=0, description="Error rate that costs 1.0 in P (0.01: 1 %).")] = 0.01
+    failover_error_rate: Annotated[float, Meta(
+        gt=0, le=1, description="Smoothed error rate at which a cloud is ineligible, and a serving one failed over "
+                                "at once.")] = 0.25
+    slo_breach_weight: Annotated[float, Meta(
+        ge=0, description="Extra P per unit of p99/SLO above 1 (a p99 10 % over the objective adds 0.4 at the "
+                          "default).")] = 4.0
+    saturation_knee: Annotated[float, Meta(
+        ge=0, lt=1, description="Projected utilisation (load / capacity_rps of the replicas needed) from which "
+                                "saturation costs in P.")] = 0.8
+    cpu_weight: Annotated[float, Meta(
+        ge=0, description="Weight in P of the CPU utilisation the monitor measures on a cloud's serving processes, "
+                          "past `resource_knee` (0: not used).")] = 0.0
+    memory_weight: Annotated[float, Meta(
+        ge=0, description="Weight in P of their memory utilisation, past `resource_knee` (0: not used).")] = 0.0
+    network_weight: Annotated[float, Meta(
+        ge=0, description="Weight in P of their network throughput / `network_capacity_bytes_per_s`, past "
+                          "`resource_knee` (0: not used).")] = 0.0
+    resource_knee: Annotated[float, Meta(
+        ge=0, lt=1, description="Measured utilisation from which the cpu, memory and network terms cost (1.0 when "
+                                "full; 0: the term is weight × utilisation).")] = 0.8
+    network_capacity_bytes_per_s: Annotated[float, Meta(
+        gt=0, description="Throughput that counts as a full network (125e6 bytes/s = 1 Gbit/s).")] = 125e6
+    standby: Annotated[bool, Meta(
+        description="Deploy every placed model to every cloud, the ones without traffic as warm standbys "
+                    "(deployment.status `standby`): a move or failover needs no copy, and each cloud's serving "
+                    "processes can be measured.")] = False
 
 
 class Monitor(Section):
     """The monitor's response-time probes: each timer tick it times a few GET /health calls to its
     cloud's endpoint from outside the server, as a user waits for them (README "Load signals")."""
 
-    probes: int = Field(3, ge=0, le=100, description="GET /health calls per tick, one after another, timed "
-                                                     "from connection to last byte (0: no probes, latency null).")
-    probe_timeout_s: float = Field(1.0, gt=0, le=60, description="A probe without an answer in this time counts "
-                                                                 "as an error (as does a refused one, or a 5xx "
-                                                                 "but 503, which only says no model is loaded).")
+    probes: Annotated[int, Meta(
+        ge=0, le=100, description="GET /health calls per tick, one after another, timed from connection to last "
+                                  "byte (0: no probes, latency null).")] = 3
+    probe_timeout_s: Annotated[float, Meta(
+        gt=0, le=60, description="A probe without an answer in this time counts as an error (as does a refused one,"
+                                 " or a 5xx but 503, which only says no model is loaded).")] = 1.0
 
 
-class Fleet(Section):
-    _source: str | None = PrivateAttr(None)  # the file it was loaded from, absolute (None: defaults only)
-    clouds: dict[str, Cloud] = Field(default_factory=_default_clouds)
-    bus: Bus = Bus()
-    delivery: Delivery = Delivery()
-    functions: dict[str, Function] = Field(default_factory=dict)
-    lambda_: float = Field(1.0, ge=0, alias="lambda", description="Weight of performance against cost in placement.")
-    control_cloud: str = Field(
-        "", description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")
-    scheduler: Scheduler = Field(default_factory=lambda: Scheduler())
-    training: Training = Field(default_factory=lambda: Training())
-    signing: Signing = Signing()
-    tracing: Tracing = Tracing()
-    dns: Dns = Dns()
-    monitor: Monitor = Monitor()
+class Fleet(Section, dict=True):  # dict: room for `source`, which is not a key
+    clouds: dict[str, Cloud] = field(default_factory=_default_clouds)
+    bus: Bus = field(default_factory=Bus)
+    delivery: Delivery = field(default_factory=Delivery)
+    functions: dict[str, Function] = field(default_factory=dict)
+    lambda_: Annotated[float, Meta(
+        ge=0, description="Weight of performance against cost in placement.")] = field(default=1.0, name="lambda")
+    control_cloud: Annotated[str, Meta(
+        description="Cloud where the fuser and scheduler act and keep run state; default the first cloud.")] = ""
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    training: Training = field(default_factory=Training)
+    signing: Signing = field(default_factory=Signing)
+    tracing: Tracing = field(default_factory=Tracing)
+    dns: Dns = field(default_factory=Dns)
+    monitor: Monitor = field(default_factory=Monitor)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _provider_from_name(cls, data: Any) -> Any:  # the raw input, before validation
-        """`[clouds.aws]` needs no `provider = "aws"`."""
-        for name, cloud in (data.get("clouds") or {}).items() if isinstance(data, dict) else ():
-            if isinstance(cloud, dict) and "provider" not in cloud and name in PROVIDERS:
-                cloud["provider"] = name
-        return data
-
-    @field_validator("clouds")
-    @classmethod
-    def _cloud_names(cls, clouds: dict[str, Cloud]) -> dict[str, Cloud]:
-        if not clouds:
-            raise ValueError("at least one cloud is needed, e.g. [clouds.aws] provider = \"aws\"")
-        for name in clouds:
-            if not name.replace("-", "").isalnum() or not name[0].isalpha() or name.lower() != name:
-                raise ValueError(f"cloud name {name!r} must be lowercase letters, digits and '-', starting with a "
-                                 "letter")
-        return clouds
-
-    @field_validator("functions")
-    @classmethod
-    def _function_names(cls, functions: dict[str, Function]) -> dict[str, Function]:
-        for name in functions:
-            if name not in FUNCTIONS:
-                hint = difflib.get_close_matches(name, FUNCTIONS, 1)
-                raise ValueError(f"unknown function {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                                 + f" Known: {', '.join(FUNCTIONS)}")
-        return functions
-
-    @model_validator(mode="after")
-    def _fill(self) -> Fleet:
+    def __post_init__(self) -> None:
+        if not self.clouds:
+            raise ValueError("clouds: at least one cloud is needed, e.g. [clouds.aws] provider = \"aws\"")
         for name, cloud in self.clouds.items():
+            if not name.replace("-", "").isalnum() or not name[0].isalpha() or name.lower() != name:
+                raise ValueError(f"clouds: cloud name {name!r} must be lowercase letters, digits and '-', starting "
+                                 "with a letter")
             if not cloud.store:
                 cloud.store = f"file://.skyfuse/stores/{name}"
+        for name in self.functions:
+            if name not in FUNCTIONS:
+                hint = difflib.get_close_matches(name, FUNCTIONS, 1)
+                raise ValueError(f"functions: unknown function {name!r}" + (f"; did you mean {hint[0]!r}?" if hint
+                                 else "") + f" Known: {', '.join(FUNCTIONS)}")
         if self.control_cloud and self.control_cloud not in self.clouds:
             raise ValueError(f"control_cloud {self.control_cloud!r} is not under [clouds]; "
                              f"configured: {', '.join(self.clouds)}")
@@ -421,7 +411,12 @@ class Fleet(Section):
                 if cloud_name not in self.clouds:
                     raise ValueError(f"functions.{name}.clouds names {cloud_name!r}, which is not under [clouds]; "
                                      f"configured clouds: {', '.join(self.clouds)}")
-        return self
+
+    @property
+    def source(self) -> str | None:
+        """The file it was loaded from, absolute (None: defaults only)."""
+        source: str | None = self.__dict__.get("source")
+        return source
 
     def function(self, name: str) -> Function:
         return self.functions.get(name) or Function()
@@ -460,25 +455,96 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(error: ErrorDetails, origin: str) -> str:
-    loc = ".".join(str(p) for p in error["loc"] if p not in ("function-after",))
-    if error["type"] == "extra_forbidden":
-        parent_path, key = error["loc"][:-1], error["loc"][-1]
-        model: type[BaseModel] = Fleet
-        for part in parent_path:
-            field = model.model_fields.get(str(part)) or model.model_fields.get(f"{part}_")
-            annotation = field.annotation if field else None
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                model = annotation
-            elif annotation is not None and getattr(annotation, "__args__", None):
-                model = annotation.__args__[-1]  # dict[str, Cloud] and friends
-        known = [f.alias or n for n, f in model.model_fields.items()]
-        hint = difflib.get_close_matches(str(key), known, 1)
-        fix = f"did you mean {hint[0]!r}?" if hint else "remove it"
-        return f"{origin}: unknown key {loc!r}; {fix} (keys allowed here: {', '.join(known)})"
-    got = error.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{origin}: {loc or '(top level)'}: {error['msg']}{shown}"
+S = TypeVar("S", bound="Section")
+
+
+def _section(kind: Any) -> tuple[type[Section] | None, bool]:
+    """(the table type a key holds, whether it is a map of them: `[clouds.<name>]`), or (None, False)."""
+    kind = get_args(kind)[0] if get_origin(kind) is Annotated else kind
+    if get_origin(kind) is dict:
+        inner = get_args(kind)[1]
+        return (inner, True) if isinstance(inner, type) and issubclass(inner, Section) else (None, False)
+    return (kind, False) if isinstance(kind, type) and issubclass(kind, Section) else (None, False)
+
+
+def _toml_kind(value: Any) -> str:
+    return {str: "string", bool: "boolean", int: "integer", float: "float", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__)
+
+
+def _rule(error: msgspec.ValidationError, kind: Any, value: Any, at: tuple[str, ...]) -> str:
+    """msgspec's message about one value, with the allowed values of a choice, the fix of an unquoted
+    string, and the value given (never a secret's)."""
+    text = str(error).split(" - at `", 1)[0].replace("`", "").replace("Expected ", "must be ", 1)
+    choices = next((get_args(k) for k in (kind, *get_args(kind)) if get_origin(k) is Literal), None)
+    if choices and text.startswith("Invalid enum value"):
+        text = "must be " + " or ".join(map(repr, choices))
+    elif text.startswith("must be str,"):  # TOML reads 12345 as a number
+        text = (f"must be a string, not a TOML {_toml_kind(value)}: quote it (in the environment too: "
+                f"{ENV_PREFIX}{'__'.join(at).upper()}='\"...\"')")
+    if at[-1] in SECRET_KEYS or isinstance(value, dict):
+        return text
+    return f"{text} (got {value!r})"
+
+
+def _check(data: Any, table: type[S], where: tuple[str, ...], problems: list[str]) -> S | None:
+    """`data` as a `table`, or None with every bad key of it in `problems` (msgspec alone stops at
+    the first): each key is converted by itself, tables within it key by key, then the table whole,
+    which runs its own checks."""
+    if not isinstance(data, dict):
+        problems.append(f"{'.'.join(where) or '(top level)'}: must be a table, got {_toml_kind(data)}")
+        return None
+    known = {f.encode_name: f for f in msgspec.structs.fields(table)}
+    before = len(problems)
+    for key, value in data.items():
+        at = (*where, key)
+        info = known.get(key)
+        if info is None:
+            hint = difflib.get_close_matches(str(key), known, 1)
+            fix = f"did you mean {hint[0]!r}?" if hint else "remove it"
+            problems.append(f"unknown key {'.'.join(at)!r}; {fix} (keys allowed here: {', '.join(known)})")
+            continue
+        inner, mapped = _section(info.type)
+        if inner is not None and mapped and isinstance(value, dict):
+            for name, item in value.items():
+                _check(item, inner, (*at, name), problems)
+        elif inner is not None and not mapped:
+            _check(value, inner, at, problems)
+        else:
+            try:
+                msgspec.convert(value, info.type, strict=False)
+            except msgspec.ValidationError as exc:
+                problems.append(f"{'.'.join(at)}: {_rule(exc, info.type, value, at)}")
+    if len(problems) > before:
+        return None
+    try:
+        return msgspec.convert(data, table, strict=False)
+    except msgspec.ValidationError as exc:  # the table's own checks
+        table_name = f"{'.'.join(where)}: " if where else ""
+        problems.append(table_name + str(exc).split(" - at `", 1)[0])
+        return None
+
+
+def descriptions(table: type[Section]) -> dict[str, str]:
+    """Each key of a table, as written in the file, and its description ("" for a table within)."""
+    def described(kind: Any) -> str:
+        if get_origin(kind) is Annotated:
+            return next((m.description for m in get_args(kind)[1:] if isinstance(m, Meta) and m.description), "")
+        return next((text for text in map(described, get_args(kind)) if text), "")  # `X | None`
+    return {f.encode_name: described(f.type) for f in msgspec.structs.fields(table)}
+
+
+def as_dict(table: Section) -> dict[str, Any]:
+    """A table's keys and values, by attribute name (`lambda_`); tables within stay tables."""
+    return msgspec.structs.asdict(table)
+
+
+def replace(table: S, **changes: Any) -> S:
+    """A copy of a table with some keys changed, as set in code: its own checks run again."""
+    copy = msgspec.structs.replace(table, **changes)
+    if isinstance(table, Fleet):
+        copy.__dict__.update(table.__dict__)  # where it came from
+    return copy
 
 
 def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Fleet:
@@ -498,11 +564,16 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     overrides = _env_overrides(environ)
     if overrides:
         origin += " + SKYFUSE_* environment"
-    try:
-        defaults = {} if "clouds" in data else {"clouds": {n: c.model_dump() for n, c in _default_clouds().items()}}
-        fleet = Fleet.model_validate(_merge(_merge(defaults, data), overrides))
-    except ValidationError as exc:
-        lines = [_describe(e, origin) for e in exc.errors()]
-        raise ConfigError("bad fleet config:\n  " + "\n  ".join(lines)) from None
-    fleet._source = str(Path(chosen).resolve()) if chosen else None
+    defaults = {} if "clouds" in data else {"clouds": {n: msgspec.to_builtins(c) for n, c in _default_clouds().items()}}
+    merged = _merge(_merge(defaults, data), overrides)
+    clouds = merged.get("clouds")
+    for name, cloud in clouds.items() if isinstance(clouds, dict) else ():
+        if isinstance(cloud, dict) and "provider" not in cloud and name in PROVIDERS:
+            cloud["provider"] = name  # `[clouds.aws]` needs no `provider = "aws"`
+    problems: list[str] = []
+    fleet = _check(merged, Fleet, (), problems)
+    if fleet is None:
+        raise ConfigError("bad fleet config:\n  " + "\n  ".join(f"{origin}: {p}" for p in problems))
+    if chosen:
+        fleet.__dict__["source"] = str(Path(chosen).resolve())
     return fleet

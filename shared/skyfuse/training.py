@@ -18,7 +18,7 @@ from cloudevents.http import CloudEvent
 
 from skyfuse import contracts, events, httpclient, signing, tracing
 from skyfuse.bus import Bus, Record
-from skyfuse.config import Fleet
+from skyfuse.config import Fleet, as_dict
 from skyfuse.errors import InvalidInput
 from skyfuse.payloads import (
     DeploymentState,
@@ -342,7 +342,7 @@ def centralized(fleet: Fleet, prepared: Prepared) -> tuple[float, float]:
     shard = cast(ShardReady, prepared.shard_events[0].get_data())  # built by `prepare` against its schema
     given: dict[str, Any] = dict(shard.get("model") or {})  # the shards' spec; the user's model, if any
     spec = mlmodel.ModelSpec.from_dict({k: v for k, v in given.items() if k in mlmodel.ModelSpec.keys()
-                                        and k != "proximal_mu"}, fleet.training.model_dump())
+                                        and k != "proximal_mu"}, as_dict(fleet.training))
     template = (mlmodel.from_bytes(fetch(given["template_uri"], given["template_sha256"]))
                 if "template_uri" in given else None)
     result = mlmodel.train(spec, prepared.train, len(prepared.train.classes), template=template)

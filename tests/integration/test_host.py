@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from skyfuse import contracts, events
+from skyfuse import config, contracts, events
 from skyfuse.config import Function
 from skyfuse.runtime.clouds.aws import LambdaInvoker
 from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
@@ -59,7 +59,7 @@ class Running:
     """A host in a thread, with every delivery it reports."""
 
     def __init__(self, bus, fleet, provider, topic, uid, ordering="partition", max_attempts=4, concurrency=1):
-        fleet = fleet.model_copy(update={"delivery": fleet.delivery.model_copy(update={"max_attempts": max_attempts})})
+        fleet = config.replace(fleet, delivery=config.replace(fleet.delivery, max_attempts=max_attempts))
         self.deliveries = []
         self.host = FunctionHost(bus, fleet, provider, f"probe-{uid}", probe_invoker(provider, topic),
                                  self.deliveries.append, topics=[topic],

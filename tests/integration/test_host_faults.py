@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 
+from skyfuse import config
 from skyfuse.runtime.function import Runtime
 from tests.functions import probe_state
 from tests.integration.test_host import PROVIDERS, Running, clean_probe, publish, shard_event  # noqa: F401
@@ -14,7 +15,6 @@ from tests.integration.test_host import PROVIDERS, Running, clean_probe, publish
 
 @pytest.fixture
 def fleet(tmp_path):
-    from skyfuse import config
     from tests.conftest import fleet_env
 
     return config.load(environ=fleet_env("embedded", tmp_path))
@@ -116,7 +116,7 @@ def test_a_refused_commit_is_tried_again_without_a_restart(bus, fleet, provider,
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_a_backlog_record_gets_its_retries_however_old_it_is(bus, fleet, provider, uid):
-    fleet = fleet.model_copy(update={"delivery": fleet.delivery.model_copy(update={"max_record_age_s": 60})})
+    fleet = config.replace(fleet, delivery=config.replace(fleet.delivery, max_record_age_s=60))
     topic = f"faults-backlog-{uid}"
     bus.ensure_topics([topic], 1)
     with time_machine.travel(datetime.now(UTC) - timedelta(hours=2)):  # published before the outage

@@ -209,7 +209,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path):
     # TOML reads an all-digit password as a number; the error says so without showing it
     digits = config_error(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", sasl_username="u",
                           sasl_password="31415926535")
-    assert "sasl_password must be a string" in digits and "31415926535" not in digits
+    assert "sasl_password: must be a string" in digits and "31415926535" not in digits
 
 
 def test_a_token_provider_that_is_not_one_is_named(tmp_path):

@@ -171,11 +171,11 @@ def test_the_emulated_fleet_sets_its_records_in_localstacks_route53(route53, tmp
     assert found and found[0]["Name"] == emulation.DNS_ZONE, (
         f"no zone {emulation.DNS_ZONE} in LocalStack: `bash infra/emulators/emulators.sh up` creates it "
         f"(or `python infra/emulators/bootstrap.py --route53 {LOCALSTACK}`)")
-    embedded = fleet.bus.model_copy(update={"backend": "embedded", "embedded": fleet.bus.embedded.model_copy(
-        update={"path": str(tmp_path / "bus")})})  # the bus is not what this test is about
+    embedded = config.replace(fleet.bus, backend="embedded", embedded=config.replace(
+        fleet.bus.embedded, path=str(tmp_path / "bus")))  # the bus is not what this test is about
     for cloud, settings in fleet.clouds.items():  # as `skyfuse up` sets them when its servers start
         settings.endpoint = f"http://127.0.0.1:{8101 + list(fleet.clouds).index(cloud)}"
-    fleet = fleet.model_copy(update={"bus": embedded})
+    fleet = config.replace(fleet, bus=embedded)
     signing.ensure_local_keys(fleet)
     store = open_store(emulation.STORES["aws"])
     try:

@@ -385,7 +385,7 @@ def test_spans_are_exported_over_otlp_http_when_an_endpoint_is_configured(tmp_pa
 
 def test_a_missing_exporter_package_is_named_and_leaves_the_events_flowing(fleet, monkeypatch, caplog, no_otel_env):
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
-    configured = fleet.model_copy(update={"tracing": config.Tracing(otlp_endpoint="http://127.0.0.1:9")})
+    configured = config.replace(fleet, tracing=config.Tracing(otlp_endpoint="http://127.0.0.1:9"))
     with pytest.raises(tracing.TracingSetupError, match="opentelemetry-exporter-otlp-proto-http"):
         tracing.build_provider(tracing.endpoint(configured))
     try:

@@ -1,4 +1,8 @@
 """The fleet config: defaults, file, environment, and errors that name the key and the fix."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from skyfuse import config
@@ -112,3 +116,53 @@ def test_a_runs_critical_path_waits_for_no_batching_window_unless_configured():
     assert fleet.function("fuser").batch_window("fuser", 0.5) == 0.1
     with pytest.raises(ValueError, match="batch_window_s"):
         config.load(environ={"SKYFUSE_FUNCTIONS__TRAINER__BATCH_WINDOW_S": "-1"})
+
+
+def test_every_bad_key_is_named_at_once(tmp_path):
+    """One run names every mistake, in every table and every cloud, not only the first."""
+    path = write(tmp_path, '[clouds.aws]\nprice_per_hour = -1\n[clouds.gcp]\nregon = "x"\n[bus]\nbakend = "kafka"\n'
+                           '[delivery]\nmax_attempts = "many"\n[training]\nhidden = []\n')
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path, environ={})
+    lines = str(caught.value).splitlines()[1:]
+    assert len(lines) == 5 and all(line.strip().startswith(f"{path}: ") for line in lines)
+    text = str(caught.value)
+    assert "clouds.aws.price_per_hour: must be float >= 0.0 (got -1)" in text
+    assert "unknown key 'clouds.gcp.regon'; did you mean 'region'?" in text
+    assert "unknown key 'bus.bakend'; did you mean 'backend'?" in text
+    assert "delivery.max_attempts: must be int, got str (got 'many')" in text
+    assert "training.hidden: must be array of length >= 1 (got [])" in text
+
+
+def test_a_password_is_never_shown(tmp_path):
+    fleet = config.load(environ={"SKYFUSE_BUS__KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+                                 "SKYFUSE_BUS__KAFKA__SASL_MECHANISM": "PLAIN",
+                                 "SKYFUSE_BUS__KAFKA__SASL_USERNAME": "u",
+                                 "SKYFUSE_BUS__KAFKA__SASL_PASSWORD": '"s3cret-pw"'})
+    assert fleet.bus.kafka.sasl_password == "s3cret-pw"
+    assert "s3cret-pw" not in repr(fleet) and "sasl_password=<redacted>" in repr(fleet.bus.kafka)
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(write(tmp_path, "[bus.kafka]\nsasl_password = 27182818284\n"), environ={})
+    assert "sasl_password: must be a string, not a TOML integer: quote it" in str(caught.value)
+    assert "27182818284" not in str(caught.value)
+
+
+def test_a_changed_copy_is_checked_and_keeps_its_file(tmp_path):
+    path = write(tmp_path, '[dns]\nzone = "Skyfuse.Example"\n')
+    fleet = config.load(path, environ={})
+    assert fleet.source == str(path.resolve()) and config.Fleet().source is None
+    copy = config.replace(fleet, dns=config.replace(fleet.dns, record="api.skyfuse.example"))
+    assert copy.source == fleet.source and copy.dns.record == "api.skyfuse.example." and copy.dns.zone == fleet.dns.zone
+    with pytest.raises(ValueError, match="record is empty"):
+        config.replace(fleet.dns, provider="route53")  # a table's own checks run on every copy
+    assert fleet.dns.record == ""  # the original is untouched
+
+
+def test_reading_the_config_imports_no_pydantic():
+    """Every function imports the config at its cold start; pydantic's import cost ~80 ms of it."""
+    code = ("import sys, skyfuse.config as c; c.load(environ={}); import services.inference.handler; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

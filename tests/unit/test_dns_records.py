@@ -89,14 +89,14 @@ def test_dns_config_is_checked_and_names_the_key():
     assert (fleet.dns.zone, fleet.dns.record, fleet.dns.ttl) == ("skyfuse.example.", "api.skyfuse.example.", 60)
     assert config.Fleet().dns.provider == "none"
     bad = {"SKYFUSE_DNS__PROVIDER": "route53"}
-    with pytest.raises(config.ConfigError, match=r"dns\.record is empty: set it.*dns\.zone and dns\.hosted_zone_id"):
+    with pytest.raises(config.ConfigError, match=r"dns: record is empty: set it.*zone and hosted_zone_id are both"):
         config.load(environ=bad)
-    with pytest.raises(config.ConfigError, match=r"dns\.record 'api\.other\.example\.' is not inside dns\.zone"):
+    with pytest.raises(config.ConfigError, match=r"dns: record 'api\.other\.example\.' is not inside zone"):
         config.load(environ={**bad, "SKYFUSE_DNS__ZONE": "skyfuse.example.",
                              "SKYFUSE_DNS__RECORD": "api.other.example"})
-    with pytest.raises(config.ConfigError, match=r"dns\.record: .*'api\.\.x' is not a DNS name"):
+    with pytest.raises(config.ConfigError, match=r"dns: record 'api\.\.x' is not a DNS name"):
         config.load(environ={**bad, "SKYFUSE_DNS__HOSTED_ZONE_ID": "Z1", "SKYFUSE_DNS__RECORD": "api..x"})
     with pytest.raises(config.ConfigError, match=r"unknown key 'dns\.recrod'; did you mean 'record'"):
         config.load(environ={"SKYFUSE_DNS__RECROD": "x"})
-    with pytest.raises(config.ConfigError, match=r"dns\.provider: Input should be 'none' or 'route53'"):
+    with pytest.raises(config.ConfigError, match=r"dns\.provider: must be 'none' or 'route53' \(got 'cloudflare'\)"):
         config.load(environ={"SKYFUSE_DNS__PROVIDER": "cloudflare"})

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from skyfuse.bus.base import Bus
-from skyfuse.config import Fleet
+from skyfuse.config import Fleet, as_dict
 from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
 from skyfuse.runtime.host import Listener
 from skyfuse.serving import api
@@ -67,7 +67,7 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
         env[f"SKYFUSE_CLOUDS__{name.upper()}__STORE"] = open_store(store).uri if store.startswith("file://") else store
     env["SKYFUSE_BUS__BACKEND"] = fleet.bus.backend
     env["SKYFUSE_BUS__EMBEDDED__PATH"] = str(Path(fleet.bus.embedded.path).resolve())
-    for key, value in fleet.bus.kafka.model_dump().items():  # brokers, TLS and SASL alike, as TOML values
+    for key, value in as_dict(fleet.bus.kafka).items():  # brokers, TLS and SASL alike, as TOML values
         if key.startswith("ssl_") and key.endswith("file") and value:
             value = str(Path(value).resolve())
         env[f"SKYFUSE_BUS__KAFKA__{key.upper()}"] = orjson.dumps(value).decode()
@@ -76,8 +76,8 @@ def serving_env(fleet: Fleet, cloud: str) -> dict[str, str]:
     env["SKYFUSE_SIGNING__ENABLED"] = str(fleet.signing.enabled).lower()
     env["SKYFUSE_SIGNING__KEYS_DIR"] = str(Path(fleet.signing.keys_dir).resolve())
     env["INFERENCE_API_KEY_HASHES"] = api.key_hash(api_key(fleet))
-    if fleet._source:  # the file this fleet came from (--config, $SKYFUSE_CONFIG or ./skyfuse.toml)
-        env["SKYFUSE_CONFIG"] = fleet._source
+    if fleet.source:  # the file this fleet came from (--config, $SKYFUSE_CONFIG or ./skyfuse.toml)
+        env["SKYFUSE_CONFIG"] = fleet.source
     return env
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from skyfuse.config import Dns
+from skyfuse.config import Dns, as_dict
 from skyfuse.dns.records import Change, Record
 
 
@@ -22,7 +22,7 @@ _backends: dict[tuple[object, ...], Backend] = {}  # one client per settings: a 
 
 
 def open_backend(settings: Dns) -> Backend:
-    key = tuple(settings.model_dump().values())
+    key = tuple(as_dict(settings).values())
     if key not in _backends:
         if settings.provider != "route53":
             raise ValueError(f"dns.provider {settings.provider!r} has no backend; expected route53")

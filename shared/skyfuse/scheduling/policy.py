@@ -103,7 +103,7 @@ class CloudSpec:
 
 def fleet_clouds(fleet: Fleet | None = None) -> dict[str, CloudSpec]:
     """Cloud specs of a `skyfuse.config.Fleet` (the built-in default fleet when None)."""
-    from skyfuse import config  # pydantic; only needed here
+    from skyfuse import config
 
     fleet = fleet if fleet is not None else config.Fleet()
     return {name: CloudSpec(c.price_per_hour, c.price_per_million_requests, c.capacity_rps)
@@ -191,7 +191,7 @@ class PolicyConfig:
 
         fleet = fleet if fleet is not None else config.Fleet()
         names = {f.name for f in fields(cls)}
-        section = {k: v for k, v in fleet.scheduler.model_dump().items() if k in names}  # not `standby`
+        section = {k: v for k, v in config.as_dict(fleet.scheduler).items() if k in names}  # not `standby`
         return cls(clouds=fleet_clouds(fleet), **{"lambda_": fleet.lambda_, **section, **overrides})
 
     def is_allowed(self, cloud: str) -> bool:
