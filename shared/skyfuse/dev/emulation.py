@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 
-from skyfuse import config
-from skyfuse.config import Fleet
+from skyfuse.config import Fleet, replace
 
 # What `infra/emulators/emulators.sh env` prints; set only where the environment has no value.
 ENVIRONMENT = {
@@ -30,12 +29,12 @@ def apply(fleet: Fleet) -> Fleet:
     names another record of an existing zone)."""
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # children (inference servers) inherit them
-    clouds = {name: config.replace(c, store=STORES[c.provider]) for name, c in fleet.clouds.items()}
-    bus = config.replace(fleet.bus, backend="kafka")
+    clouds = {name: replace(c, store=STORES[c.provider]) for name, c in fleet.clouds.items()}
+    bus = replace(fleet.bus, backend="kafka")
     named = fleet.dns.record and (fleet.dns.zone or fleet.dns.hosted_zone_id)
-    dns = fleet.dns if named else config.replace(fleet.dns, zone=DNS_ZONE, record=f"api.{DNS_ZONE}")
-    dns = config.replace(dns, provider="route53", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    return config.replace(fleet, clouds=clouds, bus=bus, dns=dns)
+    dns = fleet.dns if named else replace(fleet.dns, zone=DNS_ZONE, record=f"api.{DNS_ZONE}")
+    dns = replace(dns, provider="route53", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    return replace(fleet, clouds=clouds, bus=bus, dns=dns)
 
 
 def api_gateway(endpoint: str, name: str = "skyfuse-inference", stage: str = "local") -> str:
