@@ -1,5 +1,9 @@
 """The embedded log over time: a clock step never reorders it, retention bounds it and offsets
 go on across it, and the latest records are read without scanning from offset 0."""
+import subprocess
+import sys
+import threading
+
 from skyfuse.bus.embedded import EmbeddedBus
 
 
@@ -70,3 +74,32 @@ def test_an_idle_consumer_reads_one_count_and_misses_no_append(tmp_path):
         assert sorted(r.value for r in got) == [b"0", b"1", b"2", b"3", b"4"]
         assert consumer.poll(0, 10) == []
         other.close()
+
+
+def test_an_append_in_this_process_wakes_only_its_topics_idle_consumers(tmp_path):
+    """An idle consumer sleeps until this process appends to one of its topics, not until its next
+    look for other processes' appends (an hour here): the poll ends with the record."""
+    bus = EmbeddedBus(tmp_path / "bus")
+    bus.OTHER_PROCESSES_S = 3600.0
+    got: list[bytes] = []
+    with bus.consumer("g", ["a"]) as waiting, bus.consumer("h", ["b"]) as other_topic:
+        assert waiting.poll(0, 10) == [] and other_topic.poll(0, 10) == []
+        poller = threading.Thread(target=lambda: got.extend(r.value for r in waiting.poll(600, 10)))
+        poller.start()
+        bus.publish("a", b"x")
+        poller.join(120)
+        assert not poller.is_alive() and got == [b"x"]
+        assert not other_topic._appended.is_set()  # an append to "a" woke no consumer of "b"
+        bus.publish("b", b"y")
+        assert other_topic._appended.is_set()
+
+
+def test_another_process_append_is_seen_at_the_next_look(tmp_path):
+    bus = EmbeddedBus(tmp_path / "bus")
+    bus.OTHER_PROCESSES_S = 0.05
+    code = ("import sys; from skyfuse.bus.embedded import EmbeddedBus; "
+            "EmbeddedBus(sys.argv[1]).publish('a', b'from another process')")
+    with bus.consumer("g", ["a"]) as consumer:
+        assert consumer.poll(0, 10) == []
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "bus")], check=True, timeout=120)
+        assert [r.value for r in consumer.poll(120, 10)] == [b"from another process"]

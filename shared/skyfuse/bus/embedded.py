@@ -56,6 +56,40 @@ def _pack_headers(headers: Headers) -> bytes:
     return orjson.dumps([[k, base64.b64encode(v).decode()] for k, v in headers])
 
 
+class _Appends:
+    """This process's appends to one log file, announced to this process's consumers of the topic:
+    an idle consumer sleeps until one (or until it next looks for other processes' appends, which
+    SQLite cannot announce), and only the topic's consumers wake."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._consumers: dict[str, set[threading.Event]] = {}
+
+    def note(self, topic: str) -> None:
+        with self._lock:
+            for appended in self._consumers.get(topic, ()):
+                appended.set()
+
+    def watch(self, topics: Iterable[str], appended: threading.Event) -> None:
+        with self._lock:
+            for topic in topics:
+                self._consumers.setdefault(topic, set()).add(appended)
+
+    def unwatch(self, topics: Iterable[str], appended: threading.Event) -> None:
+        with self._lock:
+            for topic in topics:
+                self._consumers.get(topic, set()).discard(appended)
+
+
+_APPENDS: dict[Path, _Appends] = {}  # per log file: every bus object on it in this process shares one
+_APPENDS_LOCK = threading.Lock()
+
+
+def _appends(db_path: Path) -> _Appends:
+    with _APPENDS_LOCK:
+        return _APPENDS.setdefault(db_path.resolve(), _Appends())
+
+
 def _unpack_headers(raw: bytes) -> Headers:
     return [(k, binascii.a2b_base64(v)) for k, v in orjson.loads(raw)]  # b64decode without its wrapper: every read
 
@@ -64,6 +98,9 @@ class EmbeddedBus(Bus):
     backend = "embedded"
 
     TRIM_EVERY = 1000  # publishes between two retention passes (per process)
+    # how soon an idle consumer sees another process's append; one of this process wakes it at once
+    # (polling more often only takes the GIL from the busy threads of a fleet in one process)
+    OTHER_PROCESSES_S = 0.1
 
     def __init__(self, path: str | os.PathLike[str], default_partitions: int = 3,
                  retention_ms: int = 7 * 86_400_000, clock: Callable[[], float] = time.time):
@@ -73,6 +110,7 @@ class EmbeddedBus(Bus):
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "groups").mkdir(exist_ok=True)
         self.db_path = self.dir / "log.sqlite"
+        self.appends = _appends(self.db_path)
         self.default_partitions = default_partitions
         self._lock = threading.Lock()
         self._conn = _connect(self.db_path)
@@ -122,6 +160,7 @@ class EmbeddedBus(Bus):
                 self._conn.execute("ROLLBACK")
                 raise
             self._since_trim += 1
+        self.appends.note(topic)
         if self._since_trim >= self.TRIM_EVERY:
             self.trim()
         return Record(topic, partition, offset, key, value, headers, now)
@@ -201,6 +240,8 @@ class EmbeddedConsumer(Consumer):
         # while that count stands, nothing new is there to read
         self._drained_at: int | None = None
         self._short = True  # the last read found less than a batch (as good as, before the first)
+        self._appended = threading.Event()  # set by this process's appends to the topics
+        bus.appends.watch(self.topics, self._appended)
 
     def _claim(self) -> bool:
         """Become the group's active member if no live process is."""
@@ -222,10 +263,11 @@ class EmbeddedConsumer(Consumer):
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         deadline = time.monotonic() + timeout_s
         while True:
+            self._appended.clear()  # before the read: an append after it ends the wait below
             records = self._fetch(max_records) if self._claim() else []
             if records or time.monotonic() >= deadline:
                 return records
-            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+            self._appended.wait(min(self.bus.OTHER_PROCESSES_S, max(0.0, deadline - time.monotonic())))
 
     def _fetch(self, max_records: int) -> list[Record]:
         # Once a read came back short of a batch, the next polls count the topics' appends first and
@@ -276,6 +318,7 @@ class EmbeddedConsumer(Consumer):
             )
 
     def close(self) -> None:
+        self.bus.appends.unwatch(self.topics, self._appended)
         self._conn.close()
         self._lock_file.close()  # releases the flock: a standby may take over
         self._active = False
