@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -472,14 +473,18 @@ def _toml_kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
+_TOML_WORDS = {"object": "table", "str": "string", "int": "integer", "bool": "boolean", "array | null": "array"}
+
+
 def _rule(error: msgspec.ValidationError, kind: Any, value: Any, at: tuple[str, ...]) -> str:
-    """msgspec's message about one value, with the allowed values of a choice, the fix of an unquoted
-    string, and the value given (never a secret's)."""
+    """msgspec's message about one value in TOML's words, with the allowed values of a choice, the
+    fix of an unquoted string, and the value given (never a secret's)."""
     text = str(error).split(" - at `", 1)[0].replace("`", "").replace("Expected ", "must be ", 1)
+    text = re.sub(r"\b(array \| null|object|str|int|bool)\b", lambda m: _TOML_WORDS[m[1]], text)
     choices = next((get_args(k) for k in (kind, *get_args(kind)) if get_origin(k) is Literal), None)
     if choices and text.startswith("Invalid enum value"):
         text = "must be " + " or ".join(map(repr, choices))
-    elif text.startswith("must be str,"):  # TOML reads 12345 as a number
+    elif text.startswith("must be string,"):  # TOML reads 12345 as a number
         text = (f"must be a string, not a TOML {_toml_kind(value)}: quote it (in the environment too: "
                 f"{ENV_PREFIX}{'__'.join(at).upper()}='\"...\"')")
     if at[-1] in SECRET_KEYS or isinstance(value, dict):
@@ -514,7 +519,8 @@ def _check(data: Any, table: type[S], where: tuple[str, ...], problems: list[str
             try:
                 msgspec.convert(value, info.type, strict=False)
             except msgspec.ValidationError as exc:
-                problems.append(f"{'.'.join(at)}: {_rule(exc, info.type, value, at)}")
+                within = str(exc).partition(" - at `$")[2].rstrip("`")  # e.g. [1]: a list's item
+                problems.append(f"{'.'.join(at)}{within}: {_rule(exc, info.type, value, at)}")
     if len(problems) > before:
         return None
     try:

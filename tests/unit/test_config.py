@@ -130,7 +130,7 @@ def test_every_bad_key_is_named_at_once(tmp_path):
     assert "clouds.aws.price_per_hour: must be float >= 0.0 (got -1)" in text
     assert "unknown key 'clouds.gcp.regon'; did you mean 'region'?" in text
     assert "unknown key 'bus.bakend'; did you mean 'backend'?" in text
-    assert "delivery.max_attempts: must be int, got str (got 'many')" in text
+    assert "delivery.max_attempts: must be integer, got string (got 'many')" in text
     assert "training.hidden: must be array of length >= 1 (got [])" in text
 
 
@@ -166,3 +166,10 @@ def test_reading_the_config_imports_no_pydantic():
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_a_bad_item_of_a_list_is_named_by_its_place(tmp_path):
+    with pytest.raises(config.ConfigError, match=r"training\.hidden\[1\]: must be integer, got string"):
+        config.load(write(tmp_path, '[training]\nhidden = [64, "x"]\n'), environ={})
+    with pytest.raises(config.ConfigError, match=r"clouds: must be table, got integer \(got 5\)"):
+        config.load(write(tmp_path, "clouds = 5\n"), environ={})
