@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,18 @@ class _Appends:
                 self._consumers.get(topic, set()).discard(appended)
 
 
-_APPENDS: dict[Path, _Appends] = {}  # per log file: every bus object on it in this process shares one
+# per log file: every bus object on it in this process shares one, kept while any of them lives
+_APPENDS: weakref.WeakValueDictionary[Path, _Appends] = weakref.WeakValueDictionary()
 _APPENDS_LOCK = threading.Lock()
 
 
 def _appends(db_path: Path) -> _Appends:
+    key = db_path.resolve()
     with _APPENDS_LOCK:
-        return _APPENDS.setdefault(db_path.resolve(), _Appends())
+        found = _APPENDS.get(key)
+        if found is None:
+            found = _APPENDS[key] = _Appends()
+        return found
 
 
 def _unpack_headers(raw: bytes) -> Headers:
