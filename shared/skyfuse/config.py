@@ -492,13 +492,13 @@ def _rule(error: msgspec.ValidationError, kind: Any, value: Any, at: tuple[str, 
     return f"{text} (got {value!r})"
 
 
-def _check(data: Any, table: type[S], where: tuple[str, ...], problems: list[str]) -> S | None:
-    """`data` as a `table`, or None with every bad key of it in `problems` (msgspec alone stops at
-    the first): each key is converted by itself, tables within it key by key, then the table whole,
-    which runs its own checks."""
+def _check(data: Any, table: type[Section], where: tuple[str, ...], problems: list[str]) -> None:
+    """Every bad key of `data` as a `table` into `problems` (msgspec alone stops at the first): each
+    key is converted by itself, tables within it key by key, then the table whole, which runs its
+    own checks."""
     if not isinstance(data, dict):
         problems.append(f"{'.'.join(where) or '(top level)'}: must be a table, got {_toml_kind(data)}")
-        return None
+        return
     known = {f.encode_name: f for f in msgspec.structs.fields(table)}
     before = len(problems)
     for key, value in data.items():
@@ -522,13 +522,12 @@ def _check(data: Any, table: type[S], where: tuple[str, ...], problems: list[str
                 within = str(exc).partition(" - at `$")[2].rstrip("`")  # e.g. [1]: a list's item
                 problems.append(f"{'.'.join(at)}{within}: {_rule(exc, info.type, value, at)}")
     if len(problems) > before:
-        return None
+        return
     try:
-        return msgspec.convert(data, table, strict=False)
+        msgspec.convert(data, table, strict=False)
     except msgspec.ValidationError as exc:  # the table's own checks
         table_name = f"{'.'.join(where)}: " if where else ""
         problems.append(table_name + str(exc).split(" - at `", 1)[0])
-        return None
 
 
 def descriptions(table: type[Section]) -> dict[str, str]:
@@ -576,10 +575,13 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     for name, cloud in clouds.items() if isinstance(clouds, dict) else ():
         if isinstance(cloud, dict) and "provider" not in cloud and name in PROVIDERS:
             cloud["provider"] = name  # `[clouds.aws]` needs no `provider = "aws"`
-    problems: list[str] = []
-    fleet = _check(merged, Fleet, (), problems)
-    if fleet is None:
-        raise ConfigError("bad fleet config:\n  " + "\n  ".join(f"{origin}: {p}" for p in problems))
+    try:
+        fleet = msgspec.convert(merged, Fleet, strict=False)
+    except msgspec.ValidationError as exc:  # msgspec names the first bad key; the walk names them all
+        problems: list[str] = []
+        _check(merged, Fleet, (), problems)
+        shown = problems or [str(exc)]
+        raise ConfigError("bad fleet config:\n  " + "\n  ".join(f"{origin}: {p}" for p in shown)) from None
     if chosen:
         fleet.__dict__["source"] = str(Path(chosen).resolve())
     return fleet
