@@ -162,6 +162,11 @@ class Delivery(Section):
     backoff_max_s: Annotated[float, Meta(ge=0, description="Largest retry delay.")] = 10.0
     poll_timeout_s: Annotated[float, Meta(
         gt=0, description="How long an idle host waits for records per poll.")] = 0.2
+    commit_interval_s: Annotated[float, Meta(
+        ge=0, description="While records keep coming, a host commits its positions at most this often (each "
+                          "commit waits for the broker); an idle host, a stopping one and one losing partitions "
+                          "commit at once. A crash redelivers what was done since the last commit. 0: after "
+                          "every batch.")] = 0.1
     claim_timeout_s: Annotated[float, Meta(
         gt=0, description="How long a function's idempotency claim on a piece of work lasts: after this, another "
                           "instance takes the work over (its holder is presumed dead). Set it above the longest "

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 from skyfuse import config, contracts, events
+from skyfuse.bus import open_bus
 from skyfuse.config import Function
 from skyfuse.runtime.clouds.aws import LambdaInvoker
 from skyfuse.runtime.clouds.azure import KafkaTriggerInvoker
 from skyfuse.runtime.clouds.gcp import CloudEventInvoker
 from skyfuse.runtime.function import hosted
 from skyfuse.runtime.host import FunctionHost
-from tests.conftest import signed_event
+from tests.conftest import fleet_env, signed_event
 from tests.functions import probe, probe_state
 
 PROVIDERS = ["aws", "gcp", "azure"]
@@ -167,13 +168,57 @@ def test_commit_never_passes_a_failing_record_and_a_restart_redelivers_from_it(b
     probe_state.FAILING[f"s{k}"] = -1
     with Running(bus, fleet, provider, topic, uid, ordering="unordered", max_attempts=1000) as run:
         run.wait(lambda: len(run.results("ok")) == n - 1 and len(run.results("retry")) >= 3)
-        assert bus.committed(group, topic) == {0: k}  # not past the failing record
+        run.wait(lambda: bus.committed(group, topic) == {0: k})  # up to the failing record ...
+        run.wait(lambda: len(run.results("retry")) >= 6)
+        assert bus.committed(group, topic) == {0: k}  # ... and never past it
     # the host is gone (as after a crash); a new one must start again at record k, never after it
     probe_state.reset()
     with Running(bus, fleet, provider, topic, f"{uid}", ordering="unordered") as run:
         run.wait(lambda: len(run.results("ok")) == n - k)
     assert sorted(d.record.offset for d in run.results("ok")) == list(range(k, n))
     assert bus.committed(group, topic) == {0: n}
+
+
+class CommitsNoted:
+    """A bus whose consumers note every position they commit."""
+
+    def __init__(self, bus):
+        self.bus, self.commits = bus, []
+
+    def __getattr__(self, name):
+        return getattr(self.bus, name)
+
+    def consumer(self, group, topics, on_revoke=None):
+        consumer = self.bus.consumer(group, topics, on_revoke)
+        commit = consumer.commit
+
+        def noted(offsets):
+            commit(offsets)
+            self.commits.append({tp.partition: position for tp, position in offsets.items()})
+
+        consumer.commit = noted
+        return consumer
+
+
+@pytest.mark.parametrize(("interval_s", "expected"), [(0, [100, 200, 300]), (3600, [100, 300])])
+def test_a_busy_host_commits_at_most_every_commit_interval_and_an_idle_one_at_once(tmp_path, uid, interval_s,
+                                                                                   expected):
+    """Three Lambda batches of 100 back to back: with no interval each is committed; with an hour,
+    the first is (no commit yet), then none until the host runs out of work."""
+    fleet = config.load(environ=fleet_env("embedded", tmp_path, SKYFUSE_DELIVERY__COMMIT_INTERVAL_S=interval_s))
+    bus = open_bus(fleet)
+    try:
+        topic = f"host-commits-{uid}"
+        bus.ensure_topics([topic], 1)
+        for i in range(300):
+            publish(bus, topic, shard_event(f"s{i}"))
+        noted = CommitsNoted(bus)
+        with Running(noted, fleet, "aws", topic, uid) as run:
+            run.wait(lambda: bus.committed(run.host.group, topic) == {0: 300})
+            assert noted.commits == [{0: position} for position in expected]
+        assert handled_in_order("aws") == [f"s{i}" for i in range(300)]
+    finally:
+        bus.close()
 
 
 def test_whole_batch_failure_is_pinned_on_the_poison_record(bus, fleet, uid):

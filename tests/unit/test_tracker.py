@@ -40,6 +40,20 @@ def test_a_commit_the_bus_refused_is_offered_again_until_confirmed():
     assert tracker.commit_positions() == {} and len(tracker) == 0
 
 
+def test_a_finished_prefix_is_forgotten_at_once_and_its_position_waits_for_the_commit():
+    tracker = Tracker("unordered")
+    ps = fill(tracker, *(rec(o) for o in range(4)))
+    tracker.finish(ps[1])
+    tracker.forget_finished()  # 1 is behind an unfinished record: kept
+    assert len(tracker) == 4 and tracker.commit_positions() == {}
+    tracker.finish(ps[0])
+    tracker.forget_finished()  # 0 and 1 forgotten: they no longer take room in the host's buffer
+    assert len(tracker) == 2 and tracker.commit_positions() == {rec(0).tp: 2}
+    assert [[p.record.offset for p in lane] for lane in tracker.ready(now=0)] == [[2], [3]]
+    tracker.drop([rec(0).tp])  # the partition went to another host: nothing of it is offered
+    assert len(tracker) == 0 and tracker.commit_positions() == {}
+
+
 def test_partition_ordering_offers_only_the_head_and_what_follows():
     tracker = Tracker("partition")
     ps = fill(tracker, rec(0), rec(1), rec(2), rec(0, partition=1))

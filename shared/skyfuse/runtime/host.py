@@ -2,10 +2,11 @@
 
 It consumes the function's topics in the group `<cloud>.<function>`, gathers batches within the
 cloud's limits, calls the real entry point with the cloud's native event, and commits, per
-partition, only the contiguous prefix of records that succeeded or were dead-lettered. Failures
-are retried with exponential backoff and jitter up to `max_attempts` or `max_record_age_s`, then
-written to `<function>.dlq` with the original record and the reason; malformed records go there at
-once. At-least-once delivery; handlers are idempotent.
+partition, only the contiguous prefix of records that succeeded or were dead-lettered (while busy,
+at most every `commit_interval_s`; idle, at once). Failures are retried with exponential backoff
+and jitter up to `max_attempts` or `max_record_age_s`, then written to `<function>.dlq` with the
+original record and the reason; malformed records go there at once. At-least-once delivery;
+handlers are idempotent.
 
 Each record is decoded and checked once, here, as it arrives; the entry point decodes it again, as
 in the cloud, and finds it among the records the host says it checked (`events.checked`), so the
@@ -87,6 +88,7 @@ class FunctionHost:
                       else None)
         self.consumer: Consumer | None = None  # set once `run` has joined the group
         self._delivered = False  # the last step ran batches
+        self._commit_due = 0.0  # monotonic time from which a busy host commits again
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -129,7 +131,9 @@ class FunctionHost:
             for batch, outcome in zip(batches, list(runs), strict=True):  # one outcome per batch
                 self._settle(batch, outcome)
         self._delivered = bool(batches)
-        self._commit()
+        self.tracker.forget_finished()  # what is done no longer takes room in the buffer
+        if not batches or time.monotonic() >= self._commit_due:  # busy, a commit at most every commit_interval_s
+            self._commit()
 
     def _idle_timeout(self) -> float:
         """Wait for new records no longer than until the next retry or batch window is due."""
@@ -318,6 +322,7 @@ class FunctionHost:
         if moved and self.consumer is not None:
             self.consumer.commit(moved)  # raises when the bus refuses: the same positions go again
             self.tracker.committed_to(moved)
+        self._commit_due = time.monotonic() + self.delivery.commit_interval_s
 
     def _revoked(self, partitions: list[TopicPartition]) -> None:
         self._commit()

@@ -63,7 +63,9 @@ class Backoff:
 class Tracker:
     def __init__(self, ordering: Ordering = "partition"):
         self.ordering = ordering
-        self.partitions: dict[TopicPartition, dict[int, Pending]] = {}  # offset order
+        # per partition, in offset order: the records not finished yet, and finished ones behind them
+        self.partitions: dict[TopicPartition, dict[int, Pending]] = {}
+        self.finished: dict[TopicPartition, int] = {}  # the position after each partition's finished prefix
         self.committed: dict[TopicPartition, int] = {}
 
     def __len__(self) -> int:
@@ -107,31 +109,34 @@ class Tracker:
     def finish(self, pending: Pending) -> None:
         pending.done, pending.in_flight = True, False
 
-    def commit_positions(self) -> dict[TopicPartition, int]:
-        """Partitions whose contiguous finished prefix grew past the last commit, with the new
-        position. Nothing is forgotten until `committed_to` confirms the commit, so a failed
-        commit is simply tried again."""
-        moved = {}
+    def forget_finished(self) -> None:
+        """Forget each partition's finished prefix, keeping only its position: that is all a commit
+        needs, and a commit may come a while later (the host calls this once a step)."""
         for tp, records in self.partitions.items():
-            position = None
+            prefix = []
             for offset, pending in records.items():
                 if not pending.done:
                     break
-                position = offset + 1
-            if position is not None and position > self.committed.get(tp, -1):
-                moved[tp] = position
-        return moved
+                prefix.append(offset)
+            if prefix:
+                for offset in prefix:
+                    del records[offset]
+                self.finished[tp] = prefix[-1] + 1
+
+    def commit_positions(self) -> dict[TopicPartition, int]:
+        """Partitions whose finished prefix grew past the last commit, with the new position. They
+        are offered until `committed_to` confirms the commit, so a failed commit is tried again."""
+        self.forget_finished()
+        return {tp: position for tp, position in self.finished.items() if position > self.committed.get(tp, -1)}
 
     def committed_to(self, positions: dict[TopicPartition, int]) -> None:
-        """The bus has these positions committed: forget the records before them."""
+        """The bus has these positions committed."""
         for tp, position in positions.items():
-            records = self.partitions.get(tp, {})
-            for offset in [o for o in records if o < position]:
-                del records[offset]
             self.committed[tp] = max(position, self.committed.get(tp, -1))
 
     def drop(self, partitions: list[TopicPartition]) -> None:
         """Forget partitions this host no longer owns (after a rebalance)."""
         for tp in partitions:
             self.partitions.pop(tp, None)
+            self.finished.pop(tp, None)
             self.committed.pop(tp, None)
