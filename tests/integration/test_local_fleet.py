@@ -1,6 +1,11 @@
 """`skyfuse up --function F` runs F alone: its hosts, and its timers only."""
+import os
+
+import pytest
+
 from skyfuse import config
 from skyfuse.bus import open_bus
+from skyfuse.dev import local
 from skyfuse.dev.local import LocalFleet
 from tests.conftest import fleet_env
 
@@ -53,3 +58,18 @@ def test_a_part_that_cannot_start_stops_what_had_started(tmp_path, monkeypatch):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     assert not (tmp_path / ".skyfuse" / "endpoints.json").exists()
+
+
+def test_endpoints_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Other commands read it at any moment (`running`): a write that fails part-way leaves the last
+    whole file, never a truncated one."""
+    monkeypatch.chdir(tmp_path)
+    local._write_endpoints({"pid": os.getpid(), "clouds": {"aws": "http://127.0.0.1:1"}})
+    assert local.running() == {"aws": "http://127.0.0.1:1"}
+    def disk_full(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        local.record_gateway("aws", "http://127.0.0.1:2")
+    assert local.running() == {"aws": "http://127.0.0.1:1"}

@@ -153,9 +153,8 @@ class LocalFleet:
 
             endpoints = {c: s.url for c, s in self.servers.items()}
             self.router = RouterServer(Router(endpoints, Placement(self.fleet, self.bus)), self.router_port).start()
-        ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
-        ENDPOINTS.write_bytes(orjson.dumps({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
-                                            **({"router": self.router.url} if self.router else {})}))
+        _write_endpoints({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
+                          **({"router": self.router.url} if self.router else {})})
 
     def stop(self) -> None:
         if self.fabric:
@@ -183,7 +182,15 @@ def record_gateway(cloud: str, url: str) -> None:
     """Note an API gateway in front of a cloud's endpoint (`skyfuse up --emulate` for aws)."""
     info = orjson.loads(ENDPOINTS.read_bytes())
     info.setdefault("gateways", {})[cloud] = url
-    ENDPOINTS.write_bytes(orjson.dumps(info))
+    _write_endpoints(info)
+
+
+def _write_endpoints(info: dict[str, object]) -> None:
+    """Whole or not at all: other commands read the file at any moment (`running`)."""
+    ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
+    staged = ENDPOINTS.with_name(f".{ENDPOINTS.name}.{os.getpid()}.tmp")
+    staged.write_bytes(orjson.dumps(info))
+    os.replace(staged, ENDPOINTS)
 
 
 def router() -> str | None:
