@@ -73,3 +73,4 @@ def test_endpoints_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         local.record_gateway("aws", "http://127.0.0.1:2")
     assert local.running() == {"aws": "http://127.0.0.1:1"}
+    assert [p.name for p in (tmp_path / ".skyfuse").iterdir()] == ["endpoints.json"]  # nothing staged left

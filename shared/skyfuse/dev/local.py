@@ -189,8 +189,12 @@ def _write_endpoints(info: dict[str, object]) -> None:
     """Whole or not at all: other commands read the file at any moment (`running`)."""
     ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
     staged = ENDPOINTS.with_name(f".{ENDPOINTS.name}.{os.getpid()}.tmp")
-    staged.write_bytes(orjson.dumps(info))
-    os.replace(staged, ENDPOINTS)
+    try:
+        staged.write_bytes(orjson.dumps(info))
+        os.replace(staged, ENDPOINTS)
+    except OSError:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def router() -> str | None:
