@@ -65,10 +65,21 @@ def test_selftest_shows_every_event_reaching_every_cloud(env):
     assert run.stdout.count("✓") == 9 * 3  # placement.changed reaches the deployer and the router
 
 
+def serving(up, timeout_s=120):
+    """What `up` wrote to endpoints.json once its servers answered; its output if it exited."""
+    path, deadline = Path(".skyfuse") / "endpoints.json", time.monotonic() + timeout_s
+    while not path.exists():
+        assert up.poll() is None, f"up exited with {up.returncode}:\n{up.stdout.read()}"
+        assert time.monotonic() < deadline, f"up wrote no {path} in {timeout_s} s"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
 def test_up_then_publish_each_sample_then_status(env, tmp_path):
     # the keys before the fleet: the commands below sign as they start, whether `up` has yet or not
     assert cli(env, "keys", "init").returncode == 0
-    up = subprocess.Popen([*SKYFUSE, "up", "--for", "60"], env={**os.environ, **env, "COLUMNS": "200"},
+    # --for: longer than any wait below, so that up never ends by itself mid-test (it is stopped at the end)
+    up = subprocess.Popen([*SKYFUSE, "up", "--for", "600"], env={**os.environ, **env, "COLUMNS": "200"},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # no wait for the hosts to join: a group without offsets reads from the earliest record
@@ -81,12 +92,13 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
             assert run.returncode == 0 and f"published {name}" in run.stdout, run.stderr
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            assert up.poll() is None, f"up exited with {up.returncode}:\n{up.stdout.read()}"
             status = json.loads(cli(env, "status", "--json").stdout)
             if all(f["lag"] == 0 for f in status["functions"]):
                 break
             time.sleep(0.5)
         # inference runs with the local API key: `predict` sends it (and gets past it), a bare call gets 401
-        endpoint = json.loads((Path(".skyfuse") / "endpoints.json").read_text())["clouds"]["aws"]
+        endpoint = serving(up)["clouds"]["aws"]
         predicted = cli(env, "predict", "--cloud", "aws", "--data", '{"instances": [[1, 2, 3, 4]]}')
         answer = json.loads(predicted.stdout)  # 503 with no model placed here, 200 or 400 with one
         assert "predictions" in answer or answer["detail"]["code"] in ("no_model", "row_width"), answer
@@ -102,7 +114,7 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         up.terminate()
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
-    assert all(f["lag"] == 0 for f in status["functions"]), status
+    assert all(f["lag"] == 0 for f in status["functions"]), (status, output[-4000:])  # what up did, if not
     # the samples point at s3:// and gs:// buckets this fleet cannot reach: the trainer and exporter
     # reject them with that reason instead of retrying forever
     for function, uri in (("trainer", contracts.sample("shard.ready")["uri"]),
