@@ -22,6 +22,13 @@ def cli(env, *args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_json(env, *args):
+    """What a `--json` command printed; a command that failed fails the test with its stderr."""
+    run = cli(env, *args)
+    assert run.returncode == 0, f"skyfuse {' '.join(args)} exited with {run.returncode}:\n{run.stderr}"
+    return json.loads(run.stdout)
+
+
 @pytest.fixture
 def env(backend, tmp_path, monkeypatch):
     """The fleet's environment; the commands run in tmp_path, where their stores, keys, logs and
@@ -83,7 +90,7 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # no wait for the hosts to join: a group without offsets reads from the earliest record
-        dead_before = json.loads(cli(env, "status", "--json").stdout)["dead_letters"]  # the broker is shared
+        dead_before = cli_json(env, "status", "--json")["dead_letters"]  # the broker is shared
         types = ["shard.ready", "round.started", "model.ready", "onnx.ready", "fused.ready", "metrics.sampled",
                  "placement.changed", "deployment.status"]
         for name in types:  # each signed as the producer the catalog allows
@@ -93,7 +100,7 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert up.poll() is None, f"up exited with {up.returncode}:\n{up.stdout.read()}"
-            status = json.loads(cli(env, "status", "--json").stdout)
+            status = cli_json(env, "status", "--json")
             if all(f["lag"] == 0 for f in status["functions"]):
                 break
             time.sleep(0.5)
@@ -120,7 +127,7 @@ def test_up_then_publish_each_sample_then_status(env, tmp_path):
     for function, uri in (("trainer", contracts.sample("shard.ready")["uri"]),
                           ("exporter", contracts.sample("model.ready")["model_uri"])):
         assert status["dead_letters"][function] > dead_before[function]  # (round.started may add a second)
-        reasons = [row["reason"] for row in json.loads(cli(env, "dlq", function, "--json", "--limit", "100000").stdout)]
+        reasons = [row["reason"] for row in cli_json(env, "dlq", function, "--json", "--limit", "100000")]
         assert any(uri in reason and "cannot be read" in reason for reason in reasons), reasons
     for cloud in ("aws", "gcp", "azure"):  # every event type delivered in every cloud
         for name in types:
@@ -139,7 +146,7 @@ def test_dlq_lists_what_was_given_up_and_why(env, bus):
     try:
         deadline, listed = time.monotonic() + 240, []
         while time.monotonic() < deadline and up.poll() is None:  # as long as the consumer needs to join
-            listed = json.loads(cli(env, "dlq", "trainer", "--json", "--limit", "100000").stdout)
+            listed = cli_json(env, "dlq", "trainer", "--json", "--limit", "100000")
             if any(row["cloud"] == "aws" and "not a CloudEvent" in row["reason"] for row in listed):
                 break
             time.sleep(0.5)

@@ -1,10 +1,11 @@
 """The embedded log over time: a clock step never reorders it, retention bounds it and offsets
 go on across it, and the latest records are read without scanning from offset 0."""
+import sqlite3
 import subprocess
 import sys
 import threading
 
-from skyfuse.bus.embedded import EmbeddedBus
+from skyfuse.bus.embedded import SCHEMA, EmbeddedBus
 
 
 class Clock:
@@ -103,3 +104,37 @@ def test_another_process_append_is_seen_at_the_next_look(tmp_path):
         assert consumer.poll(0, 10) == []
         subprocess.run([sys.executable, "-c", code, str(tmp_path / "bus")], check=True, timeout=120)
         assert [r.value for r in consumer.poll(120, 10)] == [b"from another process"]
+
+
+def test_many_open_a_fresh_log_at_once(tmp_path):
+    # `skyfuse up` and `skyfuse status` started together: each readies the new file (WAL, tables)
+    errors: list[Exception] = []
+
+    def open_log(path, start):
+        start.wait()
+        try:
+            EmbeddedBus(path).publish("t", b"x")
+        except Exception as error:  # noqa: BLE001 - what the test is looking for
+            errors.append(error)
+
+    for round_ in range(30):
+        path, start = tmp_path / str(round_), threading.Barrier(4)
+        openers = [threading.Thread(target=open_log, args=(path, start)) for _ in range(4)]
+        for opener in openers:
+            opener.start()
+        for opener in openers:
+            opener.join(120)
+        assert errors == [] and len(EmbeddedBus(path).read("t")) == 4
+
+
+def test_a_log_from_before_seq_opens_and_orders_new_records(tmp_path):
+    (tmp_path / "bus").mkdir()
+    old = sqlite3.connect(tmp_path / "bus" / "log.sqlite")
+    old.executescript(SCHEMA.replace(" seq INTEGER,", ""))
+    old.execute("INSERT INTO topics VALUES ('t', 1)")
+    old.execute("INSERT INTO records VALUES ('t', 0, 0, 1, NULL, CAST('old' AS BLOB), '[]')")
+    old.commit()
+    old.close()
+    bus = EmbeddedBus(tmp_path / "bus")
+    bus.publish("t", b"new")
+    assert [(r.offset, r.value) for r in bus.read("t")] == [(0, b"old"), (1, b"new")]

@@ -35,7 +35,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS records (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-    timestamp_ms INTEGER NOT NULL, key BLOB, value BLOB, headers BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL, key BLOB, value BLOB, headers BLOB NOT NULL, seq INTEGER,
     PRIMARY KEY (topic, partition, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS topic_clock (topic TEXT PRIMARY KEY, last_ms INTEGER NOT NULL, seq INTEGER NOT NULL);
@@ -48,9 +48,22 @@ CREATE TABLE IF NOT EXISTS offsets (
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     return conn
+
+
+def _open_log(db_path: Path) -> sqlite3.Connection:
+    """A connection to the log, made ready (WAL, tables, columns) under an exclusive `flock`: processes
+    opening a fresh log at once (`skyfuse up` and `skyfuse status`) would otherwise race, and SQLite
+    answers "database is locked" to a second switch to WAL without waiting for the first."""
+    with open(db_path.with_name("log.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        conn = _connect(db_path)
+        conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: later connections are in WAL too
+        conn.executescript(SCHEMA)
+        if "seq" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
+            conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER")  # a log from before seq
+        return conn
 
 
 def _pack_headers(headers: Headers) -> bytes:
@@ -119,10 +132,7 @@ class EmbeddedBus(Bus):
         self.appends = _appends(self.db_path)
         self.default_partitions = default_partitions
         self._lock = threading.Lock()
-        self._conn = _connect(self.db_path)
-        self._conn.executescript(SCHEMA)
-        if "seq" not in {row[1] for row in self._conn.execute("PRAGMA table_info(records)")}:
-            self._conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER")  # a log from before seq
+        self._conn = _open_log(self.db_path)
         self.trim()
 
     def ensure_topics(self, topics: Iterable[str], partitions: int | None = None) -> None:
