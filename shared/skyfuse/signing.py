@@ -36,6 +36,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from skyfuse import files
 from skyfuse.errors import Failure, SkyfuseError
 
 if TYPE_CHECKING:
@@ -261,25 +262,21 @@ def _locked(keys_dir: Path) -> Iterator[None]:
         yield
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    """Write a private file (0600, its folder 0700), all at once."""
-    _write_atomic(path, data, 0o600)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_secret(path: Path, data: bytes, *, replace: bool = True) -> bool:
+    """Write a private file (0600, its folder 0700), all at once; with `replace=False`, only if there
+    is none yet. True if this call wrote it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    if not replace:
+        return files.create_if_absent(path, data, 0o600)
+    files.write_atomic(path, data, 0o600)
+    return True
 
 
 def _new_key(keys_dir: Path, who: str, trust: list[TrustEntry]) -> TrustEntry:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    _write_atomic(_private_path(keys_dir, who), pem, 0o600)
+    write_secret(_private_path(keys_dir, who), pem)
     entry: TrustEntry = {"id": key_id(who, key.public_key()), "principal": who,
                          "ed25519": _b64(_public_raw(key.public_key()))}
     trust.append(entry)
@@ -287,7 +284,7 @@ def _new_key(keys_dir: Path, who: str, trust: list[TrustEntry]) -> TrustEntry:
 
 
 def _save_trust(keys_dir: Path, trust: list[TrustEntry]) -> None:
-    _write_atomic(_trust_path(keys_dir), orjson.dumps({"keys": trust}, option=orjson.OPT_INDENT_2), 0o644)
+    files.write_atomic(_trust_path(keys_dir), orjson.dumps({"keys": trust}, option=orjson.OPT_INDENT_2), 0o644)
 
 
 def init_keys(keys_dir: str | os.PathLike[str], principals: Iterable[str]) -> list[str]:

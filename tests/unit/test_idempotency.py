@@ -4,6 +4,7 @@ import threading
 
 import pytest
 
+from skyfuse import files
 from skyfuse.runtime.idempotency import Idempotency, InProgress
 from skyfuse.storage.file import FileStore
 
@@ -100,7 +101,7 @@ def test_file_store_create_is_atomic_and_has_one_winner(store):
 
 def test_file_store_create_of_a_taken_key_writes_nothing(store, monkeypatch):
     assert store.create("runs/r1/opened.json", b"first")
-    monkeypatch.setattr(store, "_staged", lambda *a: pytest.fail("staged a copy of a key that exists"))
+    monkeypatch.setattr(files, "staged", lambda *a: pytest.fail("staged a copy of a key that exists"))
     assert store.create("runs/r1/opened.json", b"second") is False
     assert store.read("runs/r1/opened.json") == b"first"
 

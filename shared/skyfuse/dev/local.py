@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from skyfuse import files
 from skyfuse.bus.base import Bus
 from skyfuse.config import Fleet, as_dict
 from skyfuse.dev.fleet import Fabric, build_hosts, build_timers
@@ -43,8 +44,8 @@ def api_key(fleet: Fleet) -> str:
     from skyfuse import signing
 
     path = Path(fleet.signing.keys_dir) / "inference-api-key"
-    if not path.exists():
-        signing.write_secret(path, f"sfk_{secrets.token_urlsafe(32)}".encode())
+    if not path.exists():  # of commands starting at once (`up`, `predict`), the first one's key stands
+        signing.write_secret(path, f"sfk_{secrets.token_urlsafe(32)}".encode(), replace=False)
     return path.read_text().strip()
 
 
@@ -187,14 +188,7 @@ def record_gateway(cloud: str, url: str) -> None:
 
 def _write_endpoints(info: dict[str, object]) -> None:
     """Whole or not at all: other commands read the file at any moment (`running`)."""
-    ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
-    staged = ENDPOINTS.with_name(f".{ENDPOINTS.name}.{os.getpid()}.tmp")
-    try:
-        staged.write_bytes(orjson.dumps(info))
-        os.replace(staged, ENDPOINTS)
-    except OSError:
-        staged.unlink(missing_ok=True)
-        raise
+    files.write_atomic(ENDPOINTS, orjson.dumps(info))
 
 
 def router() -> str | None:

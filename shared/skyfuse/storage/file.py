@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from skyfuse import files
 from skyfuse.storage import keys
 from skyfuse.storage.base import NotFound, ObjectInfo, Store, StoreError, sha256_of
 
@@ -31,31 +31,9 @@ class FileStore(Store):
             raise StoreError(f"key {key!r} leaves the store {self.uri}")
         return path
 
-    def _staged(self, path: Path, data: bytes) -> str:
-        """A durable temporary copy of `data` beside `path` (dot-named: `list` skips it)."""
-        try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        except FileNotFoundError:  # the folder's first object (checking first would cost every write a call)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        return tmp
-
-    @staticmethod
-    def _sync_dir(path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def put(self, key: str, data: bytes) -> ObjectInfo:
         path = self._path(key)
-        os.replace(self._staged(path, data), path)
-        self._sync_dir(path.parent)
+        files.write_atomic(path, data, 0o600)
         return ObjectInfo(self.uri_for(key), sha256_of(data), len(data))
 
     def read(self, key: str) -> bytes:
@@ -68,20 +46,8 @@ class FileStore(Store):
         return self._path(key).is_file()
 
     def create(self, key: str, data: bytes) -> bool:
-        # link() of a complete, synced file fails when the name exists: atomic create-if-absent,
-        # so a crash can never leave an empty or half-written object at `key`
-        path = self._path(key)
-        if path.exists():  # taken already (most calls, e.g. every member of a round after the first): no staging
-            return False
-        tmp = self._staged(path, data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-        self._sync_dir(path.parent)
-        return True
+        # a crash can never leave an empty or half-written object at `key`
+        return files.create_if_absent(self._path(key), data, 0o600)
 
     def delete(self, key: str) -> None:
         try:
