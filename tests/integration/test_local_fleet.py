@@ -74,3 +74,47 @@ def test_endpoints_json_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         local.record_gateway("aws", "http://127.0.0.1:2")
     assert local.running() == {"aws": "http://127.0.0.1:1"}
     assert [p.name for p in (tmp_path / ".skyfuse").iterdir()] == ["endpoints.json"]  # nothing staged left
+
+
+def test_a_taken_inference_port_fails_the_start_naming_the_key(tmp_path, monkeypatch):
+    """Another program on the port: its answers to GET /health must not pass for this fleet's server."""
+    import socket
+
+    from skyfuse.dev import hosts
+
+    monkeypatch.chdir(tmp_path)
+    ports = {c: hosts.free_port() for c in ("aws", "gcp", "azure")}
+    fleet = config.load(environ=fleet_env("embedded", tmp_path, **{
+        f"SKYFUSE_CLOUDS__{c.upper()}__INFERENCE_PORT": p for c, p in ports.items()}))
+    bus = open_bus(fleet)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports["gcp"]))
+        taken.listen()
+        with pytest.raises(hosts.PortInUse, match=rf"127\.0\.0\.1:{ports['gcp']}.*clouds\.gcp\.inference_port"):
+            LocalFleet(fleet, bus, functions=["trainer"], router_port=0).start()
+    bus.close()
+    for cloud in ("aws", "azure"):  # started, then stopped with the rest
+        assert not hosts.listened_on(ports[cloud])
+
+
+def test_one_serving_fleet_per_folder(tmp_path, monkeypatch):
+    """A second `skyfuse up` in the folder gives up before its servers start (the folder's lock holds
+    even when both start at once), and leaves the first fleet's endpoints.json alone."""
+    from skyfuse.dev import hosts
+
+    monkeypatch.chdir(tmp_path)
+    fleet = config.load(environ=fleet_env("embedded", tmp_path, SKYFUSE_CLOUDS__AWS__INFERENCE_PORT=hosts.free_port()))
+    bus = open_bus(fleet)
+    first = LocalFleet(fleet, bus, functions=["trainer"], clouds=["aws"], router_port=0).start()
+    try:
+        serving = local.running()
+        assert serving is not None and set(serving) == {"aws"}
+        with pytest.raises(hosts.HostError, match="a fleet is already up in this folder"):
+            LocalFleet(fleet, bus, functions=["trainer"], clouds=["aws"], router_port=0).start()
+        assert local.running() == serving
+    finally:
+        first.stop()
+    assert local.running() is None
+    again = LocalFleet(fleet, bus, functions=["trainer"], clouds=["aws"], router_port=0).start()  # the folder is free
+    again.stop()
+    bus.close()

@@ -40,9 +40,6 @@ def up(
         if name not in event_functions():
             fail(f"--function {name!r} is not an event-triggered function; "
                  f"expected one of: {', '.join(event_functions())}")
-    if serve and local.running():
-        fail("a fleet is already up in this folder (.skyfuse/endpoints.json); stop it first, or use --no-serve",
-             FAILURE)
     bus = ready_bus(fleet)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -47,11 +47,27 @@ class HostError(Failure, RuntimeError):
     """A server that would not start or answer; the message carries the end of its log."""
 
 
+class PortInUse(HostError):
+    """Another process listens on the port: its answers would pass for the new server's."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]  # (host, port) of an AF_INET socket
         return port
+
+
+def listened_on(port: int) -> bool:
+    """Whether a process listens on 127.0.0.1:`port` (connections of a stopped server that linger
+    in TIME_WAIT do not count: the servers bind with SO_REUSEADDR too)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def command(provider: str, port: int, workers: int | None = None) -> list[str]:
@@ -159,6 +175,8 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
     """Start `cloud_provider`'s server on 127.0.0.1:`port` (a free one when None) with `env` on top
     of this process's environment; return once GET /health answers."""
     port = port or free_port()
+    if listened_on(port):  # checked first: GET /health would reach that process while ours fails to bind
+        raise PortInUse(f"another process listens on 127.0.0.1:{port}, where the {cloud_provider} server was to")
     argv = command(cloud_provider, port, workers if cloud_provider != "gcp" else None)
     child = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if not child.get("SKYFUSE_CLOUD"):

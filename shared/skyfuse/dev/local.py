@@ -7,12 +7,13 @@ quorum check, the monitor). `.skyfuse/endpoints.json` tells other commands (`sta
 """
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
@@ -94,6 +95,7 @@ class LocalFleet:
         self.servers: dict[str, Host] = {}
         self.fabric: Fabric | None = None
         self._metrics_server: WSGIServer | None = None
+        self._folder_lock: IO[str] | None = None
 
     def start(self) -> LocalFleet:
         """Start every part; when one fails, stop what started (no orphaned servers) and raise."""
@@ -133,11 +135,17 @@ class LocalFleet:
         """Each cloud's inference server, then the router in front of them; endpoints.json says where."""
         from skyfuse.dev import hosts
 
+        self._claim_folder()
+
         def start(cloud: str) -> Host:
             settings = self.fleet.clouds[cloud]
             port = settings.inference_port or FIRST_PORT + list(self.fleet.clouds).index(cloud)
-            return hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
-                               log_dir=Path(".skyfuse/logs").resolve())
+            try:
+                return hosts.start(settings.provider, port, serving_env(self.fleet, cloud),
+                                   log_dir=Path(".skyfuse/logs").resolve())
+            except hosts.PortInUse as exc:
+                raise hosts.PortInUse(f"{exc} ({cloud}'s inference): set clouds.{cloud}.inference_port "
+                                      "to a free port") from None
 
         # all at once: each start is mostly a wait for the process to answer
         with ThreadPoolExecutor(len(self.clouds)) as pool:
@@ -157,6 +165,21 @@ class LocalFleet:
         _write_endpoints({"pid": os.getpid(), "clouds": {c: s.url for c, s in self.servers.items()},
                           **({"router": self.router.url} if self.router else {})})
 
+    def _claim_folder(self) -> None:
+        """One serving fleet per folder: the ports and endpoints.json are the folder's. A second
+        fleet that started too would find its ports answered by the first's servers."""
+        from skyfuse.dev.hosts import HostError
+
+        ENDPOINTS.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(ENDPOINTS.with_name("up.lock"), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS releases it if this process dies
+        except BlockingIOError:
+            lock.close()
+            raise HostError(f"a fleet is already up in this folder ({ENDPOINTS.parent.resolve()}); stop it "
+                            "first, or use --no-serve") from None
+        self._folder_lock = lock
+
     def stop(self) -> None:
         if self.fabric:
             self.fabric.stop()
@@ -168,9 +191,12 @@ class LocalFleet:
             self.router = None
         with ThreadPoolExecutor(max(1, len(self.servers))) as pool:  # each stop may wait for its process
             list(pool.map(lambda server: server.stop(), self.servers.values()))
-        if self.servers and ENDPOINTS.exists():
+        if self.servers and _endpoints().get("pid") == os.getpid():
             ENDPOINTS.unlink()
         self.servers = {}
+        if self._folder_lock:
+            self._folder_lock.close()  # releases the flock
+            self._folder_lock = None
 
     def __enter__(self) -> LocalFleet:
         return self if self.fabric else self.start()
@@ -191,17 +217,26 @@ def _write_endpoints(info: dict[str, object]) -> None:
     files.write_atomic(ENDPOINTS, orjson.dumps(info))
 
 
+def _endpoints() -> dict[str, Any]:
+    """endpoints.json as `LocalFleet` wrote it; empty if there is none."""
+    try:
+        info = orjson.loads(ENDPOINTS.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def router() -> str | None:
     """The front door of the fleet `skyfuse up` runs from this folder, if it has one."""
-    return orjson.loads(ENDPOINTS.read_bytes()).get("router") if running() else None
+    return _endpoints().get("router") if running() else None
 
 
 def running() -> dict[str, str] | None:
     """cloud → endpoint of the fleet `skyfuse up` is running from this folder, if one is."""
+    info = _endpoints()
     try:
-        info = orjson.loads(ENDPOINTS.read_bytes())
         os.kill(info["pid"], 0)
-    except (OSError, ValueError, KeyError):
+    except (OSError, KeyError, TypeError):
         return None
     clouds: dict[str, str] = info["clouds"]  # as `LocalFleet` wrote it
     return clouds
