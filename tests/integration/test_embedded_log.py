@@ -1,11 +1,14 @@
 """The embedded log over time: a clock step never reorders it, retention bounds it and offsets
-go on across it, and the latest records are read without scanning from offset 0."""
+go on across it, and the latest records are read without scanning from offset 0. And as it is
+opened: by many processes at once, from an older layout, or damaged."""
 import sqlite3
 import subprocess
 import sys
 import threading
 
-from skyfuse.bus.embedded import SCHEMA, EmbeddedBus
+import pytest
+
+from skyfuse.bus.embedded import SCHEMA, EmbeddedBus, LogError
 
 
 class Clock:
@@ -138,3 +141,10 @@ def test_a_log_from_before_seq_opens_and_orders_new_records(tmp_path):
     bus = EmbeddedBus(tmp_path / "bus")
     bus.publish("t", b"new")
     assert [(r.offset, r.value) for r in bus.read("t")] == [(0, b"old"), (1, b"new")]
+
+
+def test_a_damaged_log_is_an_error_that_says_what_to_do(tmp_path):
+    (tmp_path / "bus").mkdir()
+    (tmp_path / "bus" / "log.sqlite").write_bytes(b"not a log, " * 100)
+    with pytest.raises(LogError, match=r"log\.sqlite \(file is not a database\): .*move it aside"):
+        EmbeddedBus(tmp_path / "bus")

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from skyfuse.bus.base import Bus, Consumer, Headers, Record, RevokeListener, TopicPartition, partition_for
+from skyfuse.errors import Failure
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
@@ -46,6 +47,10 @@ CREATE TABLE IF NOT EXISTS offsets (
 """
 
 
+class LogError(Failure):
+    """The log file cannot be opened: what is wrong with it, and what to do."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA synchronous=FULL")
@@ -58,11 +63,17 @@ def _open_log(db_path: Path) -> sqlite3.Connection:
     answers "database is locked" to a second switch to WAL without waiting for the first."""
     with open(db_path.with_name("log.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
-        conn = _connect(db_path)
-        conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: later connections are in WAL too
-        conn.executescript(SCHEMA)
-        if "seq" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
-            conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER")  # a log from before seq
+        try:
+            conn = _connect(db_path)
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: later connections are in WAL too
+            conn.executescript(SCHEMA)
+            if "seq" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
+                conn.execute("ALTER TABLE records ADD COLUMN seq INTEGER")  # a log from before seq
+        except sqlite3.DatabaseError as exc:
+            damaged = not isinstance(exc, sqlite3.OperationalError)  # not locked, not a folder we cannot write
+            raise LogError(f"cannot open the embedded bus log {db_path} ({exc})" + (
+                ": it is damaged, or not a skyfuse log; move it aside (a new, empty log is made in its place) "
+                "or set bus.embedded.path to another folder" if damaged else "")) from None
         return conn
 
 
