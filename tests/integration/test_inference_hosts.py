@@ -4,9 +4,12 @@ Azure Functions HTTP adapter (Azure). Every test runs against all three servers.
 from __future__ import annotations
 
 import http.client
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -372,3 +375,32 @@ def test_api_keys_guard_predict_and_metadata_but_not_health(guarded, headers, st
     if status == 401:
         assert answers["/predict"][1]["detail"]["code"] == "unauthorized"
         assert "X-API-Key" in answers["/predict"][1]["error"]
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("provider", hosts.PROVIDERS)
+def test_a_server_stops_when_the_process_that_started_it_is_killed(provider, tmp_path):
+    """A `skyfuse up` killed by SIGKILL runs no `stop`: its servers must not live on, holding their ports."""
+    _, env = host_env(provider, tmp_path)
+    code = ("import json, sys; from skyfuse.dev import hosts; "
+            "host = hosts.start(sys.argv[1], env=json.loads(sys.argv[2]), log_dir=sys.argv[3]); "
+            "print(host.port, host.pid, flush=True); sys.stdin.read()")
+    starter = subprocess.Popen([sys.executable, "-c", code, provider, orjson.dumps(env).decode(), str(tmp_path)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port, pid = map(int, starter.stdout.readline().split())
+        assert hosts.listened_on(port) and running(pid)
+    finally:
+        starter.kill()
+        starter.wait(60)
+    deadline = time.monotonic() + 60
+    while hosts.listened_on(port) or running(pid):
+        assert time.monotonic() < deadline, f"the {provider} server outlived its starter by 60 s"
+        time.sleep(0.05)

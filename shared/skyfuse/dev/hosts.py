@@ -13,7 +13,8 @@ process imports skyfuse and the entry points from on its PYTHONPATH. It finds it
 in its environment: `SKYFUSE_CLOUD=<name>` and the fleet config (`SKYFUSE_CONFIG`, or
 `SKYFUSE_CLOUDS__<NAME>__STORE=file:///…`). `start` returns once GET /health answers (200 with a
 model, 503 before one); `Host.stop` sends SIGTERM to the server's process group, then SIGKILL
-after a timeout (gunicorn workers holding an onnxruntime session may not exit on SIGTERM).
+after a timeout (gunicorn workers holding an onnxruntime session may not exit on SIGTERM). A server
+whose starting process dies without `stop` (SIGKILL, a crash) stops by itself: see `launch`.
 
     python -m skyfuse.dev.hosts aws --port 8081      # run one in the foreground
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import skyfuse
 from skyfuse import httpclient
-from skyfuse.dev import entrypoints
+from skyfuse.dev import entrypoints, launch
 from skyfuse.errors import Failure
 
 PROVIDERS = ("aws", "gcp", "azure")
@@ -119,6 +120,7 @@ class Host:
     process: subprocess.Popen[bytes]
     log_path: Path
     argv: list[str] = field(default_factory=list)
+    lifeline: int | None = None  # the write end: the server stops when it closes (`skyfuse.dev.launch`)
 
     @property
     def pid(self) -> int:
@@ -148,6 +150,9 @@ class Host:
                 self._signal(signal.SIGKILL)
                 self.process.wait(10)
         self._signal(signal.SIGKILL)  # workers the leader left behind, if any
+        if self.lifeline is not None:
+            os.close(self.lifeline)
+            self.lifeline = None
         return self.process.returncode
 
     def _signal(self, sig: int) -> None:
@@ -192,11 +197,21 @@ def start(cloud_provider: str, port: int | None = None, env: dict[str, str] | No
         run_dir = log_path.parent / f"gunicorn-{port}"
         run_dir.mkdir(exist_ok=True)
         child["XDG_RUNTIME_DIR"] = str(run_dir)
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(argv, env=child, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+    # the lifeline: the server reads end-of-file once this process is gone, however it ends
+    # (os.pipe's ends are not inherited: only the server gets the read end, and nothing the write end)
+    read_end, lifeline = os.pipe()
+    child[launch.LIFELINE] = str(read_end)
+    try:
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(argv, env=child, stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(read_end,))
+    except BaseException:
+        os.close(lifeline)
+        raise
+    finally:
+        os.close(read_end)
     base = BASE_PATH[cloud_provider]
-    host = Host(cloud_provider, port, f"http://127.0.0.1:{port}{base}", process, log_path, argv)
+    host = Host(cloud_provider, port, f"http://127.0.0.1:{port}{base}", process, log_path, argv, lifeline)
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:

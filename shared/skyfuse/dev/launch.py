@@ -9,14 +9,40 @@ cost about a tenth of a host's cold start. So the server module and the modules 
 `--` are imported with the collector off; what they made is then frozen (`gc.freeze`: left out of
 every later collection, and left untouched in the workers a pre-fork server such as gunicorn
 forks), the collector is turned back on, and the server module runs as `__main__`.
+
+Started with `SKYFUSE_LIFELINE_FD` (as `skyfuse.dev.hosts` starts it), the server stops when the
+process that started it dies, even by SIGKILL: a killed `skyfuse up` leaves no server holding its port.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import importlib
+import os
 import runpy
+import signal
 import sys
+import threading
+
+LIFELINE = "SKYFUSE_LIFELINE_FD"  # the read end of a pipe whose write end only the starting process holds
+GRACE_S = 5.0  # as `Host.stop`: SIGTERM to the server's process group, SIGKILL after this
+
+
+def follow_lifeline() -> None:
+    """Stop the server's process group once the lifeline reads end-of-file: its writer has died,
+    and with it every copy of the write end."""
+    fd = os.environ.pop(LIFELINE, None)
+    if fd is None:
+        return
+
+    def wait() -> None:
+        while os.read(int(fd), 1):  # nothing is ever written
+            pass
+        os.killpg(0, signal.SIGTERM)  # this process leads the group (start_new_session)
+        threading.Event().wait(GRACE_S)  # a server that has stopped by then takes this thread with it
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=wait, name="skyfuse-lifeline", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m skyfuse.dev.launch [MODULE ...] -- SERVER_MODULE [ARG ...]")
     split = argv.index("--")
     preload, (server, *args) = argv[:split], argv[split + 1:]
+    follow_lifeline()
     gc.disable()
     try:
         for name in (server, *preload):
