@@ -2,8 +2,8 @@
 
 Each write goes to a synced, dot-named temporary file beside its target (listings skip it), which is
 then renamed over the target (`write_atomic`) or linked to it only if the name is free
-(`create_if_absent`). A reader sees the old file or the new, never part of one; a crash or a failed
-write leaves the old file and no temporary behind.
+(`create_if_absent`). A reader sees the old file or the new, never part of one. A write that fails
+leaves the old file and no temporary; a crash mid-write may leave a temporary, which nothing reads.
 """
 from __future__ import annotations
 

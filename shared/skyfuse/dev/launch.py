@@ -35,12 +35,18 @@ def follow_lifeline() -> None:
     if fd is None:
         return
 
+    def stop(sig: int) -> None:
+        if os.getpgid(0) == os.getpid():  # the leader of its own group (start_new_session): the workers too
+            os.killpg(0, sig)
+        else:
+            os.kill(os.getpid(), sig)
+
     def wait() -> None:
         while os.read(int(fd), 1):  # nothing is ever written
             pass
-        os.killpg(0, signal.SIGTERM)  # this process leads the group (start_new_session)
+        stop(signal.SIGTERM)
         threading.Event().wait(GRACE_S)  # a server that has stopped by then takes this thread with it
-        os.killpg(0, signal.SIGKILL)
+        stop(signal.SIGKILL)
 
     threading.Thread(target=wait, name="skyfuse-lifeline", daemon=True).start()
 
