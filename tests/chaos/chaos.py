@@ -6,7 +6,8 @@ Two `skyfuse up --no-serve` processes host every function of every cloud, so eac
 (`<cloud>.<function>`) has two members. A run of N shards over aws, gcp and azure (one shard
 every third cloud, synthetic rows) is published; while it trains, exports, fuses, is placed and
 deployed, a driver SIGKILLs one of the two processes at random every few seconds and starts it
-again, and (with --broker-restart) restarts the broker once. When the fused model is served, or
+again, and (with --broker-restart) restarts the broker once, after the third kill, while the
+shards train. When the fused model is served, or
 the deadline passes, the processes are stopped and the ledger reads every effect of the run:
 
 - events on every topic, by what they are (model.ready per shard, onnx.ready per shard, one
@@ -19,7 +20,8 @@ the deadline passes, the processes are stopped and the ledger reads every effect
   an idempotency claim of the run still in progress at the end.
 
 It prints one last line `chaos: shards=N missing=M duplicated=D unexpected=U` and exits 1 unless
-M = D = U = 0 and the run fused and was served. 127.0.0.1 only; bounded by --deadline.
+M = D = U = 0, the run fused and was served, and the broker restarted if asked to. 127.0.0.1 only;
+bounded by --deadline.
 """
 from __future__ import annotations
 
@@ -37,9 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from kafka.errors import KafkaError
 
 from skyfuse import config, contracts, events, signing
 from skyfuse.bus import open_bus
+from skyfuse.bus.kafka import KafkaUnavailable
 from skyfuse.ml import data as mldata
 from skyfuse.runtime import deadletter
 from skyfuse.serving.model import POINTER_KEY
@@ -144,9 +148,12 @@ def broker(command: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+BROKER_RESTART_AFTER_KILLS = 3  # early, whatever the run's length: the shards are still training
+
+
 def chaos(hosts: Hosts, stop: threading.Event, rng: random.Random, every: tuple[float, float], kills: int | None,
-          broker_restart_after: float | None, log) -> None:
-    started, restarted = time.monotonic(), False
+          broker_restarted: threading.Event | None, log) -> None:
+    """Kill a host every few seconds; with `broker_restarted`, restart the broker once and set it."""
     while not stop.wait(rng.uniform(*every)):
         if kills is not None and hosts.kills >= kills:
             return
@@ -154,11 +161,11 @@ def chaos(hosts: Hosts, stop: threading.Event, rng: random.Random, every: tuple[
         hosts.kill(victim)
         log(f"killed host {victim} (SIGKILL #{hosts.kills}); restarting it")
         hosts.start(victim)
-        if broker_restart_after is not None and not restarted and time.monotonic() - started > broker_restart_after:
+        if broker_restarted and not broker_restarted.is_set() and hosts.kills >= BROKER_RESTART_AFTER_KILLS:
             log("restarting the Kafka broker")
             broker("down")
             broker("up")
-            restarted = True
+            broker_restarted.set()
             log("broker back")
 
 
@@ -250,6 +257,7 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
     run_id = f"chaos-{seed}-{os.urandom(3).hex()}"
     hosts = Hosts(workdir, env)
     stop = threading.Event()
+    broker_restarted = threading.Event() if broker_restart else None
     started = time.monotonic()
     try:
         from skyfuse.cli.common import all_topics
@@ -261,7 +269,7 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
         subprocess.run([sys.executable, "-c", "import skyfuse.ml.model, skyfuse.ml.export"], check=True)
         hosts.start_all()
         driver = threading.Thread(target=chaos, args=(hosts, stop, random.Random(seed), every, kills,
-                                                      deadline_s / 6 if broker_restart else None, log), daemon=True)
+                                                      broker_restarted, log), daemon=True)
         driver.start()
         for event in shard_events:
             key, value, headers = events.encode(event)
@@ -269,7 +277,12 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
         log(f"run {run_id}: {shards} shards published over {', '.join(CLOUDS)}; chaos on")
         result = {}
         while time.monotonic() - started < deadline_s:
-            result = ledger(fleet, bus, run_id, shards)
+            try:
+                result = ledger(fleet, bus, run_id, shards)
+            except (KafkaUnavailable, KafkaError) as exc:  # the broker restarting: look again in a while
+                log(f"  {time.monotonic() - started:5.0f} s: the ledger cannot read the bus now ({exc})")
+                time.sleep(5)
+                continue
             log(f"  {time.monotonic() - started:5.0f} s: {_progress(result, shards)}")
             if result["served"] and not result["missing"]:
                 break
@@ -285,7 +298,8 @@ def run(shards: int, every: tuple[float, float], kills: int | None, broker_resta
         hosts.stop_all()
     result = ledger(fleet, bus, run_id, shards)
     bus.close()
-    result.update(seconds=round(time.monotonic() - started, 1), kills=hosts.kills, run_id=run_id)
+    result.update(seconds=round(time.monotonic() - started, 1), kills=hosts.kills, run_id=run_id,
+                  broker_restarted=bool(broker_restarted and broker_restarted.is_set()))
     return result
 
 
@@ -323,12 +337,14 @@ def main(argv=None) -> int:
     for kind in ("missing", "duplicated", "unexpected"):
         for line in result[kind][:20]:
             print(f"  {kind}: {line}")
-    print(f"run {result['run_id']}: {result['kills']} hosts killed, {result['seconds']} s, "
+    restart = f", broker restarted {'yes' if result['broker_restarted'] else 'NO'}" if args.broker_restart else ""
+    print(f"run {result['run_id']}: {result['kills']} hosts killed{restart}, {result['seconds']} s, "
           f"fused {'yes' if result['fused'] else 'NO'}, served {'yes' if result['served'] else 'NO'}")
     print(f"chaos: shards={result['shards']} missing={len(result['missing'])} duplicated={len(result['duplicated'])} "
           f"unexpected={len(result['unexpected'])}")
     lost_or_wrong = result["missing"] or result["duplicated"] or result["unexpected"]
-    ok = result["fused"] and result["served"] and not lost_or_wrong
+    restarted_as_asked = result["broker_restarted"] == args.broker_restart
+    ok = result["fused"] and result["served"] and not lost_or_wrong and restarted_as_asked
     return 0 if ok else 1
 
 

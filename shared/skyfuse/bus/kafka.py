@@ -136,8 +136,8 @@ class KafkaBus(Bus):
             return (f"{reached} but most likely refused the {mechanism} login: check the user "
                     f"{self.security.get('sasl_plain_username')!r} (bus.kafka.sasl_username) and its password "
                     "(SKYFUSE_BUS__KAFKA__SASL_PASSWORD)")
-        return (f"{reached} but does not answer as a {protocol} Kafka listener: does it need TLS or a login "
-                "(bus.kafka.security_protocol)?")
+        return (f"{reached} but does not answer as a {protocol} Kafka listener: is it still starting, or does it "
+                "need TLS or a login (bus.kafka.security_protocol)?")
 
     @property
     def producer(self) -> KafkaProducer:
