@@ -131,9 +131,10 @@ class FunctionHost:
             for batch, outcome in zip(batches, list(runs), strict=True):  # one outcome per batch
                 self._settle(batch, outcome)
         self._delivered = bool(batches)
-        self.tracker.forget_finished()  # what is done no longer takes room in the buffer
         if not batches or time.monotonic() >= self._commit_due:  # busy, a commit at most every commit_interval_s
             self._commit()
+        else:
+            self.tracker.forget_finished()  # what is done takes no room in the buffer while the commit waits
 
     def _idle_timeout(self) -> float:
         """Wait for new records no longer than until the next retry or batch window is due."""
